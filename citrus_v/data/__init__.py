@@ -1,0 +1,1 @@
+"""Datasets: rows, synthetic phantoms."""

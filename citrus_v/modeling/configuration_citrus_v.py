@@ -1,0 +1,110 @@
+"""Configuration of the CitrusV model.
+
+The configuration *is* a Qwen2.5-VL configuration (text fields, ``vision_config``, image/vision token ids)
+with the Citrus-V fields added, exactly as the upstream ``config.json`` lays them out. That way an upstream
+``config.json`` loads into this class unchanged, and ours stays readable by tools that know Qwen2.5-VL.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, Qwen2_5_VLConfig, Sam2Config
+
+DEFAULT_MASK_LOSS_WEIGHT = 2.0
+DEFAULT_DICE_LOSS_WEIGHT = 1.0
+DEFAULT_DICE_EPS = 1.0
+
+
+class CitrusVConfig(Qwen2_5_VLConfig):
+    """Qwen2.5-VL configuration plus the segmentation head of Citrus-V.
+
+    Args (besides Qwen2.5-VL's):
+        seg_token_idx: id of the ``[SEG]`` token, read from the tokenizer when the model is built.
+        grounding_encoder_config: the SAM 2 configuration as a dict (``Sam2Config.to_dict()``).
+        seg_projector_dropout: dropout after the projector's last linear layer.
+        use_res_seg_projector: upstream's residual projector variant (not built by our presets).
+        loss_mask_config: ``{"loss_weight": w}`` for the sigmoid BCE mask loss (upstream default 2.0).
+        loss_dice_config: ``{"loss_weight": w, "eps": e}`` for the Dice loss (upstream default 1.0, eps 1.0).
+        hook_grad_factor: HookGrad factor on the projector output; 1.0 disables it, stage 3 uses 0.001.
+    """
+
+    model_type = "citrus_v"
+
+    seg_token_idx: int | None = None
+    grounding_encoder_config: dict | None = None
+    seg_projector_dropout: float = 0.0
+    use_res_seg_projector: bool = False
+    loss_mask_config: dict | None = None
+    loss_dice_config: dict | None = None
+    hook_grad_factor: float = 1.0
+
+    # --- derived views -------------------------------------------------------------------------------
+    def sam2_config(self) -> Sam2Config:
+        """The SAM 2 configuration of the grounding encoder."""
+        cfg = self.grounding_encoder_config
+        if not cfg:
+            raise ValueError("CitrusVConfig.grounding_encoder_config is empty: the SAM 2 configuration is required")
+        if "vision_config" not in cfg:
+            raise ValueError(
+                "grounding_encoder_config has no SAM 2 'vision_config' "
+                f"(keys: {sorted(cfg)}); upstream-format checkpoints are recognised by the checkpoint loader"
+            )
+        cfg = {k: v for k, v in cfg.items() if k != "model_type"}
+        return Sam2Config(**cfg)
+
+    def mllm_config(self) -> Qwen2_5_VLConfig:
+        """A plain Qwen2.5-VL configuration for the ``mllm`` sub-model."""
+        cfg = Qwen2_5_VLConfig(
+            text_config=self.text_config.to_dict(),
+            vision_config=self.vision_config.to_dict(),
+            image_token_id=self.image_token_id,
+            video_token_id=self.video_token_id,
+            vision_start_token_id=self.vision_start_token_id,
+            vision_end_token_id=self.vision_end_token_id,
+            tie_word_embeddings=self.tie_word_embeddings,
+        )
+        cfg._attn_implementation = self._attn_implementation
+        return cfg
+
+    @property
+    def mask_loss_weight(self) -> float:
+        return float((self.loss_mask_config or {}).get("loss_weight", DEFAULT_MASK_LOSS_WEIGHT))
+
+    @property
+    def dice_loss_weight(self) -> float:
+        return float((self.loss_dice_config or {}).get("loss_weight", DEFAULT_DICE_LOSS_WEIGHT))
+
+    @property
+    def dice_eps(self) -> float:
+        return float((self.loss_dice_config or {}).get("eps", DEFAULT_DICE_EPS))
+
+    @classmethod
+    def from_parts(
+        cls,
+        mllm_config: Qwen2_5_VLConfig,
+        sam2_config: Sam2Config,
+        seg_token_idx: int,
+        **overrides: Any,
+    ) -> CitrusVConfig:
+        """Combine a Qwen2.5-VL configuration and a SAM 2 configuration into one CitrusV configuration."""
+        fields = dict(
+            text_config=mllm_config.text_config.to_dict(),
+            vision_config=mllm_config.vision_config.to_dict(),
+            image_token_id=mllm_config.image_token_id,
+            video_token_id=mllm_config.video_token_id,
+            vision_start_token_id=mllm_config.vision_start_token_id,
+            vision_end_token_id=mllm_config.vision_end_token_id,
+            tie_word_embeddings=mllm_config.tie_word_embeddings,
+            seg_token_idx=seg_token_idx,
+            grounding_encoder_config=sam2_config.to_dict(),
+            loss_mask_config={"loss_weight": DEFAULT_MASK_LOSS_WEIGHT},
+            loss_dice_config={"loss_weight": DEFAULT_DICE_LOSS_WEIGHT, "eps": DEFAULT_DICE_EPS},
+            architectures=["CitrusV"],
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+
+# Known to the Auto classes, so AutoConfig/AutoTokenizer read our folders without a foreign-type warning.
+AutoConfig.register(CitrusVConfig.model_type, CitrusVConfig, exist_ok=True)

@@ -1,0 +1,307 @@
+"""The CitrusV model: Qwen2.5-VL + SAM 2, joined by a ``[SEG]`` projector.
+
+``mllm``              transformers ``Qwen2_5_VLForConditionalGeneration`` (vision encoder, aligner, LLM)
+``grounding_encoder`` transformers SAM 2 (``GroundingEncoder``, a ``Sam2Model``)
+``seg_projector``     Linear(h, h) -> ReLU -> Linear(h, d_sam) -> Dropout
+
+The last-layer hidden state at the position of each ``[SEG]`` token is projected, passed through HookGrad
+and appended to SAM 2's sparse prompt; each ``[SEG]`` gives one mask, in order.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModel, PreTrainedModel, Qwen2_5_VLForConditionalGeneration
+from transformers.utils import ModelOutput
+
+from .checkpoint import CheckpointError, check_weights, read_config_dict, weight_files
+from .configuration_citrus_v import CitrusVConfig
+from .grounding import GroundingEncoder, SamImageFeatures
+from .hook_grad import hook_grad
+from .losses import dice_loss_sum, mask_bce_sum
+from .seg_projector import SegProjector
+
+
+class SegTargetError(ValueError):
+    """A ``[SEG]`` token that cannot be paired with an image or a ground-truth mask."""
+
+
+@dataclass
+class CitrusVOutput(ModelOutput):
+    """Outputs of :meth:`CitrusV.forward`.
+
+    ``pred_masks[i]`` holds sample ``i``'s low-resolution mask logits ``[K_i, h, w]``, one per ``[SEG]``
+    token in order; ``iou_scores[i]`` the predicted IoU ``[K_i]`` of each.
+    """
+
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    mask_bce_loss: torch.Tensor | None = None
+    mask_dice_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    pred_masks: list[torch.Tensor] | None = None
+    iou_scores: list[torch.Tensor] | None = None
+    seg_embeddings: list[torch.Tensor] | None = None
+    last_hidden_state: torch.Tensor | None = None
+
+
+class CitrusVPreTrainedModel(PreTrainedModel):
+    config_class = CitrusVConfig
+    base_model_prefix = "citrus_v"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _no_split_modules = ["Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, SegProjector):
+            for layer in module:
+                if isinstance(layer, nn.Linear):
+                    layer.reset_parameters()
+        else:
+            super()._init_weights(module)
+
+
+class CitrusV(CitrusVPreTrainedModel):
+    """A medical vision-language model that answers in text, boxes and ``[SEG]`` masks."""
+
+    def __init__(self, config: CitrusVConfig) -> None:
+        super().__init__(config)
+        self.mllm = Qwen2_5_VLForConditionalGeneration(config.mllm_config())
+        self.grounding_encoder = GroundingEncoder(config.sam2_config())
+        self.seg_projector = SegProjector(
+            config.text_config.hidden_size,
+            self.grounding_encoder.prompt_dim,
+            config.seg_projector_dropout,
+        )
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args, **kwargs) -> CitrusV:
+        """Load a local Citrus-V folder, checking its files and tensor shapes first.
+
+        Only local folders are read (nothing is downloaded). A folder that does not fit raises
+        :class:`CheckpointError` naming the file and the fix.
+        """
+        path = Path(pretrained_model_name_or_path)
+        if not path.is_dir():
+            raise CheckpointError(
+                f"{path} is not a folder: Citrus-V loads local model folders only. Fix: give the folder "
+                "written by `citrus-v build` or `save_pretrained`"
+            )
+        read_config_dict(path)
+        files = weight_files(path)
+        config = kwargs.get("config")
+        if config is None:
+            try:
+                config = CitrusVConfig.from_pretrained(path)
+            except Exception as err:  # strict config validation raises several types
+                raise CheckpointError(f"{path / 'config.json'}: {err}") from err
+        with torch.device("meta"):
+            skeleton = cls(config)
+        check_weights(skeleton, files)
+        kwargs["config"] = config
+        return super().from_pretrained(path, *args, **kwargs)
+
+    def save_pretrained(self, save_directory: str | Path, *args, **kwargs) -> None:
+        """Save with the in-memory parameter names (``mllm.model.language_model.*``, as upstream stores them).
+
+        transformers would otherwise rename the Qwen2.5-VL part to its legacy layout on save.
+        """
+        kwargs.setdefault("save_original_format", False)
+        super().save_pretrained(save_directory, *args, **kwargs)
+
+    # --- helpers ---------------------------------------------------------------------------------------
+    @property
+    def seg_token_idx(self) -> int:
+        if self.config.seg_token_idx is None:
+            raise SegTargetError("config.seg_token_idx is not set: build the model with a tokenizer holding [SEG]")
+        return int(self.config.seg_token_idx)
+
+    @property
+    def mask_size(self) -> tuple[int, int]:
+        return self.grounding_encoder.mask_size
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.mllm.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.mllm.set_input_embeddings(value)
+
+    def seg_embeddings(self, input_ids: torch.Tensor, hidden_states: torch.Tensor) -> list[torch.Tensor]:
+        """Projected prompt embeddings of every ``[SEG]`` token, per sample, in order (``[K_i, d_sam]``)."""
+        seg_positions = input_ids == self.seg_token_idx
+        counts = seg_positions.sum(dim=1).tolist()
+        if sum(counts) == 0:
+            empty = hidden_states.new_zeros(0, self.seg_projector.prompt_dim)
+            return [empty for _ in counts]
+        projected = self.seg_projector(hidden_states[seg_positions])
+        projected = hook_grad(projected, self.config.hook_grad_factor)
+        return list(projected.split(counts, dim=0))
+
+    def predict_masks(
+        self,
+        seg_embeddings: list[torch.Tensor],
+        sam_pixel_values: torch.Tensor | None,
+        sam_image_mask: torch.Tensor | None = None,
+        strict: bool = True,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Run SAM 2 once per image that has ``[SEG]`` tokens; one low-res mask per embedding.
+
+        A ``[SEG]`` whose sample has no image is an error when ``strict`` (training), otherwise a warning
+        and no mask for it.
+        """
+        height, width = self.mask_size
+        ref = seg_embeddings[0] if seg_embeddings else None
+        masks: list[torch.Tensor] = []
+        scores: list[torch.Tensor] = []
+        needs_image = [i for i, emb in enumerate(seg_embeddings) if emb.shape[0] > 0]
+        has_image = [
+            sam_pixel_values is not None and (sam_image_mask is None or bool(sam_image_mask[i]))
+            for i in range(len(seg_embeddings))
+        ]
+        missing = [i for i in needs_image if not has_image[i]]
+        if missing:
+            message = (
+                f"sample(s) {missing} contain [SEG] tokens but no image: a [SEG] mask needs the sample's "
+                "first image (give the sample an image, or remove [SEG] from its text)"
+            )
+            if strict:
+                raise SegTargetError(message)
+            warnings.warn(message + "; no mask is returned for those tokens", stacklevel=2)
+        encode = [i for i in needs_image if has_image[i]]
+        features: SamImageFeatures | None = None
+        if encode:
+            features = self.grounding_encoder.image_features(sam_pixel_values[encode])
+        for i, emb in enumerate(seg_embeddings):
+            if i in encode:
+                decoded = self.grounding_encoder.decode(features.select(encode.index(i)), emb)
+                masks.append(decoded.logits)
+                scores.append(decoded.iou_scores)
+            else:
+                masks.append(ref.new_zeros(0, height, width) if ref is not None else torch.zeros(0, height, width))
+                scores.append(ref.new_zeros(0) if ref is not None else torch.zeros(0))
+        return masks, scores
+
+    # --- forward -----------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.IntTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        sam_pixel_values: torch.Tensor | None = None,
+        sam_image_mask: torch.Tensor | None = None,
+        gt_masks: list[torch.Tensor] | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        num_masks_in_batch: int | torch.Tensor | None = None,
+        **kwargs,
+    ) -> CitrusVOutput:
+        """Language-model logits, one mask per ``[SEG]`` token, and the losses when targets are given.
+
+        Args:
+            input_ids, attention_mask, position_ids, pixel_values, image_grid_thw, mm_token_type_ids:
+                as for ``Qwen2_5_VLForConditionalGeneration``.
+            labels: next-token targets (``-100`` ignored); gives the LM loss.
+            sam_pixel_values: ``[B, 3, S, S]`` SAM 2 input of each sample's first image.
+            sam_image_mask: ``[B]`` bool, which samples have an image (all when omitted).
+            gt_masks: per sample ``[K_i, h, w]`` binary targets at the SAM low-res size, one per ``[SEG]``.
+            num_items_in_batch: number of label tokens in the accumulated batch (LM loss normaliser).
+            num_masks_in_batch: number of masks in the accumulated batch (mask loss normaliser).
+        """
+        outputs = self.mllm.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            mm_token_type_ids=mm_token_type_ids,
+            use_cache=False,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        logits = self.mllm.lm_head(hidden_states)
+
+        lm_loss = None
+        if labels is not None:
+            lm_loss = self.mllm.loss_function(
+                logits=logits,
+                labels=labels,
+                vocab_size=self.config.text_config.vocab_size,
+                num_items_in_batch=num_items_in_batch,
+            )
+
+        seg_embeddings = self.seg_embeddings(input_ids, hidden_states)
+        training_targets = labels is not None or gt_masks is not None
+        pred_masks, iou_scores = self.predict_masks(
+            seg_embeddings, sam_pixel_values, sam_image_mask, strict=training_targets
+        )
+
+        bce = dice = None
+        if gt_masks is not None:
+            bce, dice = self._mask_losses(pred_masks, gt_masks, num_masks_in_batch)
+
+        loss = None
+        if lm_loss is not None or bce is not None:
+            loss = lm_loss if lm_loss is not None else logits.new_zeros(())
+            if bce is not None:
+                loss = loss + self.config.mask_loss_weight * bce + self.config.dice_loss_weight * dice
+
+        return CitrusVOutput(
+            loss=loss,
+            lm_loss=lm_loss,
+            mask_bce_loss=bce,
+            mask_dice_loss=dice,
+            logits=logits,
+            pred_masks=pred_masks,
+            iou_scores=iou_scores,
+            seg_embeddings=seg_embeddings,
+            last_hidden_state=hidden_states,
+        )
+
+    def _mask_losses(
+        self,
+        pred_masks: list[torch.Tensor],
+        gt_masks: list[torch.Tensor],
+        num_masks_in_batch: int | torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(gt_masks) != len(pred_masks):
+            raise SegTargetError(f"gt_masks has {len(gt_masks)} entries for a batch of {len(pred_masks)} samples")
+        preds, targets = [], []
+        for i, (pred, target) in enumerate(zip(pred_masks, gt_masks, strict=True)):
+            if pred.shape[0] != target.shape[0]:
+                raise SegTargetError(
+                    f"sample {i} has {pred.shape[0]} [SEG] token(s) but {target.shape[0]} ground-truth mask(s): "
+                    "each [SEG] in the answer needs exactly one mask, in the same order"
+                )
+            if pred.shape[0] and tuple(target.shape[-2:]) != tuple(pred.shape[-2:]):
+                raise SegTargetError(
+                    f"sample {i}: mask targets are {tuple(target.shape[-2:])}, the model predicts "
+                    f"{tuple(pred.shape[-2:])}; prepare targets with CitrusVProcessor"
+                )
+            preds.append(pred)
+            targets.append(target.to(pred.device))
+        pred_all = torch.cat(preds) if preds else None
+        if pred_all is None or pred_all.shape[0] == 0:
+            # keep the graph connected so DDP sees every parameter used (no [SEG] in this micro-batch)
+            zero = sum(p.sum() for p in self.seg_projector.parameters()) * 0.0
+            return zero, zero
+        target_all = torch.cat(targets)
+        count = num_masks_in_batch if num_masks_in_batch is not None else pred_all.shape[0]
+        count = torch.as_tensor(count, dtype=torch.float32, device=pred_all.device).clamp(min=1)
+        bce = mask_bce_sum(pred_all, target_all) / count
+        dice = dice_loss_sum(pred_all, target_all, eps=self.config.dice_eps) / count
+        return bce, dice
+
+
+AutoModel.register(CitrusVConfig, CitrusV, exist_ok=True)

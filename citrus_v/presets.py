@@ -1,0 +1,142 @@
+"""Model presets. ``tiny``: a few million parameters that build in seconds and train on a CPU.
+
+The tiny language model uses ``rope_theta=10``: with head size 32 and mrope sections [4, 6, 6], a large
+theta leaves the image-column axis only the slowest rotary frequencies, and the model cannot tell image
+columns apart (boxes collapse to the mean). The model stays a stock Qwen2.5-VL; only the value differs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase, Qwen2_5_VLConfig, Sam2Config
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from .modeling.configuration_citrus_v import CitrusVConfig
+from .modeling.grounding import reinit_fan_in
+from .modeling.modeling_citrus_v import CitrusV
+from .processing.processor import CitrusVProcessor
+from .processing.tokenizer_builder import build_tokenizer
+from .processing.tokens import ENDOFTEXT, IM_END, IMAGE_PAD, SEG_TOKEN, VIDEO_PAD, VISION_END, VISION_START
+
+PRESETS = ("tiny",)
+
+# Tiny image bounds: 224×224 inputs give 16×16 patches -> 64 merged image tokens.
+TINY_PIXELS = 224 * 224
+
+
+def tiny_sam2_config() -> Sam2Config:
+    """A 0.5M-parameter SAM 2 on 256-pixel inputs (64×64 low-res masks).
+
+    The first block of a pooling stage must not be a global-attention block, the FPN width equals the
+    mask decoder width, and the feature sizes match the real maps.
+    """
+    return Sam2Config(
+        vision_config=dict(
+            backbone_config=dict(
+                model_type="sam2_hiera_det_model",
+                hidden_size=32,
+                num_attention_heads=1,
+                image_size=[256, 256],
+                patch_kernel_size=[7, 7],
+                patch_stride=[4, 4],
+                patch_padding=[3, 3],
+                query_stride=[2, 2],
+                window_positional_embedding_background_size=[7, 7],
+                num_query_pool_stages=2,
+                blocks_per_stage=[1, 1, 2],
+                embed_dim_per_stage=[32, 64, 128],
+                num_attention_heads_per_stage=[1, 2, 4],
+                window_size_per_stage=[8, 4, 8],
+                global_attention_blocks=[3],
+                mlp_ratio=2.0,
+            ),
+            backbone_channel_list=[128, 64, 32],
+            backbone_feature_sizes=[[64, 64], [32, 32], [16, 16]],
+            fpn_hidden_size=64,
+            fpn_top_down_levels=[1, 2],
+            num_feature_levels=3,
+        ),
+        prompt_encoder_config=dict(hidden_size=64, image_size=256, patch_size=16),
+        mask_decoder_config=dict(
+            hidden_size=64,
+            mlp_dim=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            iou_head_hidden_dim=64,
+            dynamic_multimask_via_stability=False,
+        ),
+    )
+
+
+def tiny_mllm_config(tokenizer: PreTrainedTokenizerBase) -> Qwen2_5_VLConfig:
+    """A 4-layer, 128-wide Qwen2.5-VL with a 4-block, 96-wide vision tower; token ids from ``tokenizer``."""
+    ids = tokenizer.convert_tokens_to_ids
+    vocab = (len(tokenizer) + 63) // 64 * 64  # rows rounded up, as Qwen pads its embedding
+    return Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=vocab,
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},
+            rope_theta=10.0,
+            bos_token_id=ids(ENDOFTEXT),
+            eos_token_id=ids(IM_END),
+            pad_token_id=ids(ENDOFTEXT),
+            tie_word_embeddings=False,
+        ),
+        vision_config=dict(
+            depth=4,
+            hidden_size=96,
+            intermediate_size=192,
+            num_heads=4,
+            out_hidden_size=128,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[3],
+        ),
+        image_token_id=ids(IMAGE_PAD),
+        video_token_id=ids(VIDEO_PAD),
+        vision_start_token_id=ids(VISION_START),
+        vision_end_token_id=ids(VISION_END),
+        tie_word_embeddings=False,
+    )
+
+
+def build_tiny(seed: int = 0) -> tuple[CitrusV, CitrusVProcessor]:
+    """A random-init tiny CitrusV and its processor (offline tokenizer, 224-pixel images, SAM at 256)."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    sam2_config = tiny_sam2_config()
+    config = CitrusVConfig.from_parts(
+        tiny_mllm_config(tokenizer), sam2_config, seg_token_idx=tokenizer.convert_tokens_to_ids(SEG_TOKEN)
+    )
+    model = CitrusV(config)
+    reinit_fan_in(model.grounding_encoder)  # random-init SAM needs fan-in init, or masks never learn
+    model.eval()
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=TINY_PIXELS, max_pixels=TINY_PIXELS)
+    processor = CitrusVProcessor(
+        tokenizer,
+        image_processor,
+        sam_image_size=sam2_config.prompt_encoder_config.image_size,
+        mask_size=model.mask_size[0],
+    )
+    return model, processor
+
+
+def build_preset(name: str, out: str | Path, seed: int = 0) -> Path:
+    """Build preset ``name`` and save model and processor to ``out``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+    model, processor = build_tiny(seed=seed)
+    out = Path(out)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

@@ -1,0 +1,290 @@
+"""``CitrusVProcessor``: tokenizer + Qwen2-VL image processor + SAM 2 input + mask targets.
+
+Built from transformers' PIL Qwen2-VL image processor and a tokenizer, so it needs no torchvision.
+Pixel bounds follow upstream: explicit arguments, else the ``MIN_PIXELS`` / ``MAX_PIXELS`` environment
+variables, else the saved values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypedDict
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers.image_utils import SizeDict
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from .images import ImageInput, MaskInput, load_image, load_mask, mask_target, sam_pixel_values
+from .template import IGNORE_INDEX, ChatTemplate, TemplateError
+from .tokens import DEFAULT_SYSTEM, IMAGE_PLACEHOLDER, SEG_TOKEN
+
+PROCESSOR_FILE = "citrus_v_processor.json"
+DEFAULT_MIN_PIXELS = 200704  # upstream training bounds
+DEFAULT_MAX_PIXELS = 1003520
+
+
+class ProcessorError(ValueError):
+    """A processor folder or a sample the processor cannot use, with the fix in the message."""
+
+
+class Sample(TypedDict, total=False):
+    """One conversation: ms-swift rows hold exactly these keys (images and masks may be paths)."""
+
+    messages: list[dict]
+    images: list[ImageInput]
+    masks: list[MaskInput]
+    system: str
+
+
+def _pixels_from_env(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except ValueError as err:
+        raise ProcessorError(f"environment variable {name}={value!r} is not an integer number of pixels") from err
+
+
+class CitrusVProcessor:
+    """Turns conversations with images and masks into model inputs.
+
+    Args:
+        tokenizer: a Qwen2.5 ChatML tokenizer that holds ``[SEG]``.
+        image_processor: the Qwen2-VL image processor (smart resize to multiples of patch×merge).
+        sam_image_size: side of the square SAM 2 input (1024 for SAM 2 Hiera).
+        mask_size: side of the low-res mask targets (``4 × sam_image_size / 16``; 256 for 1024).
+        default_system: system prompt used when a sample gives none.
+        min_pixels, max_pixels: smart-resize bounds; default ``MIN_PIXELS``/``MAX_PIXELS`` from the
+            environment, else the image processor's saved ``size``.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        image_processor: Qwen2VLImageProcessorPil,
+        sam_image_size: int = 1024,
+        mask_size: int = 256,
+        default_system: str | None = DEFAULT_SYSTEM,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+    ) -> None:
+        if SEG_TOKEN not in tokenizer.get_vocab():
+            raise ProcessorError(
+                f"the tokenizer has no {SEG_TOKEN} token. Fix: add it with "
+                "citrus_v.processing.tokenizer_builder.add_citrus_tokens(tokenizer), or build the model "
+                "with `citrus-v build`, which adds it"
+            )
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.sam_image_size = int(sam_image_size)
+        self.mask_size = int(mask_size)
+        self.default_system = default_system
+        self.template = ChatTemplate(tokenizer, default_system)
+        resolve_pixels(image_processor, min_pixels, max_pixels)
+
+    # --- ids -------------------------------------------------------------------------------------------
+    @property
+    def seg_token_id(self) -> int:
+        return int(self.tokenizer.convert_tokens_to_ids(SEG_TOKEN))
+
+    @property
+    def image_token_id(self) -> int:
+        return self.template.image_pad_id
+
+    @property
+    def min_pixels(self) -> int:
+        return int(self.image_processor.size.shortest_edge)
+
+    @property
+    def max_pixels(self) -> int:
+        return int(self.image_processor.size.longest_edge)
+
+    # --- persistence ------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write the tokenizer, the image processor and ``citrus_v_processor.json`` to ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(directory)
+        self.image_processor.save_pretrained(directory)
+        settings = {
+            "processor_class": type(self).__name__,
+            "sam_image_size": self.sam_image_size,
+            "mask_size": self.mask_size,
+            "default_system": self.default_system,
+        }
+        (directory / PROCESSOR_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        **overrides: Any,
+    ) -> CitrusVProcessor:
+        """Load from a folder written by :meth:`save_pretrained` (or a Qwen2.5-VL folder holding ``[SEG]``)."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise ProcessorError(f"{directory} is not a folder: give the model folder written by `citrus-v build`")
+        if not (directory / "tokenizer.json").is_file() and not (directory / "tokenizer_config.json").is_file():
+            raise ProcessorError(
+                f"{directory / 'tokenizer.json'} is missing: the folder has no tokenizer. Fix: copy the "
+                "tokenizer files of the base model into it, or rebuild it with `citrus-v build`"
+            )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+        except Exception as err:  # transformers raises many types here; name the folder and the fix
+            raise ProcessorError(
+                f"cannot load the tokenizer in {directory}: {err}. Fix: check tokenizer.json / "
+                "tokenizer_config.json, or rebuild the folder with `citrus-v build`"
+            ) from err
+        settings: dict[str, Any] = {}
+        settings_file = directory / PROCESSOR_FILE
+        if settings_file.is_file():
+            try:
+                settings = json.loads(settings_file.read_text())
+            except json.JSONDecodeError as err:
+                raise ProcessorError(f"{settings_file} line {err.lineno}: invalid JSON ({err.msg})") from err
+        settings.pop("processor_class", None)
+        settings.update(overrides)
+        if (directory / "preprocessor_config.json").is_file():
+            image_processor = Qwen2VLImageProcessorPil.from_pretrained(directory)
+        else:
+            image_processor = Qwen2VLImageProcessorPil(min_pixels=DEFAULT_MIN_PIXELS, max_pixels=DEFAULT_MAX_PIXELS)
+        return cls(tokenizer, image_processor, min_pixels=min_pixels, max_pixels=max_pixels, **settings)
+
+    # --- encoding ---------------------------------------------------------------------------------------
+    def __call__(
+        self,
+        samples: Sample | Sequence[Sample],
+        add_generation_prompt: bool = False,
+        padding_side: str = "right",
+        return_labels: bool = True,
+    ) -> dict[str, Any]:
+        """Encode one or more samples into a padded batch.
+
+        Returns ``input_ids``, ``attention_mask``, ``mm_token_type_ids``, ``pixel_values``,
+        ``image_grid_thw`` (when there are images), ``sam_pixel_values`` ``[B, 3, S, S]``,
+        ``sam_image_mask`` ``[B]``, and with ``return_labels`` also ``labels`` and ``gt_masks``
+        (per sample ``[K_i, h, w]``, one per ``[SEG]`` in the sample's text).
+        """
+        if isinstance(samples, dict):
+            samples = [samples]
+        if padding_side not in ("left", "right"):
+            raise ProcessorError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        rows, pixel_values, grids, sam_inputs, sam_flags, gt_masks = [], [], [], [], [], []
+        for index, sample in enumerate(samples):
+            try:
+                encoded = self._encode_sample(sample, add_generation_prompt, return_labels)
+            except (TemplateError, ProcessorError, FileNotFoundError, ValueError, TypeError) as err:
+                raise ProcessorError(f"sample {index}: {err}") from err
+            rows.append(encoded)
+            if encoded["pixel_values"] is not None:
+                pixel_values.append(encoded["pixel_values"])
+                grids.append(encoded["image_grid_thw"])
+            sam_inputs.append(encoded["sam_pixel_values"])
+            sam_flags.append(encoded["sam_pixel_values"] is not None)
+            gt_masks.append(encoded["gt_masks"])
+
+        batch = self._pad([r["input_ids"] for r in rows], [r["labels"] for r in rows], padding_side)
+        if not return_labels:
+            batch.pop("labels")
+        batch["mm_token_type_ids"] = (batch["input_ids"] == self.image_token_id).int()
+        if pixel_values:
+            batch["pixel_values"] = torch.cat(pixel_values)
+            batch["image_grid_thw"] = torch.cat(grids)
+        size = self.sam_image_size
+        batch["sam_pixel_values"] = torch.stack(
+            [s if s is not None else torch.zeros(3, size, size) for s in sam_inputs]
+        )
+        batch["sam_image_mask"] = torch.tensor(sam_flags, dtype=torch.bool)
+        if return_labels:
+            batch["gt_masks"] = gt_masks
+        return batch
+
+    def _encode_sample(self, sample: Sample, add_generation_prompt: bool, return_labels: bool) -> dict[str, Any]:
+        if not isinstance(sample, dict) or "messages" not in sample:
+            raise ProcessorError("each sample must be a dict with a 'messages' list")
+        images = [load_image(image) for image in sample.get("images") or []]
+        messages = [dict(m) for m in sample["messages"]]
+        placeholders = sum(str(m.get("content", "")).count(IMAGE_PLACEHOLDER) for m in messages)
+        if images and placeholders == 0:
+            # ms-swift convention: images without placeholders go before the first user text
+            for message in messages:
+                if message.get("role") == "user":
+                    message["content"] = IMAGE_PLACEHOLDER * len(images) + message["content"]
+                    break
+        pixel_values = grid = None
+        image_tokens: list[int] = []
+        if images:
+            processed = self.image_processor(images=images, return_tensors="pt")
+            pixel_values, grid = processed["pixel_values"], processed["image_grid_thw"]
+            merge = int(self.image_processor.merge_size) ** 2
+            image_tokens = [int(t * h * w) // merge for t, h, w in grid.tolist()]
+        encoded = self.template.encode(
+            messages, image_tokens, system=sample.get("system"), add_generation_prompt=add_generation_prompt
+        )
+        num_seg = sum(1 for token in encoded.input_ids if token == self.seg_token_id)
+        masks = sample.get("masks") or []
+        if return_labels and masks and len(masks) != num_seg:
+            raise ProcessorError(
+                f"{len(masks)} mask(s) for {num_seg} {SEG_TOKEN} token(s): give one mask per {SEG_TOKEN}, in order"
+            )
+        if num_seg and not images:
+            raise ProcessorError(f"{num_seg} {SEG_TOKEN} token(s) but no image: a mask needs an image")
+        mask_hw = (self.mask_size, self.mask_size)
+        binary = [load_mask(mask) for mask in masks]
+        if images:
+            width, height = images[0].size
+            for k, array in enumerate(binary):
+                if array.shape != (height, width):
+                    raise ProcessorError(
+                        f"mask {k} is {array.shape[1]}x{array.shape[0]} but the first image is "
+                        f"{width}x{height}: masks must match their image's size"
+                    )
+        targets = torch.stack([mask_target(b, mask_hw) for b in binary]) if binary else torch.zeros(0, *mask_hw)
+        return {
+            "input_ids": encoded.input_ids,
+            "labels": encoded.labels,
+            "pixel_values": pixel_values,
+            "image_grid_thw": grid,
+            "sam_pixel_values": sam_pixel_values(images[0], self.sam_image_size) if images else None,
+            "gt_masks": targets,
+        }
+
+    def _pad(self, ids: list[list[int]], labels: list[list[int]], side: str) -> dict[str, torch.Tensor]:
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            raise ProcessorError("the tokenizer has no pad token: set tokenizer.pad_token (Qwen uses <|endoftext|>)")
+        length = max(len(row) for row in ids)
+        input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
+        label_ids = torch.full((len(ids), length), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((len(ids), length), dtype=torch.long)
+        for row, (tokens, targets) in enumerate(zip(ids, labels, strict=True)):
+            span = slice(length - len(tokens), length) if side == "left" else slice(0, len(tokens))
+            input_ids[row, span] = torch.tensor(tokens, dtype=torch.long)
+            label_ids[row, span] = torch.tensor(targets, dtype=torch.long)
+            attention[row, span] = 1
+        return {"input_ids": input_ids, "attention_mask": attention, "labels": label_ids}
+
+    def decode(self, token_ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
+        """Decode ids to text; ``[SEG]`` stays visible unless ``skip_special_tokens``."""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+
+def resolve_pixels(
+    image_processor: Qwen2VLImageProcessorPil, min_pixels: int | None = None, max_pixels: int | None = None
+) -> None:
+    """Apply the pixel bounds: explicit values, else ``MIN_PIXELS``/``MAX_PIXELS``, else what is saved."""
+    min_pixels = min_pixels if min_pixels is not None else _pixels_from_env("MIN_PIXELS")
+    max_pixels = max_pixels if max_pixels is not None else _pixels_from_env("MAX_PIXELS")
+    lo = int(min_pixels) if min_pixels is not None else int(image_processor.size.shortest_edge)
+    hi = int(max_pixels) if max_pixels is not None else int(image_processor.size.longest_edge)
+    if lo <= 0 or hi < lo:
+        raise ProcessorError(f"pixel bounds must satisfy 0 < MIN_PIXELS <= MAX_PIXELS; got {lo} and {hi}")
+    image_processor.size = SizeDict(shortest_edge=lo, longest_edge=hi)

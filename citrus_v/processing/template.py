@@ -1,0 +1,124 @@
+"""The ``citrus_v`` chat template: ChatML with ``<image>`` placeholders, encoded to ids and labels.
+
+Each message is tokenised on its own, so label boundaries are exact: the loss covers each assistant
+reply and its ``<|im_end|>``; system, user and the role headers are masked with ``-100``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from .tokens import DEFAULT_SYSTEM, IM_END, IM_START, IMAGE_PAD, IMAGE_PLACEHOLDER, VISION_END, VISION_START
+
+IGNORE_INDEX = -100
+ROLES = ("system", "user", "assistant")
+
+
+class TemplateError(ValueError):
+    """A conversation that does not fit the template (role, order, image count)."""
+
+
+@dataclass
+class EncodedConversation:
+    input_ids: list[int]
+    labels: list[int]
+
+
+class ChatTemplate:
+    """Encode ms-swift style ``messages`` (``[{"role": ..., "content": "...<image>..."}]``) to token ids."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, default_system: str | None = DEFAULT_SYSTEM) -> None:
+        self.tokenizer = tokenizer
+        self.default_system = default_system
+        self.image_pad_id = self._token_id(IMAGE_PAD)
+        self.vision_start_id = self._token_id(VISION_START)
+        self.vision_end_id = self._token_id(VISION_END)
+        self.im_start_id = self._token_id(IM_START)
+        self.im_end_id = self._token_id(IM_END)
+
+    def _token_id(self, token: str) -> int:
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise TemplateError(f"the tokenizer has no {token!r} token: it is not a Qwen2.5 ChatML tokenizer")
+        return int(token_id)
+
+    def _text(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def _content(self, content: str, image_tokens: list[int], cursor: list[int]) -> list[int]:
+        """Tokenise ``content``, expanding each ``<image>`` into its vision tokens."""
+        ids: list[int] = []
+        parts = content.split(IMAGE_PLACEHOLDER)
+        for k, part in enumerate(parts):
+            ids += self._text(part)
+            if k < len(parts) - 1:
+                if cursor[0] >= len(image_tokens):
+                    raise TemplateError(
+                        f"the conversation has more {IMAGE_PLACEHOLDER} placeholders than images "
+                        f"({len(image_tokens)} given)"
+                    )
+                ids += [self.vision_start_id] + [self.image_pad_id] * image_tokens[cursor[0]] + [self.vision_end_id]
+                cursor[0] += 1
+        return ids
+
+    def encode(
+        self,
+        messages: Sequence[dict],
+        image_tokens: Sequence[int] = (),
+        system: str | None = None,
+        add_generation_prompt: bool = False,
+    ) -> EncodedConversation:
+        """Encode a conversation.
+
+        Args:
+            messages: ``{"role": "system"|"user"|"assistant", "content": str}`` in order.
+            image_tokens: number of ``<|image_pad|>`` tokens for each image, in placeholder order.
+            system: system prompt; overrides a leading system message and the default one.
+            add_generation_prompt: end with an open ``<|im_start|>assistant\\n`` header (inference).
+        """
+        messages = list(messages)
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise TemplateError(f"message {index} must be a dict with 'role' and 'content'; got {message!r}")
+            if message["role"] not in ROLES:
+                raise TemplateError(f"message {index} has role {message['role']!r}; expected one of {ROLES}")
+            if not isinstance(message["content"], str):
+                raise TemplateError(f"message {index} content must be a string")
+        if messages and messages[0]["role"] == "system":
+            system = system if system is not None else messages[0]["content"]
+            messages = messages[1:]
+        if system is None:
+            system = self.default_system
+        if any(m["role"] == "system" for m in messages):
+            raise TemplateError("a system message may only come first")
+
+        input_ids: list[int] = []
+        labels: list[int] = []
+        cursor = [0]
+        if system is not None:
+            header = [self.im_start_id] + self._text(f"system\n{system}") + [self.im_end_id] + self._text("\n")
+            input_ids += header
+            labels += [IGNORE_INDEX] * len(header)
+        for message in messages:
+            head = [self.im_start_id] + self._text(f"{message['role']}\n")
+            body = self._content(message["content"], list(image_tokens), cursor)
+            tail = [self.im_end_id]
+            newline = self._text("\n")
+            input_ids += head + body + tail + newline
+            if message["role"] == "assistant":
+                labels += [IGNORE_INDEX] * len(head) + body + tail + [IGNORE_INDEX] * len(newline)
+            else:
+                labels += [IGNORE_INDEX] * (len(head) + len(body) + len(tail) + len(newline))
+        if cursor[0] != len(image_tokens):
+            raise TemplateError(
+                f"{len(image_tokens)} image(s) given but the conversation has {cursor[0]} "
+                f"{IMAGE_PLACEHOLDER} placeholder(s): add one {IMAGE_PLACEHOLDER} per image"
+            )
+        if add_generation_prompt:
+            prompt = [self.im_start_id] + self._text("assistant\n")
+            input_ids += prompt
+            labels += [IGNORE_INDEX] * len(prompt)
+        return EncodedConversation(input_ids=input_ids, labels=labels)
