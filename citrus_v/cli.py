@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
 from . import __version__
+
+# Subcommands that live in their own package: name -> "module:function" that adds the subparser.
+# Each function takes the subparsers object, adds its parser and sets ``func`` (returning an exit code);
+# heavy imports belong inside ``func`` so that `citrus-v --help` stays fast.
+COMMANDS: dict[str, str] = {}
 
 # Subcommands whose implementation has not landed yet, and the issue that brings each.
 PENDING = {
@@ -85,7 +91,12 @@ def make_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
 
+    for target in COMMANDS.values():
+        module_name, function = target.split(":")
+        getattr(importlib.import_module(module_name, __package__), function)(sub)
     for name, (summary, _issue) in PENDING.items():
+        if name in COMMANDS:
+            continue
         pending = sub.add_parser(name, help=f"{summary} (not yet available)", add_help=True)
         pending.set_defaults(func=_pending(name))
     return parser
