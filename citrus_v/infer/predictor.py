@@ -1,0 +1,282 @@
+"""``CitrusVPredictor``: answers with text, boxes and masks — kept apart from the ``nn.Module``.
+
+One generation pass per batch: the ``[SEG]`` hidden states are captured while generating
+(:mod:`citrus_v.infer.seg_capture`), projected, and decoded by SAM 2 on each sample's first image; masks
+are upsampled to the original image size and thresholded at sigmoid 0.5.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import LogitsProcessorList, StoppingCriteriaList, StopStringCriteria
+
+from ..modeling.modeling_citrus_v import CitrusV
+from ..processing.images import ImageInput, load_image
+from ..processing.processor import CitrusVProcessor
+from ..processing.tokens import ENDOFTEXT, IM_END, SEG_TOKEN
+from .results import MaskResult, Prediction, seg_labels
+from .seg_capture import SegCapture
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Request:
+    """One question: images (paths, PIL images or arrays) and a prompt, optionally a system prompt."""
+
+    images: Sequence[ImageInput]
+    prompt: str
+    system: str | None = None
+    history: list[dict] = field(default_factory=list)  # earlier turns, ms-swift message dicts
+
+
+@dataclass
+class GenerationSettings:
+    """Sampling settings, named as in the OpenAI API."""
+
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: Sequence[str] = ()
+    seed: int | None = None
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        sample = self.temperature > 0
+        kwargs: dict[str, Any] = {"max_new_tokens": int(self.max_new_tokens), "do_sample": sample}
+        if sample:
+            kwargs.update(temperature=float(self.temperature), top_p=float(self.top_p))
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+
+class CitrusVPredictor:
+    """Runs a CitrusV model on requests and returns :class:`Prediction` objects."""
+
+    def __init__(self, model: CitrusV, processor: CitrusVProcessor, mask_threshold: float = 0.5) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.mask_threshold = mask_threshold
+        tokenizer = processor.tokenizer
+        self.seg_token_id = processor.seg_token_id
+        self.eos_token_ids = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(ENDOFTEXT)]
+        if model.config.seg_token_idx != self.seg_token_id:
+            raise ValueError(
+                f"model config seg_token_idx={model.config.seg_token_idx} but the tokenizer's [SEG] is "
+                f"{self.seg_token_id}: model and processor come from different folders"
+            )
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> CitrusVPredictor:
+        """Load model and processor from one folder (written by ``citrus-v build`` or training)."""
+        model = CitrusV.from_pretrained(directory, dtype=dtype)
+        if device is not None:
+            model = model.to(device)
+        return cls(model, CitrusVProcessor.from_pretrained(directory))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    # --- public API --------------------------------------------------------------------------------------
+    def predict(
+        self, images: ImageInput | Sequence[ImageInput] | None, prompt: str, system: str | None = None, **generation
+    ) -> Prediction:
+        """Answer ``prompt`` about ``images`` (one image or a list; ``None`` for text only)."""
+        if images is None:
+            images = []
+        elif not isinstance(images, (list, tuple)):
+            images = [images]
+        return self.predict_batch([Request(images=images, prompt=prompt, system=system)], **generation)[0]
+
+    def predict_batch(
+        self,
+        requests: Sequence[Request],
+        logits_processor: LogitsProcessorList | None = None,
+        **generation,
+    ) -> list[Prediction]:
+        """Answer several requests in one batched generation pass."""
+        if not requests:
+            return []
+        settings = GenerationSettings(**generation)
+        loaded = [[load_image(image) for image in request.images] for request in requests]
+        samples = [self._sample(request, images) for request, images in zip(requests, loaded, strict=True)]
+        batch = self.processor(samples, add_generation_prompt=True, padding_side="left", return_labels=False)
+        batch = self._to_device(batch)
+        prompt_length = batch["input_ids"].shape[1]
+        generate_kwargs = settings.generate_kwargs()
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+        if settings.stop:
+            generate_kwargs["stopping_criteria"] = StoppingCriteriaList(
+                [StopStringCriteria(self.processor.tokenizer, list(settings.stop))]
+            )
+        with SegCapture(self.seg_token_id, len(requests)).attach(self.model.mllm) as capture, torch.no_grad():
+            vision = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}
+            sequences = self.model.mllm.generate(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                mm_token_type_ids=batch["mm_token_type_ids"],
+                **vision,
+                eos_token_id=self.eos_token_ids,
+                pad_token_id=self.processor.tokenizer.pad_token_id,
+                logits_processor=logits_processor,
+                **generate_kwargs,
+            )
+        generated = sequences[:, prompt_length:]
+        states = self._complete_states(capture.states, sequences, batch, prompt_length)
+        predictions = []
+        for row, images in enumerate(loaded):
+            tokens = self._strip(generated[row].tolist())
+            text = self.processor.tokenizer.decode(tokens, skip_special_tokens=False)
+            if settings.stop:
+                text = _cut_at_stop(text, settings.stop)
+            prediction = Prediction(
+                text=text,
+                image_size=images[0].size if images else None,
+                num_seg_tokens=sum(1 for t in tokens if t == self.seg_token_id),
+            )
+            prediction.masks = self._masks(row, states[row][: prediction.num_seg_tokens], images, batch, text)
+            prediction.boxes = self._boxes(text, images)
+            predictions.append(prediction)
+        return predictions
+
+    # --- helpers -----------------------------------------------------------------------------------------
+    def _sample(self, request: Request, images: list) -> dict:
+        messages = list(request.history) + [{"role": "user", "content": request.prompt}]
+        sample: dict[str, Any] = {"messages": messages, "images": images}
+        if request.system is not None:
+            sample["system"] = request.system
+        return sample
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for key, value in batch.items():
+            if torch.is_tensor(value):
+                value = value.to(self.device)
+                if value.is_floating_point():
+                    value = value.to(self.dtype)
+            out[key] = value
+        return out
+
+    def _strip(self, tokens: list[int]) -> list[int]:
+        """Generated ids up to (not including) the first end-of-turn or padding token."""
+        for index, token in enumerate(tokens):
+            if token in self.eos_token_ids:
+                return tokens[:index]
+        return tokens
+
+    def _complete_states(
+        self, states: list[list[torch.Tensor]], sequences: torch.Tensor, batch: dict, prompt_length: int
+    ) -> list[list[torch.Tensor]]:
+        """A ``[SEG]`` generated as the very last token was never consumed: one forward pass fills it in."""
+        completed = []
+        for row, captured in enumerate(states):
+            tokens = self._strip(sequences[row, prompt_length:].tolist())
+            expected = sum(1 for t in tokens if t == self.seg_token_id)
+            if len(captured) >= expected:
+                completed.append(captured)
+                continue
+            ids = sequences[row : row + 1, : prompt_length + len(tokens)]
+            attention = torch.ones_like(ids)
+            attention[:, :prompt_length] = batch["attention_mask"][row : row + 1]
+            with torch.no_grad():
+                output = self.model.mllm.model(
+                    input_ids=ids,
+                    attention_mask=attention,
+                    pixel_values=self._row_pixels(batch, row),
+                    image_grid_thw=self._row_grid(batch, row),
+                    mm_token_type_ids=(ids == self.processor.image_token_id).int(),
+                    use_cache=False,
+                )
+            positions = (ids[0, prompt_length:] == self.seg_token_id).nonzero()[:, 0] + prompt_length
+            completed.append([output.last_hidden_state[0, p] for p in positions.tolist()])
+        return completed
+
+    def _row_pixels(self, batch: dict, row: int) -> torch.Tensor | None:
+        grid = batch.get("image_grid_thw")
+        if grid is None:
+            return None
+        counts = self._images_per_row(batch)
+        first = sum(counts[:row])
+        patches = grid.prod(dim=1).tolist()
+        start = int(sum(patches[:first]))
+        end = start + int(sum(patches[first : first + counts[row]]))
+        return batch["pixel_values"][start:end] if end > start else None
+
+    def _row_grid(self, batch: dict, row: int) -> torch.Tensor | None:
+        grid = batch.get("image_grid_thw")
+        if grid is None:
+            return None
+        counts = self._images_per_row(batch)
+        first = sum(counts[:row])
+        return grid[first : first + counts[row]] if counts[row] else None
+
+    def _images_per_row(self, batch: dict) -> list[int]:
+        start = self.processor.template.vision_start_id
+        return (batch["input_ids"] == start).sum(dim=1).tolist()
+
+    def _masks(self, row: int, states: list[torch.Tensor], images: list, batch: dict, text: str) -> list[MaskResult]:
+        if not states:
+            return []
+        if not images:
+            warnings.warn(
+                f"the answer has {len(states)} [SEG] token(s) but the request has no image: no mask returned",
+                stacklevel=3,
+            )
+            return []
+        hidden = torch.stack(states)
+        with torch.no_grad():
+            embeddings = self.model.seg_projector(hidden)
+            features = self.model.grounding_encoder.image_features(batch["sam_pixel_values"][row : row + 1])
+            decoded = self.model.grounding_encoder.decode(features, embeddings)
+        width, height = images[0].size
+        logits = F.interpolate(decoded.logits[:, None].float(), size=(height, width), mode="bilinear")
+        masks = (logits[:, 0].sigmoid() > self.mask_threshold).cpu().numpy()
+        labels = seg_labels(text, SEG_TOKEN)
+        return [
+            MaskResult(
+                mask=masks[k],
+                score=float(decoded.iou_scores[k]),
+                label=labels[k] if k < len(labels) else None,
+                index=k,
+            )
+            for k in range(len(states))
+        ]
+
+    def _boxes(self, text: str, images: list) -> list:
+        try:
+            from ..processing import boxes as box_module
+        except ImportError:  # the box parser ships with the data package
+            return []
+        if not images:
+            return []
+        return box_module.parse_boxes_to_original(text, images[0].size, self.processor)
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    cut = min((text.find(s) for s in stops if s and s in text), default=-1)
+    return text[:cut] if cut >= 0 else text
+
+
+def masks_to_array(prediction: Prediction) -> np.ndarray:
+    """All masks of a prediction stacked ``[K, H, W]`` (``K`` may be 0)."""
+    if not prediction.masks:
+        width, height = prediction.image_size or (0, 0)
+        return np.zeros((0, height, width), dtype=bool)
+    return np.stack([m.mask for m in prediction.masks])

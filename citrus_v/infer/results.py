@@ -1,0 +1,90 @@
+"""What a prediction returns: text, reasoning parts, boxes and masks in original-image pixels."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+_THINK = re.compile(r"<think>(.*?)</think>", re.S)
+_ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.S)
+
+
+@dataclass
+class Box:
+    """An axis-aligned box in original-image pixels."""
+
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    label: str | None = None
+
+    def as_tuple(self) -> tuple[float, float, float, float, str | None]:
+        return (self.x1, self.y1, self.x2, self.y2, self.label)
+
+
+@dataclass
+class MaskResult:
+    """One mask per ``[SEG]``: a boolean ``[H, W]`` array of the original image size."""
+
+    mask: np.ndarray
+    score: float
+    label: str | None = None
+    index: int = 0  # which [SEG] of the answer (0-based)
+
+    @property
+    def bbox(self) -> tuple[int, int, int, int] | None:
+        """Tight ``(x1, y1, x2, y2)`` box of the mask, ``None`` when empty."""
+        ys, xs = np.nonzero(self.mask)
+        if len(xs) == 0:
+            return None
+        return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+    @property
+    def area(self) -> int:
+        return int(self.mask.sum())
+
+
+@dataclass
+class Prediction:
+    """The answer to one request."""
+
+    text: str
+    boxes: list[Box] = field(default_factory=list)
+    masks: list[MaskResult] = field(default_factory=list)
+    image_size: tuple[int, int] | None = None  # (width, height) of the first image
+    num_seg_tokens: int = 0
+
+    @property
+    def think(self) -> str | None:
+        """The ``<think>`` part, when the answer has one."""
+        match = _THINK.search(self.text)
+        return match.group(1).strip() if match else None
+
+    @property
+    def answer(self) -> str:
+        """The ``<answer>`` part when present, else the whole text."""
+        match = _ANSWER.search(self.text)
+        return match.group(1).strip() if match else self.text.strip()
+
+
+_CLAUSE_SPLIT = re.compile(r"[,;:.\n]")
+_LEADING = re.compile(r"^(?:sure|and|it is|it's|here is|here are|the|a|an|is|are)\b\s*", re.I)
+
+
+def seg_labels(text: str, seg_token: str) -> list[str | None]:
+    """The phrase each ``[SEG]`` stands for: the words just before it in its clause ("lesion [SEG]")."""
+    labels: list[str | None] = []
+    parts = text.split(seg_token)
+    for before in parts[:-1]:
+        clause = _CLAUSE_SPLIT.split(before)[-1].strip()
+        previous = clause
+        while previous:
+            stripped = _LEADING.sub("", previous).strip()
+            if stripped == previous:
+                break
+            previous = stripped
+        labels.append(previous or None)
+    return labels

@@ -1,0 +1,121 @@
+"""CitrusVPredictor: one generation pass, [SEG] masks equal to a two-pass reference, original-size masks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from citrus_v.infer import CitrusVPredictor, Request
+from citrus_v.infer.results import Prediction, seg_labels
+
+from .conftest import phantom
+
+
+class ForceAnswer(LogitsProcessor):
+    """Makes generation emit a fixed answer, so the [SEG] path runs through real decoding steps."""
+
+    def __init__(self, token_ids: list[int], prompt_length: int) -> None:
+        self.token_ids = token_ids
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = min(input_ids.shape[1] - self.prompt_length, len(self.token_ids) - 1)
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.token_ids[step]] = 0.0
+        return forced
+
+
+def _forced(predictor: CitrusVPredictor, requests: list[Request], answer: str) -> LogitsProcessorList:
+    samples = [predictor._sample(r, [predictor_image(i) for i in r.images]) for r in requests]
+    batch = predictor.processor(samples, add_generation_prompt=True, padding_side="left", return_labels=False)
+    ids = predictor.processor.tokenizer(answer, add_special_tokens=False)["input_ids"]
+    return LogitsProcessorList([ForceAnswer(ids, batch["input_ids"].shape[1])])
+
+
+def predictor_image(image):
+    from citrus_v.processing.images import load_image
+
+    return load_image(image)
+
+
+def _two_pass_masks(predictor: CitrusVPredictor, request: Request, text_ids: list[int]) -> np.ndarray:
+    """Reference: re-run the full sequence (prompt + answer) and read the hidden states at [SEG]."""
+    model, processor = predictor.model, predictor.processor
+    image = predictor_image(request.images[0])
+    sample = predictor._sample(request, [image])
+    batch = processor(sample, add_generation_prompt=True, return_labels=False)
+    ids = torch.cat([batch["input_ids"], torch.tensor([text_ids])], dim=1)
+    with torch.no_grad():
+        out = model(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=batch["pixel_values"],
+            image_grid_thw=batch["image_grid_thw"],
+            mm_token_type_ids=(ids == processor.image_token_id).int(),
+            sam_pixel_values=batch["sam_pixel_values"],
+        )
+    width, height = image.size
+    logits = F.interpolate(out.pred_masks[0][:, None], size=(height, width), mode="bilinear")
+    return (logits[:, 0].sigmoid() > 0.5).numpy()
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny):
+    model, processor = tiny
+    return CitrusVPredictor(model, processor)
+
+
+@pytest.mark.parametrize("num_seg", [1, 3])
+def test_single_pass_masks_equal_the_two_pass_reference(predictor, num_seg):
+    p = phantom(5, size=200)
+    image = np.pad(p.image, ((0, 0), (0, 40)))  # 200 x 240: masks come back at the original size
+    request = Request(images=[image], prompt="<image>Segment every target.")
+    answer = "Sure, " + ", ".join(["lesion [SEG]", "organ [SEG]", "kidney [SEG]"][:num_seg]) + ".<|im_end|>"
+    result = predictor.predict_batch([request], logits_processor=_forced(predictor, [request], answer))[0]
+    assert result.num_seg_tokens == num_seg and len(result.masks) == num_seg
+    assert result.image_size == (240, 200)
+    text_ids = predictor.processor.tokenizer(answer.replace("<|im_end|>", ""), add_special_tokens=False)["input_ids"]
+    reference = _two_pass_masks(predictor, request, text_ids)
+    for k, mask in enumerate(result.masks):
+        assert mask.mask.shape == (200, 240) and mask.mask.dtype == bool
+        agreement = (mask.mask == reference[k]).mean()
+        assert agreement > 0.999, f"mask {k} differs from the two-pass reference on {1 - agreement:.4%} of pixels"
+        assert mask.index == k and isinstance(mask.score, float) and np.isfinite(mask.score)
+    assert [m.label for m in result.masks] == ["lesion", "organ", "kidney"][:num_seg]
+
+
+def test_batch_rows_get_their_own_masks(predictor):
+    a, b = phantom(6), phantom(7)
+    requests = [Request([a.image], "<image>Segment."), Request([b.image], "<image>Segment.")]
+    answer = "Sure, it is [SEG].<|im_end|>"
+    batched = predictor.predict_batch(requests, logits_processor=_forced(predictor, requests, answer))
+    alone = [predictor.predict_batch([r], logits_processor=_forced(predictor, [r], answer))[0] for r in requests]
+    for together, single in zip(batched, alone, strict=True):
+        assert together.text == single.text == "Sure, it is [SEG]."
+        assert (together.masks[0].mask == single.masks[0].mask).mean() > 0.999
+
+
+def test_seg_as_last_token_is_completed(predictor):
+    request = Request([phantom(8).image], "<image>Segment.")
+    answer = "Sure, it is [SEG]"
+    ids = predictor.processor.tokenizer(answer, add_special_tokens=False)["input_ids"]
+    result = predictor.predict_batch(
+        [request], logits_processor=_forced(predictor, [request], answer), max_new_tokens=len(ids)
+    )[0]
+    assert result.text == answer and len(result.masks) == 1
+
+
+def test_text_only_request_and_reasoning_parts(predictor):
+    result = predictor.predict(None, "Hello", max_new_tokens=4)
+    assert isinstance(result, Prediction) and result.masks == [] and result.image_size is None
+    reasoned = Prediction(text="<think>bright spot on the left</think><answer>yes</answer>")
+    assert reasoned.think == "bright spot on the left" and reasoned.answer == "yes"
+    assert Prediction(text="plain").answer == "plain" and Prediction(text="plain").think is None
+
+
+def test_seg_labels():
+    assert seg_labels("Sure, the lesion [SEG] and the liver [SEG].", "[SEG]") == ["lesion", "liver"]
+    assert seg_labels("Sure, it is [SEG].", "[SEG]") == [None]
