@@ -1,0 +1,1 @@
+"""Training: arguments (upstream flag names), stages, the trainer, launch, the sft recipe."""

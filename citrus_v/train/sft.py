@@ -1,0 +1,196 @@
+"""The ``citrus-v sft`` recipe: load, set up, train, save — one readable script on transformers' Trainer.
+
+Steps:
+1. check the flags against this machine (fall back or clamp, one line each);
+2. load model and processor from ``--model``; apply the stage preset / freeze flags / regexes; LoRA if asked;
+3. read the datasets (bad rows skipped and counted, or ``--strict``);
+4. train with :class:`CitrusVTrainer` (progress bar, per-step logs to console, ``logging.jsonl`` and
+   TensorBoard, staged checkpoints, resume);
+5. save the final model and processor into ``output_dir`` and draw the loss curves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+from transformers import TrainingArguments, set_seed
+
+from ..modeling.modeling_citrus_v import CitrusV
+from ..processing.processor import CitrusVProcessor
+from .arguments import SftArguments, adapt_to_machine
+from .callbacks import DdpDigestCallback, JsonlLoggerCallback, LossCurveCallback
+from .data import build_train_dataset
+from .lora import apply_lora
+from .stages import FreezePlan, parameter_table
+from .trainer import CitrusVTrainer, latest_checkpoint
+
+logger = logging.getLogger(__name__)
+DEEPSPEED_CONFIGS = Path(__file__).with_name("deepspeed")
+
+
+class SftError(RuntimeError):
+    """A run that cannot start; the message says why and what to do."""
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _say(message: str) -> None:
+    if _is_main_process():
+        print(message, file=sys.stderr, flush=True)
+
+
+def prepare_output_dir(args: SftArguments) -> None:
+    """Refuse to write over a previous run unless resuming or ``--overwrite_output_dir``."""
+    out = Path(args.output_dir)
+    if out.exists() and any(out.iterdir()) and not args.resume_from_checkpoint and not args.overwrite_output_dir:
+        raise SftError(
+            f"output_dir {out} already holds a run; pass --resume_from_checkpoint latest to continue it, "
+            "--overwrite_output_dir to replace it, or choose another --output_dir"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def resolve_resume(args: SftArguments) -> str | None:
+    if not args.resume_from_checkpoint:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        found = latest_checkpoint(args.output_dir)
+        if found is None:
+            _say(f"--resume_from_checkpoint latest: no complete checkpoint in {args.output_dir}; starting fresh")
+            return None
+        _say(f"resuming from {found}")
+        return str(found)
+    path = Path(args.resume_from_checkpoint)
+    if not (path / "trainer_state.json").is_file():
+        raise SftError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no trainer_state.json)")
+    return str(path)
+
+
+def deepspeed_config(value: str | None) -> str | None:
+    """``zero2``/``zero3`` name a shipped config; anything else is a path to a JSON file."""
+    if not value:
+        return None
+    shipped = DEEPSPEED_CONFIGS / f"{value}.json"
+    if shipped.is_file():
+        return str(shipped)
+    if not Path(value).is_file():
+        raise SftError(f"--deepspeed {value}: neither zero2/zero3 nor an existing JSON file")
+    return value
+
+
+def training_arguments(args: SftArguments) -> TrainingArguments:
+    """transformers' TrainingArguments for these flags."""
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    report_to = [r for r in args.report_to if r != "none"]
+    if "tensorboard" in report_to:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            report_to.remove("tensorboard")
+    return TrainingArguments(
+        output_dir=args.output_dir,
+        num_train_epochs=args.num_train_epochs,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        # transformers reads a warmup below 1 as a ratio of the run
+        warmup_steps=args.warmup_steps if args.warmup_steps else args.warmup_ratio,
+        lr_scheduler_type=args.lr_scheduler_type,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        dataloader_num_workers=args.dataloader_num_workers,
+        save_strategy=args.save_strategy,
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
+        save_only_model=args.save_only_model,
+        logging_steps=args.logging_steps,
+        logging_first_step=True,
+        ddp_find_unused_parameters=args.ddp_find_unused_parameters,
+        ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None,
+        seed=args.seed,
+        data_seed=args.seed,
+        deepspeed=deepspeed_config(args.deepspeed),
+        bf16=args.dtype == torch.bfloat16,
+        fp16=args.dtype == torch.float16,
+        use_cpu=not torch.cuda.is_available(),
+        report_to=report_to,
+        remove_unused_columns=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        disable_tqdm=not _is_main_process(),
+    )
+
+
+def load_model(args: SftArguments) -> tuple[CitrusV, CitrusVProcessor]:
+    """Model and processor from ``--model``, with the loss weights and dtype the flags ask for."""
+    kwargs = {"dtype": args.dtype}
+    if args.attn_impl:
+        kwargs["attn_implementation"] = "flash_attention_2" if args.attn_impl == "flash_attn" else args.attn_impl
+    model = CitrusV.from_pretrained(args.model, **kwargs)
+    processor = CitrusVProcessor.from_pretrained(args.model)
+    if args.mask_loss_weight is not None:
+        model.config.loss_mask_config = {**(model.config.loss_mask_config or {}), "loss_weight": args.mask_loss_weight}
+    if args.dice_loss_weight is not None:
+        model.config.loss_dice_config = {**(model.config.loss_dice_config or {}), "loss_weight": args.dice_loss_weight}
+    return model, processor
+
+
+def run_sft(args: SftArguments) -> Path:
+    """Train; return the folder of the final model."""
+    for notice in adapt_to_machine(args):
+        _say(notice)
+    prepare_output_dir(args)
+    resume = resolve_resume(args)
+    set_seed(args.seed)
+
+    model, processor = load_model(args)
+    plan = FreezePlan(
+        stage=args.stage,
+        freeze_vit=args.freeze_vit,
+        freeze_aligner=args.freeze_aligner,
+        freeze_llm=args.freeze_llm,
+        trainable_parameters=args.trainable_parameters,
+        freeze_parameters=args.freeze_parameters,
+    )
+    plan.apply(model)
+    factor = args.hook_grad_factor if args.hook_grad_factor is not None else plan.hook_grad_factor()
+    if factor is not None:
+        model.config.hook_grad_factor = factor
+    if args.train_type == "lora":
+        model = apply_lora(model, args)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _say(parameter_table(model))
+    _say(f"HookGrad factor: {model.config.hook_grad_factor}")
+
+    dataset, collator, summary = build_train_dataset(args, processor)
+    _say(summary)
+
+    trainer = CitrusVTrainer(
+        model=model,
+        args=training_arguments(args),
+        train_dataset=dataset,
+        data_collator=collator,
+        processing_class=processor,
+        callbacks=[
+            JsonlLoggerCallback(args.output_dir),
+            LossCurveCallback(args.output_dir),
+            DdpDigestCallback(args.output_dir),
+        ],
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    final = Path(args.output_dir)
+    trainer.save_model(str(final))
+    if trainer.args.should_save:
+        (final / "sft_args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
+        _say(f"saved the trained model to {final}")
+    return final

@@ -1,0 +1,148 @@
+"""``CitrusVTrainer``: transformers' Trainer with Citrus-V's mask-loss bookkeeping and safe checkpoints.
+
+- Mask losses are averaged per mask over the whole accumulated batch (all ranks): the mask count is taken
+  with the batch samples, like transformers' ``num_items_in_batch`` for tokens.
+- LM loss, mask BCE and Dice are logged separately, with samples/s and tokens/s.
+- A checkpoint is written into a hidden staging folder and renamed into place only when complete, so a
+  kill at any moment leaves the last complete checkpoint for ``--resume_from_checkpoint latest``.
+- A non-finite loss stops the run with the step number and the ids of that batch's samples.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+STAGING_PREFIX = ".staging-"
+_CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (staging folders are never complete)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CHECKPOINT_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint whose trainer state is readable (older ones as fallback)."""
+    for path in reversed(list_checkpoints(output_dir)):
+        if (path / "trainer_state.json").is_file() and (path / "config.json").is_file():
+            return path
+    return None
+
+
+class CitrusVTrainer(Trainer):
+    """Trainer for CitrusV batches (``gt_masks`` lists, ``sample_ids`` carried for error messages)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._num_masks_in_batch: int | torch.Tensor | None = None
+        self._running: dict[str, float] = {}
+        self._last_log_time = time.perf_counter()
+
+    # --- batching -----------------------------------------------------------------------------------------
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        masks = sum(int(m.shape[0]) for batch in batch_samples for m in batch.get("gt_masks", []))
+        count = torch.tensor(masks, device=device, dtype=torch.float32)
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            count = self.accelerator.gather(count).sum()
+        self._num_masks_in_batch = count
+        if batch_samples:  # one optimizer step (an epoch's last one may hold fewer micro-batches)
+            self._running["_steps"] = self._running.get("_steps", 0.0) + 1
+        return batch_samples, num_items
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        sample_ids = inputs.pop("sample_ids", None)
+        inputs.pop("num_real_tokens", None)
+        if self._num_masks_in_batch is not None:
+            inputs["num_masks_in_batch"] = self._num_masks_in_batch
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if not torch.isfinite(loss.detach()).all():
+            ids = ", ".join(map(str, sample_ids)) if sample_ids else "unknown"
+            raise NonFiniteLossError(
+                f"loss is {float(loss.detach())} at step {self.state.global_step + 1}; samples of this batch: "
+                f"{ids}. The last complete checkpoint is kept; lower --learning_rate or check those rows"
+            )
+        self._accumulate(outputs, inputs)
+        return (loss, outputs) if return_outputs else loss
+
+    def _accumulate(self, outputs, inputs: dict) -> None:
+        running = self._running
+        for key, name in (("lm_loss", "lm_loss"), ("mask_bce_loss", "mask_bce"), ("mask_dice_loss", "mask_dice")):
+            value = outputs.get(key) if hasattr(outputs, "get") else None
+            if value is not None:
+                running[name] = running.get(name, 0.0) + float(value.detach())
+        running["_samples"] = running.get("_samples", 0.0) + float(inputs["input_ids"].shape[0])
+        tokens = inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].numel()
+        running["_tokens"] = running.get("_tokens", 0.0) + float(tokens)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._running:
+            running, self._running = self._running, {}
+            keys = ("lm_loss", "mask_bce", "mask_dice", "_steps", "_samples", "_tokens")
+            totals = torch.tensor([running.get(k, 0.0) for k in keys], device=self.args.device)
+            if self.accelerator.num_processes > 1:
+                totals = self.accelerator.reduce(totals, reduction="sum")
+            total = dict(zip(keys, totals.tolist(), strict=True))
+            # each micro-batch's loss is already divided by the whole accumulated (all-rank) count, so an
+            # optimizer step's loss is the sum over its micro-batches on all ranks
+            steps = max(total["_steps"] / self.accelerator.num_processes, 1e-9)
+            for name in ("lm_loss", "mask_bce", "mask_dice"):
+                if name in running:
+                    logs[name] = round(total[name] / steps, 6)
+            now = time.perf_counter()
+            elapsed = max(now - self._last_log_time, 1e-9)
+            self._last_log_time = now
+            logs["samples_per_second"] = round(total["_samples"] / elapsed, 3)
+            logs["tokens_per_second"] = round(total["_tokens"] / elapsed, 1)
+        super().log(logs, start_time)
+
+    # --- checkpoints --------------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write ``checkpoint-N`` into a staging folder, then rename it into place when complete."""
+        run_dir = Path(self._get_output_dir(trial=trial))
+        step = self.state.global_step
+        staging = run_dir / f"{STAGING_PREFIX}{step}"
+        final = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        if self.args.should_save and staging.exists():
+            shutil.rmtree(staging)
+        self._barrier()
+        original = self.args.output_dir
+        limit = self.args.save_total_limit
+        try:
+            # the parent writes into staging/checkpoint-N; rotation happens after the rename
+            self.args.output_dir = str(staging)
+            self.args.save_total_limit = None
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = original
+            self.args.save_total_limit = limit
+        self._barrier()
+        if self.args.should_save:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging / final.name, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=limit, use_mtime=False)
+        self._barrier()
+
+    def _barrier(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
