@@ -270,3 +270,63 @@ def test_machine_fallbacks_are_one_line_each(monkeypatch):
     assert len(notices) == 5 and all("\n" not in n for n in notices)
     assert args.attn_impl == "sdpa" and args.torch_dtype == "float32" and args.deepspeed is None
     assert args.dataloader_num_workers == os.cpu_count()
+
+
+def test_shipped_deepspeed_configs_fill_in_from_the_flags():
+    from transformers import TrainingArguments
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    from citrus_v.train.sft import SftError, deepspeed_config
+
+    for name, stage in (("zero2", 2), ("zero3", 3)):
+        config = HfTrainerDeepSpeedConfig(deepspeed_config(name))
+        args = TrainingArguments(
+            output_dir="unused", per_device_train_batch_size=1, gradient_accumulation_steps=8, use_cpu=True
+        )
+        config.trainer_config_process(args)
+        assert config.config["zero_optimization"]["stage"] == stage
+        assert config.config["gradient_accumulation_steps"] == 8
+        assert config.config["train_micro_batch_size_per_gpu"] == 1
+    with pytest.raises(SftError, match="neither zero2/zero3 nor an existing JSON file"):
+        deepspeed_config("zero9")
+
+
+def test_lora_trains_the_llm_adapters_and_exports_a_plain_model(tiny_dir, dataset, tmp_path):
+    out = tmp_path / "lora"
+    result = _sft(
+        "--model",
+        str(tiny_dir),
+        "--dataset",
+        str(dataset),
+        "--train_type",
+        "lora",
+        "--stage",
+        "3",
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--learning_rate",
+        "1e-2",
+        "--output_dir",
+        str(out),
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "adapter_config.json").is_file()
+    merged = tmp_path / "merged"
+    export = subprocess.run(
+        [*CLI, "export", "--merge_lora", str(out), "--out", str(merged)], capture_output=True, text=True, timeout=300
+    )
+    assert export.returncode == 0, export.stderr[-3000:]
+    from citrus_v import CitrusV
+
+    model = CitrusV.from_pretrained(merged)
+    base = load_file(tiny_dir / "model.safetensors")
+    name = "mllm.model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(model.state_dict()[name], base[name])  # the adapters were merged in
+    vision = "mllm.model.visual.blocks.0.attn.qkv.weight"
+    assert torch.equal(model.state_dict()[vision], base[vision])  # not a LoRA target, not trained
