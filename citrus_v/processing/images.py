@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 ImageInput = str | Path | Image.Image | np.ndarray
-MaskInput = str | Path | Image.Image | np.ndarray | torch.Tensor
+MaskInput = str | Path | dict | Image.Image | np.ndarray | torch.Tensor
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -27,15 +27,21 @@ def _array_to_uint8(array: np.ndarray) -> np.ndarray:
 
 
 def load_image(image: ImageInput) -> Image.Image:
-    """Return ``image`` as an RGB PIL image: a path, a PIL image, or an ``[H, W]``/``[H, W, C]`` array."""
+    """Return ``image`` as an RGB PIL image: a path, a PIL image, or an ``[H, W]``/``[H, W, C]`` array.
+
+    Paths (PNG/JPEG/TIFF, DICOM, NIfTI with ``#slice=...``) are read by :mod:`citrus_v.data.medical_io`.
+    """
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"image file not found: {path}")
-        with Image.open(path) as opened:
-            return opened.convert("RGB")
+        from ..data.medical_io import MedicalImageError, read_image
+
+        try:
+            return read_image(image)
+        except MedicalImageError as err:
+            if err.reason == "missing_file":
+                raise FileNotFoundError(str(err)) from err
+            raise
     if isinstance(image, np.ndarray):
         if image.ndim == 3 and image.shape[-1] == 1:
             image = image[..., 0]
@@ -58,12 +64,15 @@ def sam_pixel_values(image: Image.Image, size: int) -> torch.Tensor:
 
 def load_mask(mask: MaskInput) -> np.ndarray:
     """Return a mask as a boolean ``[H, W]`` array (non-zero is foreground)."""
-    if isinstance(mask, (str, Path)):
-        path = Path(mask)
-        if not path.is_file():
-            raise FileNotFoundError(f"mask file not found: {path}")
-        with Image.open(path) as opened:
-            array = np.asarray(opened)
+    if isinstance(mask, (str, Path, dict)):
+        from ..data.medical_io import MedicalImageError, read_mask
+
+        try:
+            array = read_mask(mask)
+        except MedicalImageError as err:
+            if err.reason == "missing_file":
+                raise FileNotFoundError(f"mask {err}") from err
+            raise
     elif isinstance(mask, Image.Image):
         array = np.asarray(mask)
     elif isinstance(mask, torch.Tensor):
@@ -71,7 +80,9 @@ def load_mask(mask: MaskInput) -> np.ndarray:
     elif isinstance(mask, np.ndarray):
         array = mask
     else:
-        raise TypeError(f"unsupported mask type {type(mask).__name__}: pass a path, PIL image or array")
+        raise TypeError(
+            f"unsupported mask type {type(mask).__name__}: pass a path, RLE/polygon dict, PIL image or array"
+        )
     if array.ndim == 3:
         array = array.max(axis=-1)
     if array.ndim != 2:

@@ -21,6 +21,24 @@ class TemplateError(ValueError):
     """A conversation that does not fit the template (role, order, image count)."""
 
 
+class SampleTooLongError(TemplateError):
+    """A conversation longer than ``max_length`` tokens.
+
+    Samples are never truncated: a cut could fall inside an image's tokens or drop a ``[SEG]`` and leave its
+    mask without a token. The sample is dropped instead (``reason = "too_long"``), and the caller counts it.
+    """
+
+    reason = "too_long"
+
+    def __init__(self, length: int, max_length: int, image_tokens: int) -> None:
+        super().__init__(
+            f"{length} tokens (of which {image_tokens} image tokens) exceed max_length {max_length}; the sample is "
+            "dropped, not cut (a cut could split an image or lose a [SEG]). Fix: raise max_length, lower "
+            "MAX_PIXELS, or shorten the conversation"
+        )
+        self.length, self.max_length = length, max_length
+
+
 @dataclass
 class EncodedConversation:
     input_ids: list[int]
@@ -70,6 +88,7 @@ class ChatTemplate:
         image_tokens: Sequence[int] = (),
         system: str | None = None,
         add_generation_prompt: bool = False,
+        max_length: int | None = None,
     ) -> EncodedConversation:
         """Encode a conversation.
 
@@ -78,6 +97,7 @@ class ChatTemplate:
             image_tokens: number of ``<|image_pad|>`` tokens for each image, in placeholder order.
             system: system prompt; overrides a leading system message and the default one.
             add_generation_prompt: end with an open ``<|im_start|>assistant\\n`` header (inference).
+            max_length: raise :class:`SampleTooLongError` when the result is longer (never truncated).
         """
         messages = list(messages)
         for index, message in enumerate(messages):
@@ -121,4 +141,6 @@ class ChatTemplate:
             prompt = [self.im_start_id] + self._text("assistant\n")
             input_ids += prompt
             labels += [IGNORE_INDEX] * len(prompt)
+        if max_length is not None and len(input_ids) > max_length:
+            raise SampleTooLongError(len(input_ids), max_length, int(sum(image_tokens)))
         return EncodedConversation(input_ids=input_ids, labels=labels)

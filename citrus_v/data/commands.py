@@ -1,0 +1,125 @@
+"""``citrus-v data``: validate, stats, convert, synth."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_bounds(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--processor", help="model or processor folder whose image bounds and tokenizer to use")
+    parser.add_argument("--min-pixels", type=int, help="smart-resize lower bound (default: the processor's or 200704)")
+    parser.add_argument("--max-pixels", type=int, help="smart-resize upper bound (default: the processor's or 1003520)")
+
+
+def _options(args: argparse.Namespace, decode: bool):
+    from .validate import ValidationOptions
+
+    overrides = {"max_image_pixels": args.max_image_pixels or None, "decode": decode}
+    if args.min_pixels:
+        overrides["min_pixels"] = args.min_pixels
+    if args.max_pixels:
+        overrides["max_pixels"] = args.max_pixels
+    if args.processor:
+        return ValidationOptions.for_processor(_processor(args.processor), **overrides)
+    return ValidationOptions(**overrides)
+
+
+def _processor(path: str):
+    from ..processing.processor import CitrusVProcessor
+
+    return CitrusVProcessor.from_pretrained(path)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from .rows import DataError
+    from .validate import validate_files
+
+    try:
+        report = validate_files(args.files, _options(args, decode=not args.headers_only), strict=args.strict)
+    except DataError as err:
+        print(f"citrus-v data validate: {err}", file=sys.stderr)
+        return 1
+    print(report.format(limit=args.show))
+    return 0 if report.rejected == 0 else 1
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from ..processing.template import ChatTemplate
+    from ..processing.tokenizer_builder import build_tokenizer
+    from .stats import dataset_stats
+
+    options = _options(args, decode=False)
+    tokenizer = _processor(args.processor).tokenizer if args.processor else build_tokenizer()
+    if not args.processor:
+        print("token lengths use the tiny preset's tokenizer (give --processor DIR for another)")
+    print(dataset_stats(args.files, ChatTemplate(tokenizer), options).format())
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .converters import convert_file
+    from .rows import DataError
+
+    try:
+        report = convert_file(
+            args.format, args.input, args.out, args.image_root, args.mask_root, args.strict, args.lang,
+            args.image_suffix,
+        )
+    except (DataError, FileNotFoundError, ValueError) as err:
+        print(f"citrus-v data convert: {err}", file=sys.stderr)
+        return 1
+    print(report.format())
+    print(f"next: citrus-v data validate {args.out}")
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from .corpus import CorpusOptions, write_corpus
+
+    options = CorpusOptions(n=args.n, seed=args.seed, size=args.size)
+    print(write_corpus(args.out, options).format())
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``citrus-v data`` and its subcommands."""
+    from .medical_io import DEFAULT_MAX_IMAGE_PIXELS
+
+    data = sub.add_parser("data", help="validate, inspect, convert and synthesise datasets")
+    commands = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+
+    validate = commands.add_parser("validate", help="check every row; print ok / rejected by reason with file:line")
+    validate.add_argument("files", nargs="+", help="JSONL files")
+    validate.add_argument("--strict", action="store_true", help="stop at the first bad row")
+    validate.add_argument("--headers-only", action="store_true", help="read image headers only (faster)")
+    validate.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                          help=f"reject larger images (decompression bombs; default {DEFAULT_MAX_IMAGE_PIXELS})")
+    validate.add_argument("--show", type=int, default=50, help="rejections listed (default 50)")
+    _add_bounds(validate)
+    validate.set_defaults(func=_validate)
+
+    stats = commands.add_parser("stats", help="rows per task and modality, token-length percentiles")
+    stats.add_argument("files", nargs="+", help="JSONL files")
+    stats.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS)
+    _add_bounds(stats)
+    stats.set_defaults(func=_stats)
+
+    convert = commands.add_parser("convert", help="convert a public dataset layout to Citrus-V rows")
+    convert.add_argument("--from", dest="format", required=True, metavar="FORMAT",
+                         help="source layout: mecovqa-g, medsegbench, detection, vqa-rad, slake, pathvqa")
+    convert.add_argument("input", help="source JSON / JSONL file")
+    convert.add_argument("--out", required=True, help="output JSONL file")
+    convert.add_argument("--image-root", help="folder the source image paths are relative to (default: input's)")
+    convert.add_argument("--mask-root", help="folder the source mask paths are relative to (default: image root)")
+    convert.add_argument("--lang", default="en", help="SLAKE question language to keep, or 'all' (default en)")
+    convert.add_argument("--image-suffix", default=".jpg", help="added to image names without one (PathVQA)")
+    convert.add_argument("--strict", action="store_true", help="stop at the first item that cannot be converted")
+    convert.set_defaults(func=_convert)
+
+    synth = commands.add_parser("synth", help="write the synthetic medical corpus (train/val/test)")
+    synth.add_argument("--out", required=True, help="output folder")
+    synth.add_argument("--n", type=int, default=200, help="number of source images (default 200)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--size", type=int, default=224, help="image side in pixels (default 224)")
+    synth.set_defaults(func=_synth)

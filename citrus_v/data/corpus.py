@@ -1,0 +1,436 @@
+"""The synthetic medical corpus: ``citrus-v data synth --out DIR --n N --seed S``.
+
+Writes ``DIR/{train,val,test}.jsonl`` and the files they name: N source images (phantom scans and
+rendered lab reports) split 80/10/10 by image, so no image is shared between splits. Scans are CT
+(abdomen, chest), MR (abdomen) and X-ray (chest) phantoms with 0-3 lesions, stored as 8-bit PNG, as real
+DICOM (with Rescale and Window tags; some radiographs MONOCHROME1) or as NIfTI volumes (several slices of
+one volume are used, with a NIfTI label volume for the masks). Masks are PNG files, inline COCO RLE, or
+NIfTI labels. Rows cover segmentation (one ``[SEG]`` per mask, several lesions in one answer, prompts
+naming different targets in the same image), detection (``objects`` + ``<bbox>`` placeholders rendered
+in the model's coordinates), closed VQA (presence, side, count), open VQA (organ, modality, region),
+reports with measurements, chain-of-thought answers and lab-report extraction.
+The same seed always gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..processing.boxes import DETECTION_PROMPT
+from .documents import make_lab_report
+from .medical_io import WINDOW_PRESETS, Window, apply_window, from_display, mask_to_rle
+from .phantoms import KINDS, ORGANS, Anatomy, Slice, make_anatomy
+
+SPLITS = ("train", "val", "test")
+PNG_WINDOWS = {
+    ("CT", "abdomen"): Window(*WINDOW_PRESETS["ct-abdomen"]),
+    ("CT", "chest"): Window(*WINDOW_PRESETS["ct-lung"]),
+    ("MR", "abdomen"): Window(420.0, 900.0),
+    ("X-ray", "chest"): Window(2000.0, 4000.0),
+}
+NIFTI_WINDOWS = {("CT", "abdomen"): "ct-abdomen", ("CT", "chest"): "ct-lung"}
+MODALITY_NAMES = {"CT": "CT", "MR": "MRI", "X-ray": "X-ray"}
+DETECTION_ANSWER_ITEM = '{"bbox_2d": <bbox>,"label": "<ref-object>"}'
+UID_ROOT = "citrus-v-synth"
+
+
+@dataclass
+class CorpusOptions:
+    """What :func:`write_corpus` generates.
+
+    Args:
+        n: number of source images (scans and documents; a NIfTI volume counts once).
+        seed: everything is derived from it.
+        size: image side in pixels (224 suits the tiny preset: 64 image tokens).
+        formats: probabilities of PNG / DICOM / NIfTI for scans.
+        documents: fraction of the images that are lab reports.
+        volume_depth: slices per NIfTI volume; slices_per_volume: how many of them get rows.
+        rle_fraction: fraction of image-file masks written inline as COCO RLE instead of PNG files.
+    """
+
+    n: int = 200
+    seed: int = 0
+    size: int = 224
+    formats: tuple[float, float, float] = (0.5, 0.3, 0.2)
+    documents: float = 0.1
+    volume_depth: int = 8
+    slices_per_volume: int = 3
+    rle_fraction: float = 0.25
+
+
+@dataclass
+class CorpusSummary:
+    out: Path
+    rows: dict[str, int] = field(default_factory=dict)
+    images: dict[str, int] = field(default_factory=dict)
+    tasks: Counter = field(default_factory=Counter)
+    formats: Counter = field(default_factory=Counter)
+
+    def format(self) -> str:
+        lines = [f"wrote the synthetic corpus to {self.out}"]
+        for split in SPLITS:
+            lines.append(f"  {split}: {self.rows.get(split, 0)} rows, {self.images.get(split, 0)} source images")
+        lines.append("  tasks: " + ", ".join(f"{k} {v}" for k, v in sorted(self.tasks.items())))
+        lines.append("  formats: " + ", ".join(f"{k} {v}" for k, v in sorted(self.formats.items())))
+        return "\n".join(lines)
+
+
+def split_of(n: int, seed: int) -> list[str]:
+    """The split of each of ``n`` images: a seeded shuffle, then 80/10/10 (each split non-empty when n >= 3)."""
+    n_val = n_test = max(1, round(0.1 * n)) if n >= 3 else 0
+    order = np.random.default_rng([seed, 7919]).permutation(n)
+    labels = ["train"] * n
+    for rank, index in enumerate(order):
+        if rank < n_val:
+            labels[index] = "val"
+        elif rank < n_val + n_test:
+            labels[index] = "test"
+    return labels
+
+
+def _user(text: str) -> dict[str, str]:
+    return {"role": "user", "content": "<image>" + text}
+
+
+def _answer(text: str) -> dict[str, str]:
+    return {"role": "assistant", "content": text}
+
+
+def _bbox(mask: np.ndarray) -> list[int]:
+    rows, cols = np.nonzero(mask)
+    return [int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1]
+
+
+def _diameter_mm(mask: np.ndarray, spacing: float) -> int:
+    return max(1, round(2.0 * np.sqrt(mask.sum() / np.pi) * spacing))
+
+
+def _side(organ: str) -> str | None:
+    return "left" if organ.startswith("left") else "right" if organ.startswith("right") else None
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" + ("" if count == 1 else "s")
+
+
+def _lesion_word(modality: str, contrast: float, region: str) -> str:
+    if region == "chest":
+        return "nodule"
+    if modality == "CT":
+        return "hypodense lesion" if contrast < 0 else "hyperdense lesion"
+    return "T2-hyperintense lesion" if contrast > 0 else "T2-hypointense lesion"
+
+
+class _CaseWriter:
+    """Writes one case's files and rows (kept apart so every case draws from its own random stream)."""
+
+    def __init__(self, out: Path, split: str, case: str, options: CorpusOptions, rng: np.random.Generator):
+        self.out, self.split, self.case, self.options, self.rng = out, split, case, options, rng
+        self.image_dir = out / "images" / split
+        self.mask_dir = out / "masks" / split
+        self.image_dir.mkdir(parents=True, exist_ok=True)
+        self.mask_dir.mkdir(parents=True, exist_ok=True)
+
+    def rel(self, path: Path) -> str:
+        return path.relative_to(self.out).as_posix()
+
+    # --- files -------------------------------------------------------------------------------------------
+    def png_mask(self, name: str, mask: np.ndarray) -> str | dict:
+        if self.rng.uniform() < self.options.rle_fraction:
+            return mask_to_rle(mask)
+        path = self.mask_dir / f"{self.case}_{name.replace(' ', '_')}.png"
+        Image.fromarray(mask.astype(np.uint8) * 255).save(path)
+        return self.rel(path)
+
+    def png_image(self, values: np.ndarray, kind: tuple[str, str]) -> str:
+        path = self.image_dir / f"{self.case}.png"
+        Image.fromarray(apply_window(values, PNG_WINDOWS[kind])).save(path)
+        return self.rel(path)
+
+    def dicom_image(self, values: np.ndarray, anatomy: Anatomy) -> str:
+        path = self.image_dir / f"{self.case}.dcm"
+        write_dicom(path, values, anatomy, f"{UID_ROOT}-{self.options.seed}-{self.case}", self.rng)
+        return self.rel(path)
+
+
+def write_dicom(path: Path, values: np.ndarray, anatomy: Anatomy, uid_seed: str, rng: np.random.Generator) -> None:
+    """A single-frame DICOM image with rescale and window tags (CT, MR, or DX possibly MONOCHROME1)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    sop_class = {
+        "CT": "1.2.840.10008.5.1.4.1.1.2",
+        "MR": "1.2.840.10008.5.1.4.1.1.4",
+        "X-ray": "1.2.840.10008.5.1.4.1.1.1.1",
+    }[anatomy.modality]
+    sop_instance = generate_uid(entropy_srcs=[uid_seed, "instance"])
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_instance
+    ds.StudyInstanceUID = generate_uid(entropy_srcs=[uid_seed, "study"])
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[uid_seed, "series"])
+    ds.PatientName, ds.PatientID = "Synthetic^Phantom", uid_seed[-10:]
+    ds.StudyDate = ds.SeriesDate = "20240101"
+    ds.Modality = {"CT": "CT", "MR": "MR", "X-ray": "DX"}[anatomy.modality]
+    ds.BodyPartExamined = anatomy.region.upper()
+    ds.Rows, ds.Columns = values.shape
+    ds.PixelSpacing = [round(anatomy.spacing_mm, 4), round(anatomy.spacing_mm, 4)]
+    ds.SamplesPerPixel = 1
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    window = PNG_WINDOWS[(anatomy.modality, anatomy.region)]
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    if anatomy.modality == "CT":
+        stored = np.clip(np.rint(values + 1024.0), 0, 4095)
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
+    elif anatomy.modality == "X-ray" and rng.uniform() < 0.5:
+        # MONOCHROME1: high stored values display dark; the window is mirrored to show the same picture
+        stored = np.clip(np.rint(4095.0 - values), 0, 4095)
+        ds.PhotometricInterpretation = "MONOCHROME1"
+        window = Window(4095.0 - window.center + 1.0, window.width)
+    else:
+        stored = np.clip(np.rint(values), 0, 4095)
+    ds.WindowCenter, ds.WindowWidth = round(window.center, 1), round(window.width, 1)
+    ds.PixelData = stored.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def write_volume(path: Path, slices: list[np.ndarray], spacing: tuple[float, float, float], dtype) -> None:
+    """Write display-orientation slices as a NIfTI volume stored L-P-S (the affine maps it to RAS+ world)."""
+    import nibabel as nib
+
+    canonical = np.stack([from_display(s, 2) for s in slices], axis=-1)  # RAS+ voxel order
+    stored = canonical[::-1, ::-1, :]  # LPS on disk, as DICOM-derived volumes usually are
+    sx, sy, sz = spacing
+    nx, ny, _ = stored.shape
+    affine = np.array(
+        [[-sx, 0, 0, sx * (nx - 1)], [0, -sy, 0, sy * (ny - 1)], [0, 0, sz, 0], [0, 0, 0, 1]], dtype=np.float64
+    )
+    image = nib.Nifti1Image(stored.astype(dtype), affine)
+    image.header.set_xyzt_units("mm")
+    nib.save(image, path)
+
+
+# --- rows ----------------------------------------------------------------------------------------------------
+def _row(task: str, meta: dict, image: str, question: str, answer: str, **extra) -> dict:
+    row = {"task": task, "messages": [_user(question), _answer(answer)], "images": [image]}
+    row.update(extra)
+    row["meta"] = meta
+    return row
+
+
+def scan_rows(
+    writer: _CaseWriter, view: Slice, image: str, meta: dict, mask_ref, tasks: tuple[str, ...]
+) -> list[dict]:
+    """Rows for one scan image: ``mask_ref(name, mask)`` returns the reference written for a mask."""
+    rng = writer.rng
+    anatomy = view.anatomy
+    organs = {name: mask for name, mask in view.organs.items() if mask.sum() >= 60}
+    lesions = view.visible_lesions()
+    modality, region = anatomy.modality, anatomy.region
+    rows: list[dict] = []
+    organ_names = list(organs)
+    if "segmentation" in tasks and organ_names:
+        # two prompts naming different targets in the same image
+        organ = organ_names[int(rng.integers(0, len(organ_names)))]
+        rows.append(
+            _row("segmentation", meta, image, f"Please segment the {organ} in this image.", "Sure, it is [SEG].",
+                 masks=[mask_ref(organ, organs[organ])])
+        )
+        if len(lesions) == 1:
+            rows.append(
+                _row("segmentation", meta, image, "Segment the lesion.", "Sure, it is [SEG].",
+                     masks=[mask_ref("lesion_1", lesions[0][1])])
+            )
+        elif len(lesions) > 1:
+            parts = ", ".join(f"lesion {k + 1} [SEG]" for k in range(len(lesions)))
+            rows.append(
+                _row("segmentation", meta, image, "Segment every lesion.",
+                     f"There are {len(lesions)} lesions: {parts}.",
+                     masks=[mask_ref(f"lesion_{k + 1}", m) for k, (_, m) in enumerate(lesions)])
+            )
+        else:
+            rows.append(_row("segmentation", meta, image, "Segment the lesion.", "There is no lesion in this image."))
+    if "detection" in tasks:
+        if lesions and rng.uniform() < 0.6:
+            target, boxes = "lesion", [_bbox(m) for _, m in lesions]
+        elif organ_names:
+            target = organ_names[int(rng.integers(0, len(organ_names)))]
+            boxes = [_bbox(organs[target])]
+        else:
+            target, boxes = "", []
+        if boxes:
+            answer = "```json\n[\n" + ",\n".join([DETECTION_ANSWER_ITEM] * len(boxes)) + "\n]\n```"
+            rows.append(
+                _row("detection", meta, image, DETECTION_PROMPT.format(target), answer,
+                     objects={"ref": [target] * len(boxes), "bbox": boxes})
+            )
+    hosts = [lesion.host for lesion, _ in lesions]
+    if "vqa-closed" in tasks:
+        sides = {_side(h) for h in hosts}
+        kind = ["presence", "count"][int(rng.integers(0, 2))]
+        if len(hosts) and len(sides) == 1 and None not in sides and rng.uniform() < 0.5:
+            paired = hosts[0].split()[-1]
+            rows.append(_row("vqa-closed", meta, image, f"Is the lesion in the left or the right {paired}?",
+                             sides.pop()))
+        elif kind == "presence":
+            rows.append(_row("vqa-closed", meta, image, "Is there a lesion in this image? Answer yes or no.",
+                             "yes" if lesions else "no"))
+        else:
+            rows.append(_row("vqa-closed", meta, image, "How many lesions are there in this image?",
+                             str(len(lesions))))
+    if "vqa-open" in tasks:
+        if len(set(hosts)) == 1 and rng.uniform() < 0.5:
+            rows.append(_row("vqa-open", meta, image, "Which organ contains the lesion?", hosts[0]))
+        elif rng.uniform() < 0.5:
+            rows.append(_row("vqa-open", meta, image, "What is the imaging modality of this image?",
+                             MODALITY_NAMES[modality]))
+        else:
+            rows.append(_row("vqa-open", meta, image, "Which body region does this image show?", region))
+    spacing = anatomy.spacing_mm
+    if "report" in tasks:
+        shown = ", ".join(organ_names[:-1]) + (" and " if len(organ_names) > 1 else "") + organ_names[-1] \
+            if organ_names else "no organs"
+        findings = [f"Findings: {MODALITY_NAMES[modality]} of the {region}. The {shown} are shown."]
+        for lesion, mask in lesions:
+            word = _lesion_word(modality, lesion.contrast, region)
+            findings.append(f"A {_diameter_mm(mask, spacing)} mm {word} in the {lesion.host}.")
+        if not lesions:
+            findings.append("No focal lesion.")
+        impression = f"Impression: {_plural(len(lesions), 'lesion')}." if lesions else "Impression: normal study."
+        rows.append(_row("report", meta, image, "Write a radiology report for this image.",
+                         " ".join(findings) + " " + impression))
+    if "cot" in tasks and organ_names:
+        organ = organ_names[int(rng.integers(0, len(organ_names)))]
+        inside = [(lesion, mask) for lesion, mask in lesions if lesion.host == organ]
+        image_side = "left" if organs[organ].nonzero()[1].mean() < anatomy.size / 2 else "right"
+        thought = (f"This is a {MODALITY_NAMES[modality]} image of the {region}. The {organ} lies on the image's "
+                   f"{image_side} side.")
+        if inside:
+            largest = max(_diameter_mm(mask, spacing) for _, mask in inside)
+            thought += f" It contains {_plural(len(inside), 'focal lesion')}, the largest {largest} mm across."
+        else:
+            thought += " Its signal is uniform without a focal lesion."
+        rows.append(_row("cot", meta, image, f"Is there a lesion in the {organ}? Think step by step, then answer.",
+                         f"<think>{thought}</think><answer>{'yes' if inside else 'no'}</answer>"))
+    return rows
+
+
+ALL_TASKS = ("segmentation", "detection", "vqa-closed", "vqa-open", "report", "cot")
+
+
+def _scan_case(writer: _CaseWriter, fmt: str) -> tuple[list[dict], int]:
+    rng, options = writer.rng, writer.options
+    kinds = KINDS if fmt != "nifti" else tuple(k for k in KINDS if k[0] != "X-ray")
+    modality, region = kinds[int(rng.integers(0, len(kinds)))]
+    meta = {"case": writer.case, "modality": modality, "region": region, "format": fmt}
+    if fmt != "nifti":
+        anatomy = make_anatomy(rng, modality, region, options.size)
+        view = anatomy.render(rng)
+        image = writer.png_image(view.values, (modality, region)) if fmt == "png" else writer.dicom_image(
+            view.values, anatomy
+        )
+        return scan_rows(writer, view, image, meta, writer.png_mask, ALL_TASKS), 1
+    depth = options.volume_depth
+    anatomy = make_anatomy(rng, modality, region, options.size, depth=depth)
+    views = [anatomy.render(rng, z) for z in range(depth)]
+    volume = writer.image_dir / f"{writer.case}.nii.gz"
+    labels = writer.mask_dir / f"{writer.case}_labels.nii.gz"
+    write_volume(volume, [np.rint(v.values) for v in views], (anatomy.spacing_mm, anatomy.spacing_mm, 2.5), np.int16)
+    label_slices = []
+    for view in views:
+        label = np.zeros(view.values.shape, dtype=np.uint8)
+        for index, name in enumerate(ORGANS[region]):
+            label[view.organs[name]] = index + 1
+        for index, mask in enumerate(view.lesions):
+            label[mask] = 10 + index
+        label_slices.append(label)
+    write_volume(labels, label_slices, (anatomy.spacing_mm, anatomy.spacing_mm, 2.5), np.uint8)
+    rows: list[dict] = []
+    first = max(0, (depth - options.slices_per_volume) // 2)
+    for z in range(first, min(depth, first + options.slices_per_volume)):
+        window = NIFTI_WINDOWS.get((modality, region))
+        image = f"{writer.rel(volume)}#slice={z}" + (f"&window={window}" if window else "")
+        view = views[z]
+        # an organ's mask includes the lesions inside it, as in the 2-D cases
+        values = {
+            name: [i + 1] + [10 + k for k, lesion in enumerate(anatomy.lesions) if lesion.host == name]
+            for i, name in enumerate(ORGANS[region])
+        }
+        lesion_ids = {id(m): [10 + i] for i, m in enumerate(view.lesions)}
+
+        def mask_ref(name: str, mask: np.ndarray, z=z, values=values, lesion_ids=lesion_ids) -> str:
+            label = ",".join(map(str, values.get(name, lesion_ids.get(id(mask)))))
+            return f"{writer.rel(labels)}#slice={z}&label={label}"
+
+        rows += scan_rows(writer, view, image, dict(meta, slice=z), mask_ref,
+                          ("segmentation", "detection", "vqa-closed"))
+    return rows, 1
+
+
+def _document_case(writer: _CaseWriter) -> list[dict]:
+    rng = writer.rng
+    report = make_lab_report(rng, writer.options.size)
+    path = writer.image_dir / f"{writer.case}.png"
+    report.image.save(path)
+    image = writer.rel(path)
+    meta = {"case": writer.case, "modality": "document", "region": "lab report", "format": "png"}
+    pick = report.results[int(rng.integers(0, len(report.results)))]
+    rows = [_row("document", meta, image, f"What is the {pick.name} value in this lab report?", pick.text)]
+    if rng.uniform() < 0.5:
+        values = {r.name: r.text for r in report.results}
+        rows.append(_row("document", meta, image, "Extract every test result as JSON.",
+                         "```json\n" + json.dumps(values, ensure_ascii=False) + "\n```"))
+    else:
+        abnormal = [f"{r.name} ({r.flag})" for r in report.results if r.flag != "normal"]
+        rows.append(_row("document", meta, image, "Which results are outside the reference range?",
+                         ", ".join(abnormal) if abnormal else "None; all results are within range."))
+    rows.append(_row("document", meta, image, "What are the patient ID and the date of this report?",
+                     f"Patient ID {report.patient_id}, date {report.date}."))
+    return rows
+
+
+def write_corpus(out: str | Path, options: CorpusOptions | None = None) -> CorpusSummary:
+    """Generate the corpus into ``out`` (created if needed; existing split files are replaced)."""
+    options = options or CorpusOptions()
+    if options.n < 1:
+        raise ValueError("--n must be at least 1")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    splits = split_of(options.n, options.seed)
+    plan = np.random.default_rng([options.seed, 104729])
+    num_docs = round(options.documents * options.n) if options.n >= 10 else 0
+    documents = set(plan.choice(options.n, size=num_docs, replace=False).tolist()) if num_docs else set()
+    summary = CorpusSummary(out)
+    handles = {split: open(out / f"{split}.jsonl", "w", encoding="utf-8") for split in SPLITS}
+    try:
+        for index in range(options.n):
+            split = splits[index]
+            case = f"case_{index:05d}"
+            rng = np.random.default_rng([options.seed, index])
+            writer = _CaseWriter(out, split, case, options, rng)
+            if index in documents:
+                rows, fmt = _document_case(writer), "document"
+            else:
+                fmt = ("png", "dicom", "nifti")[int(rng.choice(3, p=np.array(options.formats) / sum(options.formats)))]
+                rows, _ = _scan_case(writer, fmt)
+            for row in rows:
+                row["meta"]["split"] = split
+                handles[split].write(json.dumps(row, ensure_ascii=False) + "\n")
+                summary.tasks[row["task"]] += 1
+            summary.rows[split] = summary.rows.get(split, 0) + len(rows)
+            summary.images[split] = summary.images.get(split, 0) + 1
+            summary.formats[fmt] += 1
+    finally:
+        for handle in handles.values():
+            handle.close()
+    return summary

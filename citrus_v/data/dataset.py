@@ -1,0 +1,136 @@
+"""Map-style dataset over validated rows, yielding processor-ready samples.
+
+``RowDataset.from_jsonl(paths, processor)`` reads and checks every row once (bad rows are skipped and
+counted by reason, with ``file:line``), drops rows longer than ``max_length`` (counted as ``too_long``),
+and keeps the token length of each row for packing or length-grouped sampling. ``dataset[i]`` loads the
+row's images and masks through :mod:`citrus_v.data.medical_io` (paths relative to the JSONL file's folder)
+and fills ``<ref-object>``/``<bbox>`` placeholders in the model's box coordinates. A row that fails to
+load at that point comes back as a :class:`SkippedRow`, which the collator counts and drops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from .medical_io import MedicalImageError, read_image, read_mask
+from .rows import RowIssue, RowProblem, RowRecord, SkipCounter, iter_rows, render_objects
+from .validate import ValidationOptions, inspect_row
+
+
+@dataclass
+class SkippedRow:
+    """A row that could not be loaded; the collator records it and leaves it out of the batch."""
+
+    issue: RowIssue
+
+
+def load_sample(record: RowRecord, options: ValidationOptions) -> dict[str, Any]:
+    """A row as a processor-ready sample: ``messages`` (objects rendered), PIL ``images``, boolean ``masks``.
+
+    Raises :class:`RowProblem` naming what failed.
+    """
+    row, base = record.row, record.base_dir
+    images = []
+    for k, ref in enumerate(row.get("images") or []):
+        try:
+            images.append(read_image(ref, base, max_pixels=options.max_image_pixels))
+        except MedicalImageError as err:
+            raise RowProblem(err.reason, f"images[{k}]: {err}") from err
+    masks = []
+    for k, ref in enumerate(row.get("masks") or []):
+        try:
+            mask = read_mask(ref, base, size=images[0].size if images else None)
+        except MedicalImageError as err:
+            raise RowProblem(err.reason, f"masks[{k}]: {err}") from err
+        if images and mask.shape != (images[0].height, images[0].width):
+            raise RowProblem(
+                "mask_size", f"masks[{k}] is {mask.shape[1]}x{mask.shape[0]} but images[0] is "
+                f"{images[0].width}x{images[0].height}"
+            )
+        masks.append(mask)
+    scaler = options.scaler(*images[0].size) if images else None
+    sample: dict[str, Any] = {"messages": render_objects(row, scaler), "images": images, "masks": masks}
+    if row.get("system") is not None:
+        sample["system"] = row["system"]
+    return sample
+
+
+def load_item(record: RowRecord, options: ValidationOptions) -> dict[str, Any] | SkippedRow:
+    """``{"sample": ..., "where": "file:line"}`` for the collator, or a :class:`SkippedRow`."""
+    try:
+        return {"sample": load_sample(record, options), "where": record.where}
+    except RowProblem as problem:
+        return SkippedRow(RowIssue(str(record.file), record.line, problem.reason, str(problem)))
+
+
+class RowDataset(Dataset):
+    """Validated rows; ``dataset[i]`` is a processor-ready item (see the module docstring)."""
+
+    def __init__(
+        self,
+        records: Sequence[RowRecord],
+        options: ValidationOptions,
+        lengths: Sequence[int] | None = None,
+        skips: SkipCounter | None = None,
+    ) -> None:
+        self.records = list(records)
+        self.options = options
+        self.lengths = list(lengths) if lengths is not None else None
+        self.skips = skips if skips is not None else SkipCounter()
+
+    @classmethod
+    def from_jsonl(
+        cls,
+        paths: Sequence[str | Path],
+        processor=None,
+        options: ValidationOptions | None = None,
+        max_length: int | None = None,
+        decode: bool = False,
+        strict: bool = False,
+    ) -> RowDataset:
+        """Read, check and (with ``processor``) measure every row of ``paths``.
+
+        Args:
+            processor: gives the image bounds (boxes, image tokens) and the template for token lengths.
+            options: validation options; default from ``processor`` (or upstream bounds).
+            max_length: rows with more tokens are dropped and counted (``too_long``); needs ``processor``.
+            decode: decode every image now (finds truncated files up front; slower).
+            strict: raise :class:`~citrus_v.data.rows.DataError` at the first bad row.
+        """
+        from .stats import token_length
+
+        if options is None:
+            options = ValidationOptions.for_processor(processor) if processor is not None else ValidationOptions()
+        options = ValidationOptions(**{**options.__dict__, "decode": decode})
+        if max_length is not None and processor is None:
+            raise ValueError("max_length needs a processor to count tokens")
+        skips = SkipCounter(strict=strict)
+        records, lengths = [], []
+        for record in iter_rows(paths, skips):
+            try:
+                info = inspect_row(record, options)
+            except RowProblem as problem:
+                skips.record(RowIssue(str(record.file), record.line, problem.reason, str(problem)))
+                continue
+            if processor is not None:
+                length = token_length(record, info, processor.template, options)
+                if max_length is not None and length > max_length:
+                    skips.record(
+                        RowIssue(str(record.file), record.line, "too_long",
+                                 f"{length} tokens > max_length {max_length}; dropped, never cut")
+                    )
+                    continue
+                lengths.append(length)
+            records.append(record)
+        return cls(records, options, lengths if processor is not None else None, skips)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | SkippedRow:
+        return load_item(self.records[index], self.options)

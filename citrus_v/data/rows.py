@@ -1,0 +1,285 @@
+"""Dataset rows: the ms-swift JSONL format, read line by line, checked for shape, resolved and rendered.
+
+A row::
+
+    {"messages": [{"role": "system"|"user"|"assistant", "content": "...<image>..."}, ...],
+     "images": ["scan.png", "ct.dcm#window=ct-abdomen", "vol.nii.gz#slice=12", ...],
+     "masks": ["lesion.png", {"size": [h, w], "counts": "..."}, ...],   # one per [SEG], in order
+     "objects": {"ref": ["liver"], "bbox": [[x1, y1, x2, y2]]},         # original-image pixels
+     "system": "optional system prompt"}
+
+Extra keys (``task``, ``meta``, ``id``, ...) are kept. Paths are relative to the JSONL file's folder unless
+absolute. As in ms-swift, ``<ref-object>`` and ``<bbox>`` in a message are placeholders filled from
+``objects`` in order; boxes are written in the model's coordinates (:mod:`citrus_v.processing.boxes`) when
+the row is rendered for a processor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..processing.boxes import Box, BoxScaler
+from ..processing.tokens import IMAGE_PLACEHOLDER, SEG_TOKEN
+
+logger = logging.getLogger("citrus_v.data")
+
+ROLES = ("system", "user", "assistant")
+REF_PLACEHOLDER = "<ref-object>"
+BBOX_PLACEHOLDER = "<bbox>"
+
+
+class RowProblem(ValueError):
+    """Why a row cannot be used: ``reason`` is a short key for counting, the message says the fix."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class RowIssue:
+    """A rejected row: where (``file:line``), why (``reason``) and what to do (``message``)."""
+
+    file: str
+    line: int
+    reason: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: [{self.reason}] {self.message}"
+
+
+class DataError(ValueError):
+    """Raised in strict mode on the first bad row, carrying its :class:`RowIssue`."""
+
+    def __init__(self, issue: RowIssue) -> None:
+        super().__init__(str(issue))
+        self.issue = issue
+
+
+@dataclass
+class RowRecord:
+    """One parsed row and where it came from."""
+
+    file: Path
+    line: int
+    row: dict[str, Any]
+
+    @property
+    def base_dir(self) -> Path:
+        return self.file.parent
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass
+class SkipCounter:
+    """Counts and logs skipped rows by reason; in ``strict`` mode the first one raises :class:`DataError`."""
+
+    strict: bool = False
+    issues: list[RowIssue] = field(default_factory=list)
+    keep: int = 1000  # issues kept for the report; all are counted
+
+    def __post_init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def record(self, issue: RowIssue) -> None:
+        self.counts[issue.reason] += 1
+        if len(self.issues) < self.keep:
+            self.issues.append(issue)
+        logger.warning("skipped row %s", issue)
+        if self.strict:
+            raise DataError(issue)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def merge(self, other: SkipCounter) -> None:
+        self.counts.update(other.counts)
+        self.issues.extend(other.issues[: max(0, self.keep - len(self.issues))])
+
+    def summary(self) -> str:
+        """``skipped N row(s): reason A, reason B`` (or that nothing was skipped)."""
+        if not self.total:
+            return "skipped 0 rows"
+        parts = ", ".join(f"{reason} {count}" for reason, count in sorted(self.counts.items()))
+        return f"skipped {self.total} row(s): {parts}"
+
+
+def read_jsonl(path: str | Path) -> Iterator[RowRecord | RowIssue]:
+    """Yield each non-blank line of a JSONL file as a :class:`RowRecord`, or a :class:`RowIssue` if not JSON."""
+    path = Path(path)
+    if not path.is_file():
+        yield RowIssue(str(path), 0, "missing_file", f"dataset file not found: {path}")
+        return
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                yield RowIssue(
+                    str(path), number, "invalid_json", f"invalid JSON at column {err.colno}: {err.msg}. Fix: one JSON "
+                    "object per line"
+                )
+                continue
+            if not isinstance(row, dict):
+                yield RowIssue(str(path), number, "schema", f"a row must be a JSON object, got {type(row).__name__}")
+                continue
+            yield RowRecord(path, number, row)
+
+
+def check_schema(row: Mapping[str, Any], require_answer: bool = True) -> None:
+    """Raise :class:`RowProblem` (reason ``schema``) when a row does not have the ms-swift shape."""
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RowProblem("schema", "'messages' must be a non-empty list of {'role', 'content'} objects")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise RowProblem("schema", f"messages[{index}] must be an object with 'role' and 'content'")
+        if message["role"] not in ROLES:
+            raise RowProblem("schema", f"messages[{index}] has role {message['role']!r}; use one of {ROLES}")
+        if not isinstance(message["content"], str):
+            raise RowProblem("schema", f"messages[{index}].content must be a string")
+    if require_answer and not any(m["role"] == "assistant" for m in messages):
+        raise RowProblem("schema", "the row has no assistant message: there is nothing to train on")
+    for key in ("images", "masks"):
+        value = row.get(key)
+        if value is not None and not isinstance(value, list):
+            raise RowProblem("schema", f"'{key}' must be a list")
+        for k, item in enumerate(value or []):
+            if not isinstance(item, (str, dict)):
+                raise RowProblem("schema", f"{key}[{k}] must be a path string or an object")
+    if row.get("system") is not None and not isinstance(row["system"], str):
+        raise RowProblem("schema", "'system' must be a string")
+    objects = row.get("objects")
+    if objects is not None:
+        if not isinstance(objects, dict):
+            raise RowProblem("schema", "'objects' must be an object {'ref': [...], 'bbox': [[x1,y1,x2,y2], ...]}")
+        refs, boxes = objects.get("ref", []), objects.get("bbox", [])
+        if not isinstance(refs, list) or not isinstance(boxes, list):
+            raise RowProblem("schema", "objects.ref and objects.bbox must be lists")
+        for k, box in enumerate(boxes):
+            if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+                raise RowProblem("schema", f"objects.bbox[{k}] must be [x1, y1, x2, y2] numbers")
+    placeholders = count_text(row, IMAGE_PLACEHOLDER)
+    num_images = len(row.get("images") or [])
+    if placeholders and placeholders != num_images:
+        raise RowProblem(
+            "image_count",
+            f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) for {num_images} image(s): give one per image",
+        )
+
+
+def count_text(row: Mapping[str, Any], needle: str, role: str | None = None) -> int:
+    """Occurrences of ``needle`` in the row's messages (optionally one role only)."""
+    return sum(
+        str(m.get("content", "")).count(needle)
+        for m in row.get("messages", [])
+        if isinstance(m, dict) and (role is None or m.get("role") == role)
+    )
+
+
+def count_seg(row: Mapping[str, Any]) -> int:
+    """Number of ``[SEG]`` tokens in the row's text (each needs one mask)."""
+    return count_text(row, SEG_TOKEN)
+
+
+def object_boxes(row: Mapping[str, Any]) -> list[Box]:
+    """The row's ``objects`` as boxes in original-image pixels (labels from ``objects.ref`` in order)."""
+    objects = row.get("objects") or {}
+    refs = list(objects.get("ref") or [])
+    return [
+        Box(*map(float, box), label=str(refs[k]) if k < len(refs) else "")
+        for k, box in enumerate(objects.get("bbox") or [])
+    ]
+
+
+def render_objects(row: Mapping[str, Any], scaler: BoxScaler | None) -> list[dict[str, str]]:
+    """Messages with ``<ref-object>`` / ``<bbox>`` filled from ``objects`` in order.
+
+    ``<bbox>`` becomes ``[x1, y1, x2, y2]`` in model pixels (``scaler.to_model``); without a scaler the
+    original coordinates are written.
+    """
+    messages = [dict(m) for m in row["messages"]]
+    objects = row.get("objects")
+    if not objects:
+        return messages
+    refs = list(objects.get("ref") or [])
+    boxes = object_boxes(row)
+    ref_i = box_i = 0
+    for message in messages:
+        text = message["content"]
+        if REF_PLACEHOLDER not in text and BBOX_PLACEHOLDER not in text:
+            continue
+        out, pos = [], 0
+        while True:
+            next_ref, next_box = text.find(REF_PLACEHOLDER, pos), text.find(BBOX_PLACEHOLDER, pos)
+            candidates = [(i, kind) for i, kind in ((next_ref, "ref"), (next_box, "box")) if i != -1]
+            if not candidates:
+                out.append(text[pos:])
+                break
+            index, kind = min(candidates)
+            out.append(text[pos:index])
+            if kind == "ref":
+                if ref_i >= len(refs):
+                    raise RowProblem("objects", f"more {REF_PLACEHOLDER} placeholders than objects.ref entries")
+                out.append(str(refs[ref_i]))
+                ref_i += 1
+                pos = index + len(REF_PLACEHOLDER)
+            else:
+                if box_i >= len(boxes):
+                    raise RowProblem("objects", f"more {BBOX_PLACEHOLDER} placeholders than objects.bbox entries")
+                box = scaler.to_model(boxes[box_i]) if scaler is not None else boxes[box_i]
+                out.append("[" + ",".join(str(int(v)) if float(v).is_integer() else f"{v:g}" for v in box.xyxy) + "]")
+                box_i += 1
+                pos = index + len(BBOX_PLACEHOLDER)
+        message["content"] = "".join(out)
+    return messages
+
+
+def row_task(row: Mapping[str, Any]) -> str:
+    """The row's task: its ``task`` key, else guessed from the answer (segmentation, detection, cot, vqa)."""
+    if isinstance(row.get("task"), str):
+        return row["task"]
+    answer = " ".join(str(m.get("content", "")) for m in row.get("messages", []) if m.get("role") == "assistant")
+    if SEG_TOKEN in answer:
+        return "segmentation"
+    if "bbox_2d" in answer or "<|box_start|>" in answer or BBOX_PLACEHOLDER in answer:
+        return "detection"
+    if "<think>" in answer:
+        return "cot"
+    return "vqa" if row.get("images") else "text"
+
+
+def row_modality(row: Mapping[str, Any]) -> str:
+    """``meta.modality`` (or ``modality``) of the row, else ``unknown``."""
+    meta = row.get("meta") if isinstance(row.get("meta"), dict) else {}
+    value = meta.get("modality", row.get("modality"))
+    return str(value) if value else "unknown"
+
+
+def iter_rows(paths: Sequence[str | Path], skips: SkipCounter | None = None) -> Iterator[RowRecord]:
+    """Parsed rows of several JSONL files; bad JSON and schema problems are recorded in ``skips``."""
+    skips = skips if skips is not None else SkipCounter()
+    for path in paths:
+        for item in read_jsonl(path):
+            if isinstance(item, RowIssue):
+                skips.record(item)
+                continue
+            try:
+                check_schema(item.row)
+            except RowProblem as problem:
+                skips.record(RowIssue(str(item.file), item.line, problem.reason, str(problem)))
+                continue
+            yield item

@@ -1,0 +1,66 @@
+"""Dataset statistics: rows per task and modality, and token-length percentiles (``citrus-v data stats``)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..processing.template import ChatTemplate
+from .rows import RowRecord, render_objects
+from .validate import RowInfo, ValidationOptions, ValidationReport, validate_files
+
+PERCENTILES = (50, 90, 95, 99, 100)
+
+
+def token_length(record: RowRecord, info: RowInfo, template: ChatTemplate, options: ValidationOptions) -> int:
+    """Tokens of a row after the template (image tokens from the smart-resized image sizes)."""
+    scaler = options.scaler(*info.image_sizes[0]) if info.image_sizes else None
+    messages = render_objects(record.row, scaler)
+    return len(template.encode(messages, info.image_tokens(options), system=record.row.get("system")).input_ids)
+
+
+@dataclass
+class DatasetStats:
+    report: ValidationReport
+    tasks: Counter = field(default_factory=Counter)
+    modalities: Counter = field(default_factory=Counter)
+    lengths: list[int] = field(default_factory=list)
+    masks: int = 0
+    images: int = 0
+
+    def percentiles(self) -> dict[int, int]:
+        if not self.lengths:
+            return {}
+        values = np.percentile(np.array(self.lengths), PERCENTILES, method="higher")
+        return {p: int(v) for p, v in zip(PERCENTILES, values, strict=True)}
+
+    def format(self) -> str:
+        lines = [self.report.format(limit=10), f"images {self.images}, masks {self.masks}"]
+        lines.append("rows per task: " + ", ".join(f"{k} {v}" for k, v in sorted(self.tasks.items())))
+        lines.append("rows per modality: " + ", ".join(f"{k} {v}" for k, v in sorted(self.modalities.items())))
+        pct = self.percentiles()
+        if pct:
+            spread = ", ".join(f"p{p} {v}" for p, v in pct.items())
+            lines.append(f"token length: {spread}, mean {np.mean(self.lengths):.0f}")
+        return "\n".join(lines)
+
+
+def dataset_stats(
+    paths: Sequence[str | Path], template: ChatTemplate, options: ValidationOptions | None = None
+) -> DatasetStats:
+    """Validate (headers only) and count the rows of ``paths``; token lengths use ``template``."""
+    options = options or ValidationOptions(decode=False)
+    report = validate_files(paths, options, keep_infos=True)
+    stats = DatasetStats(report)
+    for record, info in report.infos:
+        stats.tasks[info.task] += 1
+        stats.modalities[info.modality] += 1
+        stats.images += len(info.image_sizes)
+        stats.masks += info.num_seg
+        stats.lengths.append(token_length(record, info, template, options))
+    report.infos.clear()
+    return stats

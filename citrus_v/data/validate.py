@@ -1,0 +1,199 @@
+"""Row validation: every check a row must pass before training, and the ok / rejected summary.
+
+Checks: the ms-swift shape; images exist, are readable (fully decoded unless ``decode=False``) and under
+the pixel limit; one mask per ``[SEG]`` and each the size of the first image; ``objects`` boxes inside the
+first image; boxes in answers inside the model's (smart-resized) image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..processing.boxes import BoxScaler, model_size, parse_boxes
+from ..processing.tokens import SEG_TOKEN
+from .medical_io import DEFAULT_MAX_IMAGE_PIXELS, MedicalImageError, image_size, read_image, read_mask
+from .rows import (
+    RowIssue,
+    RowProblem,
+    RowRecord,
+    SkipCounter,
+    count_seg,
+    iter_rows,
+    object_boxes,
+    render_objects,
+    row_modality,
+    row_task,
+)
+
+# Upstream training bounds, as in the processor.
+DEFAULT_MIN_PIXELS = 200704
+DEFAULT_MAX_PIXELS = 1003520
+
+
+@dataclass
+class ValidationOptions:
+    """How thoroughly to check rows.
+
+    Args:
+        max_image_pixels: images with more pixels are rejected (decompression bombs).
+        decode: decode every image and mask (finds truncated files); ``False`` reads headers only.
+        min_pixels, max_pixels: the model's smart-resize bounds, for boxes written in answers.
+        patch_size, merge_size: the vision tower's patch and merge sizes (Qwen2.5-VL: 14 and 2).
+    """
+
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    decode: bool = True
+    min_pixels: int = DEFAULT_MIN_PIXELS
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    patch_size: int = 14
+    merge_size: int = 2
+
+    @classmethod
+    def for_processor(cls, processor, **overrides) -> ValidationOptions:
+        """Options matching a processor's image bounds."""
+        image_processor = processor.image_processor
+        values = dict(
+            min_pixels=processor.min_pixels,
+            max_pixels=processor.max_pixels,
+            patch_size=int(image_processor.patch_size),
+            merge_size=int(image_processor.merge_size),
+        )
+        values.update(overrides)
+        return cls(**values)
+
+    def scaler(self, width: int, height: int) -> BoxScaler:
+        return BoxScaler.for_image(width, height, self.min_pixels, self.max_pixels, self.patch_size, self.merge_size)
+
+
+@dataclass
+class RowInfo:
+    """What validation learned about a good row (used by stats and the datasets)."""
+
+    image_sizes: list[tuple[int, int]]
+    num_seg: int
+    task: str
+    modality: str
+
+    def image_tokens(self, options: ValidationOptions) -> list[int]:
+        """Image tokens per image after smart resize (one per merged patch)."""
+        side = options.patch_size * options.merge_size
+        tokens = []
+        for width, height in self.image_sizes:
+            w, h = model_size(width, height, options.min_pixels, options.max_pixels, options.patch_size,
+                              options.merge_size)
+            tokens.append((w // side) * (h // side))
+        return tokens
+
+
+def inspect_row(record: RowRecord, options: ValidationOptions) -> RowInfo:
+    """Check one schema-valid row; raise :class:`RowProblem` with the first thing wrong."""
+    row, base = record.row, record.base_dir
+    sizes: list[tuple[int, int]] = []
+    for k, ref in enumerate(row.get("images") or []):
+        try:
+            if options.decode:
+                sizes.append(read_image(ref, base, max_pixels=options.max_image_pixels).size)
+            else:
+                sizes.append(image_size(ref, base, max_pixels=options.max_image_pixels))
+        except MedicalImageError as err:
+            raise RowProblem(err.reason, f"images[{k}]: {err}") from err
+    num_seg = count_seg(row)
+    masks = row.get("masks") or []
+    if num_seg and not sizes:
+        raise RowProblem("seg_without_image", f"{num_seg} {SEG_TOKEN} token(s) but no image: a mask needs an image")
+    if num_seg != len(masks):
+        more = "more" if num_seg > len(masks) else "fewer"
+        raise RowProblem(
+            "seg_mask_count",
+            f"{num_seg} {SEG_TOKEN} token(s) but {len(masks)} mask(s) ({more} {SEG_TOKEN} than masks): give exactly "
+            f"one mask per {SEG_TOKEN}, in order",
+        )
+    for k, ref in enumerate(masks):
+        try:
+            if options.decode or isinstance(ref, dict):
+                shape = read_mask(ref, base, size=sizes[0]).shape
+                height, width = shape
+            else:
+                width, height = image_size(ref, base, max_pixels=options.max_image_pixels)
+        except MedicalImageError as err:
+            raise RowProblem(err.reason, f"masks[{k}]: {err}") from err
+        if (width, height) != sizes[0]:
+            raise RowProblem(
+                "mask_size",
+                f"masks[{k}] is {width}x{height} but images[0] is {sizes[0][0]}x{sizes[0][1]}: a mask must have its "
+                "image's size",
+            )
+    boxes = object_boxes(row)
+    if boxes:
+        if not sizes:
+            raise RowProblem("bbox_outside", "objects.bbox given but the row has no image")
+        width, height = sizes[0]
+        for k, box in enumerate(boxes):
+            if not box.inside(width, height):
+                raise RowProblem(
+                    "bbox_outside",
+                    f"objects.bbox[{k}] {box.xyxy} is not inside images[0] ({width}x{height}) or has x1>x2 / y1>y2",
+                )
+    scaler = options.scaler(*sizes[0]) if sizes else None
+    messages = render_objects(row, scaler)
+    if scaler is not None:
+        mw, mh = scaler.model
+        for message in messages:
+            if message["role"] != "assistant":
+                continue
+            for box in parse_boxes(message["content"]):
+                if not box.inside(mw, mh):
+                    raise RowProblem(
+                        "bbox_outside",
+                        f"answer box {box.xyxy} is not inside the model's {mw}x{mh} image: answer boxes are absolute "
+                        "pixels of the smart-resized image",
+                    )
+    return RowInfo(sizes, num_seg, row_task(row), row_modality(row))
+
+
+@dataclass
+class ValidationReport:
+    """Rows ok / rejected, by reason, with ``file:line`` for each rejection."""
+
+    files: list[str]
+    ok: int = 0
+    skips: SkipCounter = field(default_factory=SkipCounter)
+    infos: list[tuple[RowRecord, RowInfo]] = field(default_factory=list)
+
+    @property
+    def rejected(self) -> int:
+        return self.skips.total
+
+    def format(self, limit: int = 50) -> str:
+        """The human summary: totals, counts by reason, and the first ``limit`` rejections."""
+        lines = [f"{self.ok} row(s) ok, {self.rejected} rejected ({len(self.files)} file(s))"]
+        for reason, count in sorted(self.skips.counts.items()):
+            lines.append(f"  {reason}: {count}")
+        for issue in self.skips.issues[:limit]:
+            lines.append(f"  {issue}")
+        if self.rejected > min(limit, len(self.skips.issues)):
+            lines.append(f"  ... {self.rejected - min(limit, len(self.skips.issues))} more")
+        return "\n".join(lines)
+
+
+def validate_files(
+    paths: Sequence[str | Path],
+    options: ValidationOptions | None = None,
+    strict: bool = False,
+    keep_infos: bool = False,
+) -> ValidationReport:
+    """Validate every row of the JSONL files; in ``strict`` mode stop at the first bad row (:class:`DataError`)."""
+    options = options or ValidationOptions()
+    report = ValidationReport([str(p) for p in paths], skips=SkipCounter(strict=strict))
+    for record in iter_rows(paths, report.skips):
+        try:
+            info = inspect_row(record, options)
+        except RowProblem as problem:
+            report.skips.record(RowIssue(str(record.file), record.line, problem.reason, str(problem)))
+            continue
+        report.ok += 1
+        if keep_infos:
+            report.infos.append((record, info))
+    return report
