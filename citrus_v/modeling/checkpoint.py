@@ -9,6 +9,7 @@ shapes of a model built on the meta device.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -18,6 +19,13 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 REBUILD_HINT = "rebuild the folder with `citrus-v build`"
+
+# transformers' legacy Qwen2.5-VL names (what `save_original_format=True` writes), mapped to the in-memory
+# names; transformers applies the same mapping when it loads them.
+_LEGACY_MLLM_NAMES = (
+    (re.compile(r"^mllm\.model\.(?!language_model\.|visual\.)"), "mllm.model.language_model."),
+    (re.compile(r"^mllm\.visual\."), "mllm.model.visual."),
+)
 
 
 class CheckpointError(ValueError):
@@ -79,10 +87,17 @@ def stored_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], Path]]:
     return shapes
 
 
+def canonical_name(name: str) -> str:
+    """The in-memory name of a stored tensor name (legacy ``mllm.model.layers``/``mllm.visual`` names mapped)."""
+    for pattern, replacement in _LEGACY_MLLM_NAMES:
+        name = pattern.sub(replacement, name)
+    return name
+
+
 def check_weights(model: torch.nn.Module, files: list[Path], ignore: tuple[str, ...] = ()) -> None:
     """Compare the stored tensors with the parameters of ``model`` (which may live on the meta device)."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    stored = stored_shapes(files)
+    stored = {canonical_name(name): value for name, value in stored_shapes(files).items()}
     config_path = files[0].parent / CONFIG_FILE
     problems = []
     for name, (shape, path) in stored.items():

@@ -24,7 +24,18 @@ from .configuration_citrus_v import CitrusVConfig
 from .grounding import GroundingEncoder, SamImageFeatures
 from .hook_grad import hook_grad
 from .losses import dice_loss_sum, mask_bce_sum
-from .seg_projector import SegProjector
+from .seg_projector import ResidualSegProjector, SegProjector, build_seg_projector
+from .upstream_checkpoint import (
+    UNUSED_ATTRIBUTE,
+    ShardedTensors,
+    citrus_config_from_upstream,
+    is_upstream_layout,
+    read_unused,
+    read_upstream_weights,
+    save_unused,
+    stored_dtype,
+    upstream_sam2_config,
+)
 
 
 class SegTargetError(ValueError):
@@ -61,8 +72,8 @@ class CitrusVPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"]
 
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, SegProjector):
-            for layer in module:
+        if isinstance(module, (SegProjector, ResidualSegProjector)):
+            for layer in module.modules():
                 if isinstance(layer, nn.Linear):
                     layer.reset_parameters()
         else:
@@ -76,19 +87,22 @@ class CitrusV(CitrusVPreTrainedModel):
         super().__init__(config)
         self.mllm = Qwen2_5_VLForConditionalGeneration(config.mllm_config())
         self.grounding_encoder = GroundingEncoder(config.sam2_config())
-        self.seg_projector = SegProjector(
+        self.seg_projector = build_seg_projector(
             config.text_config.hidden_size,
             self.grounding_encoder.prompt_dim,
             config.seg_projector_dropout,
+            residual=config.use_res_seg_projector,
         )
         self.post_init()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args, **kwargs) -> CitrusV:
-        """Load a local Citrus-V folder, checking its files and tensor shapes first.
+        """Load a local Citrus-V folder — ours, or the released upstream layout — checking its files first.
 
         Only local folders are read (nothing is downloaded). A folder that does not fit raises
-        :class:`CheckpointError` naming the file and the fix.
+        :class:`CheckpointError` naming the file and the fix. An upstream-layout folder (SAM 2 under
+        ``grounding_encoder.sam2_model.`` in Meta's names) is renamed on the fly; its video/memory tensors are
+        kept aside on the model (``upstream_unused_tensors``). The dtype stays as stored unless ``dtype`` is given.
         """
         path = Path(pretrained_model_name_or_path)
         if not path.is_dir():
@@ -96,8 +110,10 @@ class CitrusV(CitrusVPreTrainedModel):
                 f"{path} is not a folder: Citrus-V loads local model folders only. Fix: give the folder "
                 "written by `citrus-v build` or `save_pretrained`"
             )
-        read_config_dict(path)
+        config_dict = read_config_dict(path)
         files = weight_files(path)
+        if is_upstream_layout(files):
+            return cls._from_upstream(path, config_dict, files, *args, **kwargs)
         config = kwargs.get("config")
         if config is None:
             try:
@@ -108,15 +124,45 @@ class CitrusV(CitrusVPreTrainedModel):
             skeleton = cls(config)
         check_weights(skeleton, files)
         kwargs["config"] = config
-        return super().from_pretrained(path, *args, **kwargs)
+        model = super().from_pretrained(path, *args, **kwargs)
+        setattr(model, UNUSED_ATTRIBUTE, read_unused(path))
+        return model
+
+    @classmethod
+    def _from_upstream(cls, path: Path, config_dict: dict, files: list[Path], *args, **kwargs) -> CitrusV:
+        """Load a folder in the released upstream layout (see :mod:`citrus_v.modeling.upstream_checkpoint`)."""
+        config = kwargs.pop("config", None)
+        if config is None:
+            try:
+                sam2_config = upstream_sam2_config(config_dict, ShardedTensors(files), path)
+                config = citrus_config_from_upstream(config_dict, sam2_config)
+            except CheckpointError:
+                raise
+            except Exception as err:  # strict config validation raises several types
+                raise CheckpointError(f"{path / 'config.json'}: {err}") from err
+        with torch.device("meta"):
+            skeleton = cls(config)
+        expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+        del skeleton
+        state_dict, unused = read_upstream_weights(files, expected)
+        if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
+            kwargs["dtype"] = stored_dtype(state_dict) or "auto"
+        model = super().from_pretrained(None, *args, config=config, state_dict=state_dict, **kwargs)
+        model.config.name_or_path = str(path)
+        setattr(model, UNUSED_ATTRIBUTE, unused)
+        return model
 
     def save_pretrained(self, save_directory: str | Path, *args, **kwargs) -> None:
         """Save with the in-memory parameter names (``mllm.model.language_model.*``, as upstream stores them).
 
-        transformers would otherwise rename the Qwen2.5-VL part to its legacy layout on save.
+        transformers would otherwise rename the Qwen2.5-VL part to its legacy layout on save. Tensors set
+        aside from an upstream checkpoint are saved next to the weights (``upstream_unused.safetensors``) so
+        that ``citrus-v convert --to upstream`` can write them back.
         """
         kwargs.setdefault("save_original_format", False)
         super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            save_unused(getattr(self, UNUSED_ATTRIBUTE, None) or {}, Path(save_directory))
 
     # --- helpers ---------------------------------------------------------------------------------------
     @property
@@ -152,22 +198,39 @@ class CitrusV(CitrusVPreTrainedModel):
         sam_pixel_values: torch.Tensor | None,
         sam_image_mask: torch.Tensor | None = None,
         strict: bool = True,
+        seg_image_index: list[torch.Tensor] | None = None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Run SAM 2 once per image that has ``[SEG]`` tokens; one low-res mask per embedding.
 
-        A ``[SEG]`` whose sample has no image is an error when ``strict`` (training), otherwise a warning
-        and no mask for it.
+        Each ``[SEG]`` of sample ``i`` uses ``sam_pixel_values[i]``, or — for packed rows holding several
+        samples — ``sam_pixel_values[seg_image_index[i][k]]`` for its ``k``-th ``[SEG]``. A ``[SEG]`` with no
+        image is an error when ``strict`` (training), otherwise a warning and no mask for it.
         """
         height, width = self.mask_size
         ref = seg_embeddings[0] if seg_embeddings else None
         masks: list[torch.Tensor] = []
         scores: list[torch.Tensor] = []
-        needs_image = [i for i, emb in enumerate(seg_embeddings) if emb.shape[0] > 0]
-        has_image = [
-            sam_pixel_values is not None and (sam_image_mask is None or bool(sam_image_mask[i]))
-            for i in range(len(seg_embeddings))
-        ]
-        missing = [i for i in needs_image if not has_image[i]]
+        num_images = 0 if sam_pixel_values is None else sam_pixel_values.shape[0]
+        image_of: list[torch.Tensor | None] = []  # per sample: the SAM image index of each [SEG]
+        missing = []
+        for i, emb in enumerate(seg_embeddings):
+            count = emb.shape[0]
+            if count == 0:
+                image_of.append(None)
+                continue
+            if seg_image_index is not None:
+                index = seg_image_index[i].to(torch.long).cpu()
+                if index.numel() != count or (count and (index.min() < 0 or index.max() >= num_images)):
+                    raise SegTargetError(
+                        f"sample {i}: seg_image_index has {index.numel()} entries for {count} [SEG] token(s) "
+                        f"and {num_images} SAM image(s)"
+                    )
+                image_of.append(index)
+            elif num_images and (sam_image_mask is None or bool(sam_image_mask[i])):
+                image_of.append(torch.full((count,), i, dtype=torch.long))
+            else:
+                missing.append(i)
+                image_of.append(None)
         if missing:
             message = (
                 f"sample(s) {missing} contain [SEG] tokens but no image: a [SEG] mask needs the sample's "
@@ -176,18 +239,25 @@ class CitrusV(CitrusVPreTrainedModel):
             if strict:
                 raise SegTargetError(message)
             warnings.warn(message + "; no mask is returned for those tokens", stacklevel=2)
-        encode = [i for i in needs_image if has_image[i]]
+        needed = sorted({int(j) for index in image_of if index is not None for j in index.tolist()})
         features: SamImageFeatures | None = None
-        if encode:
-            features = self.grounding_encoder.image_features(sam_pixel_values[encode])
-        for i, emb in enumerate(seg_embeddings):
-            if i in encode:
-                decoded = self.grounding_encoder.decode(features.select(encode.index(i)), emb)
-                masks.append(decoded.logits)
-                scores.append(decoded.iou_scores)
-            else:
+        if needed:
+            features = self.grounding_encoder.image_features(sam_pixel_values[needed])
+        for emb, index in zip(seg_embeddings, image_of, strict=True):
+            if index is None:
                 masks.append(ref.new_zeros(0, height, width) if ref is not None else torch.zeros(0, height, width))
                 scores.append(ref.new_zeros(0) if ref is not None else torch.zeros(0))
+                continue
+            row_masks: list[torch.Tensor | None] = [None] * emb.shape[0]
+            row_scores: list[torch.Tensor | None] = [None] * emb.shape[0]
+            for image in sorted(set(index.tolist())):
+                chosen = (index == image).nonzero()[:, 0]
+                decoded = self.grounding_encoder.decode(features.select(needed.index(image)), emb[chosen])
+                for slot, k in enumerate(chosen.tolist()):
+                    row_masks[k] = decoded.logits[slot]
+                    row_scores[k] = decoded.iou_scores[slot]
+            masks.append(torch.stack(row_masks))
+            scores.append(torch.stack(row_scores))
         return masks, scores
 
     # --- forward -----------------------------------------------------------------------------------------
@@ -203,6 +273,7 @@ class CitrusV(CitrusVPreTrainedModel):
         sam_pixel_values: torch.Tensor | None = None,
         sam_image_mask: torch.Tensor | None = None,
         gt_masks: list[torch.Tensor] | None = None,
+        seg_image_index: list[torch.Tensor] | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         num_masks_in_batch: int | torch.Tensor | None = None,
         **kwargs,
@@ -216,6 +287,7 @@ class CitrusV(CitrusVPreTrainedModel):
             sam_pixel_values: ``[B, 3, S, S]`` SAM 2 input of each sample's first image.
             sam_image_mask: ``[B]`` bool, which samples have an image (all when omitted).
             gt_masks: per sample ``[K_i, h, w]`` binary targets at the SAM low-res size, one per ``[SEG]``.
+            seg_image_index: per packed row, the index into ``sam_pixel_values`` of each ``[SEG]``'s image.
             num_items_in_batch: number of label tokens in the accumulated batch (LM loss normaliser).
             num_masks_in_batch: number of masks in the accumulated batch (mask loss normaliser).
         """
@@ -244,7 +316,7 @@ class CitrusV(CitrusVPreTrainedModel):
         seg_embeddings = self.seg_embeddings(input_ids, hidden_states)
         training_targets = labels is not None or gt_masks is not None
         pred_masks, iou_scores = self.predict_masks(
-            seg_embeddings, sam_pixel_values, sam_image_mask, strict=training_targets
+            seg_embeddings, sam_pixel_values, sam_image_mask, strict=training_targets, seg_image_index=seg_image_index
         )
 
         bce = dice = None

@@ -8,6 +8,7 @@ variables, else the saved values.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +21,10 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from .images import ImageInput, MaskInput, load_image, load_mask, mask_target, sam_pixel_values
 from .template import IGNORE_INDEX, ChatTemplate, TemplateError
+from .tokenizer_builder import add_citrus_tokens
 from .tokens import DEFAULT_SYSTEM, IMAGE_PLACEHOLDER, SEG_TOKEN
+
+logger = logging.getLogger(__name__)
 
 PROCESSOR_FILE = "citrus_v_processor.json"
 DEFAULT_MIN_PIXELS = 200704  # upstream training bounds
@@ -127,7 +131,9 @@ class CitrusVProcessor:
         max_pixels: int | None = None,
         **overrides: Any,
     ) -> CitrusVProcessor:
-        """Load from a folder written by :meth:`save_pretrained` (or a Qwen2.5-VL folder holding ``[SEG]``)."""
+        """Load from a folder written by :meth:`save_pretrained`, a Qwen2.5-VL folder holding ``[SEG]``, or a
+        released upstream Citrus-V folder (its tokenizer gets ``[SEG]``, ``<bbox>``, ``</bbox>`` where missing,
+        as upstream's loader does; the SAM sizes come from its SAM 2 configuration)."""
         directory = Path(directory)
         if not directory.is_dir():
             raise ProcessorError(f"{directory} is not a folder: give the model folder written by `citrus-v build`")
@@ -143,7 +149,7 @@ class CitrusVProcessor:
                 f"cannot load the tokenizer in {directory}: {err}. Fix: check tokenizer.json / "
                 "tokenizer_config.json, or rebuild the folder with `citrus-v build`"
             ) from err
-        settings: dict[str, Any] = {}
+        settings: dict[str, Any] = _upstream_settings(directory, tokenizer)
         settings_file = directory / PROCESSOR_FILE
         if settings_file.is_file():
             try:
@@ -165,25 +171,49 @@ class CitrusVProcessor:
         add_generation_prompt: bool = False,
         padding_side: str = "right",
         return_labels: bool = True,
+        max_length: int | None = None,
     ) -> dict[str, Any]:
         """Encode one or more samples into a padded batch.
 
         Returns ``input_ids``, ``attention_mask``, ``mm_token_type_ids``, ``pixel_values``,
         ``image_grid_thw`` (when there are images), ``sam_pixel_values`` ``[B, 3, S, S]``,
         ``sam_image_mask`` ``[B]``, and with ``return_labels`` also ``labels`` and ``gt_masks``
-        (per sample ``[K_i, h, w]``, one per ``[SEG]`` in the sample's text).
+        (per sample ``[K_i, h, w]``, one per ``[SEG]`` in the sample's text). A sample longer than
+        ``max_length`` raises (samples are dropped, never cut; see :class:`~.template.SampleTooLongError`).
         """
         if isinstance(samples, dict):
             samples = [samples]
-        if padding_side not in ("left", "right"):
-            raise ProcessorError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        rows, pixel_values, grids, sam_inputs, sam_flags, gt_masks = [], [], [], [], [], []
+        rows = []
         for index, sample in enumerate(samples):
             try:
-                encoded = self._encode_sample(sample, add_generation_prompt, return_labels)
+                rows.append(self._encode_sample(sample, add_generation_prompt, return_labels, max_length))
             except (TemplateError, ProcessorError, FileNotFoundError, ValueError, TypeError) as err:
                 raise ProcessorError(f"sample {index}: {err}") from err
-            rows.append(encoded)
+        return self.collate(rows, padding_side, return_labels)
+
+    def encode_sample(
+        self,
+        sample: Sample,
+        add_generation_prompt: bool = False,
+        return_labels: bool = True,
+        max_length: int | None = None,
+    ) -> dict[str, Any]:
+        """Encode one sample: ``input_ids``/``labels`` lists, ``pixel_values``, ``image_grid_thw``,
+        ``sam_pixel_values`` (or None without an image) and ``gt_masks`` ``[K, h, w]``.
+
+        The unit that :meth:`collate` pads and :mod:`citrus_v.data.packing` packs. Raises
+        :class:`~.template.SampleTooLongError` past ``max_length`` (the sample is dropped, never cut).
+        """
+        return self._encode_sample(sample, add_generation_prompt, return_labels, max_length)
+
+    def collate(
+        self, rows: Sequence[dict[str, Any]], padding_side: str = "right", return_labels: bool = True
+    ) -> dict[str, Any]:
+        """Pad samples from :meth:`encode_sample` into one batch (the same keys as :meth:`__call__`)."""
+        if padding_side not in ("left", "right"):
+            raise ProcessorError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        pixel_values, grids, sam_inputs, sam_flags, gt_masks = [], [], [], [], []
+        for encoded in rows:
             if encoded["pixel_values"] is not None:
                 pixel_values.append(encoded["pixel_values"])
                 grids.append(encoded["image_grid_thw"])
@@ -207,7 +237,9 @@ class CitrusVProcessor:
             batch["gt_masks"] = gt_masks
         return batch
 
-    def _encode_sample(self, sample: Sample, add_generation_prompt: bool, return_labels: bool) -> dict[str, Any]:
+    def _encode_sample(
+        self, sample: Sample, add_generation_prompt: bool, return_labels: bool, max_length: int | None = None
+    ) -> dict[str, Any]:
         if not isinstance(sample, dict) or "messages" not in sample:
             raise ProcessorError("each sample must be a dict with a 'messages' list")
         images = [load_image(image) for image in sample.get("images") or []]
@@ -227,7 +259,11 @@ class CitrusVProcessor:
             merge = int(self.image_processor.merge_size) ** 2
             image_tokens = [int(t * h * w) // merge for t, h, w in grid.tolist()]
         encoded = self.template.encode(
-            messages, image_tokens, system=sample.get("system"), add_generation_prompt=add_generation_prompt
+            messages,
+            image_tokens,
+            system=sample.get("system"),
+            add_generation_prompt=add_generation_prompt,
+            max_length=max_length,
         )
         num_seg = sum(1 for token in encoded.input_ids if token == self.seg_token_id)
         masks = sample.get("masks") or []
@@ -275,6 +311,36 @@ class CitrusVProcessor:
     def decode(self, token_ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
         """Decode ids to text; ``[SEG]`` stays visible unless ``skip_special_tokens``."""
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+
+_WARNED_UPSTREAM: set[str] = set()
+
+
+def _upstream_settings(directory: Path, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """For a released upstream folder: add the Citrus-V tokens its files lack (saying so once per folder) and
+    return its SAM sizes; for other folders: nothing."""
+    from ..modeling.upstream_checkpoint import upstream_sam_sizes  # lazy: only upstream folders need it
+
+    sizes = upstream_sam_sizes(directory)
+    if sizes is None:
+        return {}
+    added = add_citrus_tokens(tokenizer)
+    if added and str(directory) not in _WARNED_UPSTREAM:
+        _WARNED_UPSTREAM.add(str(directory))
+        logger.warning(
+            "%s: the tokenizer files lack %s; added them after the last token (ids %s), as upstream's loader does",
+            directory,
+            ", ".join(added),
+            ", ".join(str(tokenizer.convert_tokens_to_ids(t)) for t in added),
+        )
+    expected = json.loads((directory / "config.json").read_text()).get("seg_token_idx")
+    seg_id = tokenizer.convert_tokens_to_ids(SEG_TOKEN)
+    if expected is not None and int(expected) != seg_id:
+        raise ProcessorError(
+            f"{directory / 'config.json'}: seg_token_idx is {expected} but the tokenizer gives {SEG_TOKEN} the id "
+            f"{seg_id}. Fix: use the tokenizer files released with these weights"
+        )
+    return {"sam_image_size": sizes[0], "mask_size": sizes[1]}
 
 
 def resolve_pixels(

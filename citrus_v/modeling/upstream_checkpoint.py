@@ -1,0 +1,454 @@
+"""The released Citrus-V checkpoint layout (``Citrus-V-8B-v1.0``): recognise it, read it, write it.
+
+Upstream stores the same three parts as we do, but its SAM 2 sits under ``grounding_encoder.sam2_model.`` in
+Meta's original names, and its ``config.json`` names the SAM 2 architecture only by ``cfg_path``
+(``.../sam2_hiera_l.yaml``). Reading:
+
+- ``mllm.*`` and ``seg_projector.*`` load as they are (legacy ``mllm.model.layers`` names are accepted too);
+- ``grounding_encoder.sam2_model.*`` goes through :mod:`citrus_v.modeling.sam2_names`;
+- the video/memory tensors (:data:`~citrus_v.modeling.sam2_names.IGNORED_MODULES`) are set aside, kept on the
+  model as ``upstream_unused_tensors`` and saved next to our weights in ``upstream_unused.safetensors``, so that
+  writing the upstream layout again gives back every tensor bit for bit;
+- tensors are read one shard at a time with ``safe_open`` into the one state dict the model then owns, so the
+  peak memory stays near one copy of the weights.
+
+Writing (:func:`write_upstream`) works on tensors, shard by shard, without building the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import split_state_dict_into_shards_factory
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import Sam2Config
+
+from .checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    WEIGHTS_INDEX_FILE,
+    CheckpointError,
+    canonical_name,
+    read_config_dict,
+    weight_files,
+)
+from .configuration_citrus_v import CitrusVConfig
+from .sam2_names import Sam2NameError, hf_to_meta, hf_to_meta_name, meta_to_hf
+from .sam2_variants import VARIANTS, Sam2VariantError, resolve_variant
+
+logger = logging.getLogger(__name__)
+
+META_PREFIX = "grounding_encoder.sam2_model."
+SAM_PREFIX = "grounding_encoder."
+PASS_THROUGH = ("mllm.", "seg_projector.")
+UNUSED_FILE = "upstream_unused.safetensors"
+UNUSED_ATTRIBUTE = "upstream_unused_tensors"
+DEFAULT_SHARD_SIZE = "5GB"
+
+# Upstream's loss settings (mmdet CrossEntropyLoss / DiceLoss keyword arguments); ours hold the weights.
+UPSTREAM_LOSS_MASK = {"use_sigmoid": True, "reduction": "mean", "loss_weight": 2.0}
+UPSTREAM_LOSS_DICE = {
+    "use_sigmoid": True,
+    "activate": True,
+    "reduction": "mean",
+    "naive_dice": True,
+    "eps": 1.0,
+    "loss_weight": 1.0,
+}
+UPSTREAM_ONLY_FIELDS = (
+    "frozen_sam2_decoder",
+    "frozen_sam2_image_encoder",
+    "frozen_sam2_prompt_encoder",
+    "use_seg_loss",
+)
+# Files of our folders that the upstream layout does not have (everything else, e.g. the tokenizer, is copied).
+NOT_COPIED = {CONFIG_FILE, WEIGHTS_INDEX_FILE, UNUSED_FILE, "citrus_v_processor.json"}
+
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2}
+_DTYPE_BYTES.update({"I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8})
+
+
+class ShardedTensors(Mapping[str, torch.Tensor]):
+    """The tensors of safetensors shards, read one at a time on access (headers only until then)."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self._handles: dict[Path, Any] = {}
+        self._where: dict[str, Path] = {}
+        self._info: dict[str, tuple[tuple[int, ...], str]] = {}
+        for path in files:
+            try:
+                handle = safe_open(path, framework="pt")
+            except Exception as err:  # safetensors raises its own error types for corrupt headers
+                raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+            self._handles[path] = handle
+            for name in handle.keys():
+                view = handle.get_slice(name)
+                self._where[name] = path
+                self._info[name] = (tuple(view.get_shape()), view.get_dtype())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._handles[self._where[name]].get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def file_of(self, name: str) -> Path:
+        return self._where[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._info[name][0]
+
+    def nbytes(self, name: str) -> int:
+        shape, dtype = self._info[name]
+        return _DTYPE_BYTES.get(dtype, 4) * int(torch.Size(shape).numel())
+
+
+class _Prefixed(Mapping[str, torch.Tensor]):
+    """A view of ``source`` holding the names that start with ``prefix``, with the prefix removed."""
+
+    def __init__(self, source: Mapping[str, torch.Tensor], prefix: str) -> None:
+        self._source = source
+        self._prefix = prefix
+        self._names = [n[len(prefix) :] for n in source if n.startswith(prefix)]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._source[self._prefix + name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+class _Shapes(Mapping[str, torch.Tensor]):
+    """Meta-device stand-ins for the tensors of ``reader``: renaming them costs no memory."""
+
+    def __init__(self, reader: ShardedTensors) -> None:
+        self._reader = reader
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return torch.empty(self._reader.shape(name), device="meta")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._reader)
+
+    def __len__(self) -> int:
+        return len(self._reader)
+
+
+# --- recognising --------------------------------------------------------------------------------------------
+def stored_names(files: list[Path]) -> list[str]:
+    """Tensor names of a checkpoint, from the index when there is one, else from the safetensors header."""
+    if files[0].name != WEIGHTS_FILE:  # shards listed by the index (see ``weight_files``)
+        return list(json.loads((files[0].parent / WEIGHTS_INDEX_FILE).read_text())["weight_map"])
+    with safe_open(files[0], framework="pt") as handle:
+        return list(handle.keys())
+
+
+def is_upstream_layout(files: list[Path]) -> bool:
+    """Whether the weights hold SAM 2 in Meta's names under ``grounding_encoder.sam2_model.`` (upstream's layout)."""
+    return any(name.startswith(META_PREFIX) for name in stored_names(files))
+
+
+def is_upstream_folder(directory: str | Path) -> bool:
+    """Whether ``directory`` is a Citrus-V folder in the upstream layout (config and weights are checked)."""
+    directory = Path(directory)
+    try:
+        read_config_dict(directory)
+        return is_upstream_layout(weight_files(directory))
+    except (CheckpointError, OSError, json.JSONDecodeError, KeyError):
+        return False
+
+
+# --- configuration --------------------------------------------------------------------------------------------
+def upstream_sam2_config(config_dict: dict, reader: ShardedTensors, source: Path) -> Sam2Config:
+    """The SAM 2 configuration of an upstream folder: an embedded ``sam2_config``, else ``cfg_path``, else shapes."""
+    grounding = config_dict.get("grounding_encoder_config") or {}
+    if isinstance(grounding.get("sam2_config"), dict):
+        return Sam2Config(**{k: v for k, v in grounding["sam2_config"].items() if k != "model_type"})
+    shapes = {name[len(META_PREFIX) :]: reader.shape(name) for name in reader if name.startswith(META_PREFIX)}
+    try:
+        variant = resolve_variant([grounding.get("cfg_path"), grounding.get("ckpt_path")], shapes, str(source))
+    except Sam2VariantError as err:
+        raise CheckpointError(str(err)) from err
+    return variant.config()
+
+
+def upstream_sam_sizes(directory: str | Path) -> tuple[int, int] | None:
+    """(SAM input side, low-res mask side) of an upstream-layout folder, or ``None`` for other folders."""
+    directory = Path(directory)
+    if not is_upstream_folder(directory):
+        return None
+    sam2 = upstream_sam2_config(read_config_dict(directory), ShardedTensors(weight_files(directory)), directory)
+    prompt = sam2.prompt_encoder_config
+    return int(prompt.image_size), int(prompt.image_size // prompt.patch_size * 4)
+
+
+def citrus_config_from_upstream(config_dict: dict, sam2_config: Sam2Config) -> CitrusVConfig:
+    """Our configuration for an upstream ``config.json``; upstream's ``grounding_encoder_config`` is kept aside."""
+    fields = dict(config_dict)
+    fields["upstream_grounding_encoder_config"] = fields.get("grounding_encoder_config") or {}
+    fields["grounding_encoder_config"] = sam2_config.to_dict()
+    return CitrusVConfig.from_dict(fields)
+
+
+def sam2_variant_name(sam2_config: Sam2Config) -> str | None:
+    """Meta's config name for a SAM 2 configuration that equals one of the released variants, else ``None``."""
+    ours = _architecture(sam2_config)
+    for name, variant in VARIANTS.items():
+        if _architecture(variant.config()) == ours:
+            return name
+    return None
+
+
+def _architecture(config: Sam2Config) -> dict:
+    bookkeeping = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures", "id2label"}
+    bookkeeping |= {"label2id", "output_hidden_states", "output_attentions", "return_dict"}
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if k not in bookkeeping}
+        return value
+
+    return clean(config.to_dict())
+
+
+def upstream_config_dict(config: CitrusVConfig, dtype_name: str) -> dict:
+    """``config.json`` in upstream's layout: Qwen2.5-VL text fields at top level, upstream's extra fields."""
+    text = config.text_config.to_dict()
+    rope = dict(text.pop("rope_parameters", None) or {})
+    for key in ("model_type", "architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype"):
+        text.pop(key, None)
+    if rope:
+        text["rope_theta"] = rope.get("rope_theta")
+        if rope.get("mrope_section") is not None:
+            text["rope_scaling"] = {"type": "mrope", "mrope_section": list(rope["mrope_section"])}
+    vision = config.vision_config.to_dict()
+    for key in ("transformers_version", "_name_or_path", "dtype", "torch_dtype"):
+        vision.pop(key, None)
+
+    grounding = dict(getattr(config, "upstream_grounding_encoder_config", None) or {})
+    if not grounding:
+        sam2 = config.sam2_config()
+        name = sam2_variant_name(sam2)
+        grounding = {"apply_postprocessing": True, "torch_dtype": dtype_name}
+        if name is not None:
+            grounding["cfg_path"] = f"{name}.yaml"
+        else:
+            # not one of Meta's architectures: upstream's code cannot build it, our loader reads this entry
+            grounding["sam2_config"] = sam2.to_dict()
+            logger.warning(
+                "the SAM 2 of this model is not one of Meta's released architectures (%s): the upstream "
+                "config.json carries its full configuration, which only Citrus-V reads",
+                ", ".join(VARIANTS),
+            )
+
+    out: dict[str, Any] = {"architectures": ["CitrusV"], "model_type": "citrus_v"}
+    out.update(text)
+    out.update(
+        vision_config=vision,
+        image_token_id=config.image_token_id,
+        video_token_id=config.video_token_id,
+        vision_start_token_id=config.vision_start_token_id,
+        vision_end_token_id=config.vision_end_token_id,
+        seg_token_idx=config.seg_token_idx,
+        tie_word_embeddings=config.tie_word_embeddings,
+        torch_dtype=dtype_name,
+        grounding_encoder_config=grounding,
+        loss_mask_config={**UPSTREAM_LOSS_MASK, **(config.loss_mask_config or {})},
+        loss_dice_config={**UPSTREAM_LOSS_DICE, **(config.loss_dice_config or {})},
+    )
+    out["frozen_sam2_decoder"] = bool(getattr(config, "frozen_sam2_decoder", False))
+    for key in UPSTREAM_ONLY_FIELDS[1:]:
+        if hasattr(config, key):
+            out[key] = getattr(config, key)
+    if config.use_res_seg_projector:
+        out["use_res_seg_projector"] = True
+    return out
+
+
+# --- reading ----------------------------------------------------------------------------------------------------
+def _renamed_names(reader: Mapping[str, torch.Tensor], directory: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Our names for the tensors of an upstream checkpoint (values as given), and the ignored upstream names."""
+    foreign = [n for n in reader if not n.startswith(PASS_THROUGH) and not n.startswith(META_PREFIX)]
+    if foreign:
+        raise CheckpointError(
+            f"{directory}: {len(foreign)} tensor(s) belong to no part of Citrus-V (mllm., seg_projector., "
+            f"{META_PREFIX}): {', '.join(sorted(foreign)[:8])}. Fix: remove them, or restore the original weights"
+        )
+    try:
+        sam, ignored = meta_to_hf(_Prefixed(reader, META_PREFIX))
+    except Sam2NameError as err:
+        raise CheckpointError(
+            f"{directory}: {err} (names under {META_PREFIX}). Fix: restore the original weights of this folder"
+        ) from err
+    renamed = {canonical_name(n): reader[n] for n in reader if n.startswith(PASS_THROUGH)}
+    renamed.update({SAM_PREFIX + name: value for name, value in sam.items()})
+    return renamed, [META_PREFIX + name for name in ignored]
+
+
+def _upstream_name(name: str) -> str:
+    """The name a tensor of ours has in the upstream layout (for messages)."""
+    if name.startswith(SAM_PREFIX):
+        inner = name[len(SAM_PREFIX) :]
+        return META_PREFIX + (hf_to_meta_name(inner) or inner)
+    return name
+
+
+def check_upstream_weights(reader: ShardedTensors, expected: Mapping[str, tuple[int, ...]], directory: Path) -> None:
+    """Compare the renamed upstream tensors with the model's shapes, from the headers only."""
+    renamed, _ = _renamed_names(_Shapes(reader), directory)
+    problems = []
+    for name, tensor in renamed.items():
+        if name in expected and tuple(tensor.shape) != tuple(expected[name]):
+            where = reader.file_of(name).name + ": " if name in reader else ""
+            problems.append(
+                f"{where}{_upstream_name(name)} has shape {list(tensor.shape)} but {CONFIG_FILE} implies "
+                f"{list(expected[name])}"
+            )
+    missing = [_upstream_name(n) for n in expected if n not in renamed]
+    unexpected = [n for n in renamed if n not in expected]
+    if missing:
+        problems.append(f"missing from the weights ({len(missing)}): {', '.join(missing[:8])}")
+    if unexpected:
+        problems.append(f"not part of the model ({len(unexpected)}): {', '.join(unexpected[:8])}")
+    if problems:
+        raise CheckpointError(
+            f"the upstream-layout weights in {directory} do not fit {directory / CONFIG_FILE}:\n  - "
+            + "\n  - ".join(problems[:12])
+            + "\nFix: config.json and the weights come from different models; restore the original files"
+        )
+
+
+def read_upstream_weights(
+    files: list[Path], expected: Mapping[str, tuple[int, ...]]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Read an upstream checkpoint into our names: ``(state_dict, unused)``, unused = the set-aside video tensors.
+
+    Names and shapes are checked first (headers only); each tensor is then read once, shard by shard.
+    """
+    directory = files[0].parent
+    reader = ShardedTensors(files)
+    check_upstream_weights(reader, expected, directory)
+    state_dict, ignored = _renamed_names(reader, directory)
+    unused = {name: reader[name] for name in ignored}
+    if ignored:
+        logger.info("set aside %d SAM 2 video/memory tensors of %s (unused for single images)", len(ignored), directory)
+    return state_dict, unused
+
+
+def stored_dtype(tensors: Mapping[str, torch.Tensor]) -> torch.dtype | None:
+    """The floating dtype most tensors have (``None`` without floating tensors); others are named in a warning."""
+    counts = Counter(t.dtype for t in tensors.values() if t.is_floating_point())
+    if not counts:
+        return None
+    dtype = counts.most_common(1)[0][0]
+    if len(counts) > 1:
+        logger.warning("the weights mix floating dtypes %s; loading them all as %s", dict(counts), dtype)
+    return dtype
+
+
+def read_unused(directory: Path) -> dict[str, torch.Tensor]:
+    """The set-aside upstream tensors saved next to our weights (empty when there are none)."""
+    path = directory / UNUSED_FILE
+    return load_file(path) if path.is_file() else {}
+
+
+def save_unused(tensors: Mapping[str, torch.Tensor], directory: Path) -> None:
+    """Save the set-aside upstream tensors next to our weights (nothing when there are none)."""
+    if tensors:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, directory / UNUSED_FILE, metadata={"format": "pt"})
+
+
+# --- writing ----------------------------------------------------------------------------------------------------
+class _Source:
+    """One output tensor: a name in a ``ShardedTensors`` (read when its shard is written) or a tensor in memory."""
+
+    def __init__(self, reader: ShardedTensors | None = None, name: str = "", tensor: torch.Tensor | None = None):
+        self.reader, self.name, self.tensor = reader, name, tensor
+
+    def nbytes(self) -> int:
+        if self.tensor is not None:
+            return self.tensor.numel() * self.tensor.element_size()
+        return self.reader.nbytes(self.name)
+
+    def load(self) -> torch.Tensor:
+        return self.tensor if self.tensor is not None else self.reader[self.name]
+
+
+def write_upstream(model_dir: str | Path, out: str | Path, max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
+    """Write the Citrus-V folder ``model_dir`` (our layout) to ``out`` in upstream's layout.
+
+    ``config.json`` upstream-style, sharded safetensors with ``model.safetensors.index.json`` (SAM 2 in Meta's
+    names under ``grounding_encoder.sam2_model.``, plus the set-aside video tensors when the folder has them),
+    and the tokenizer and image-processor files. Tensors keep their dtype and values.
+    """
+    model_dir, out = Path(model_dir), Path(out)
+    if model_dir.resolve() == out.resolve():
+        raise CheckpointError(f"--out {out} is the model folder itself; give a new folder")
+    read_config_dict(model_dir)
+    files = weight_files(model_dir)
+    if is_upstream_layout(files):
+        raise CheckpointError(f"{model_dir} is already in the upstream layout; nothing to convert")
+    config = CitrusVConfig.from_pretrained(model_dir)
+    reader = ShardedTensors(files)
+
+    sources: dict[str, _Source] = {}  # upstream name -> where its tensor comes from
+    sam_names = [n for n in reader if n.startswith(SAM_PREFIX)]
+    foreign = [n for n in reader if not n.startswith(SAM_PREFIX) and not n.startswith(PASS_THROUGH)]
+    if foreign:
+        raise CheckpointError(f"{model_dir}: tensor(s) of no Citrus-V part: {', '.join(sorted(foreign)[:8])}")
+    for name in reader:
+        if name.startswith(PASS_THROUGH):
+            sources[canonical_name(name)] = _Source(reader, name)
+    try:
+        sam = hf_to_meta(_Prefixed(reader, SAM_PREFIX)) if sam_names else {}
+    except Sam2NameError as err:
+        raise CheckpointError(f"{model_dir}: {err}") from err
+    sources.update({META_PREFIX + name: _Source(tensor=tensor) for name, tensor in sam.items()})
+    unused = read_unused(model_dir)
+    clash = sorted(set(unused) & set(sources))
+    if clash:
+        raise CheckpointError(f"{model_dir / UNUSED_FILE} repeats tensors of the model: {', '.join(clash[:8])}")
+    sources.update({name: _Source(tensor=tensor) for name, tensor in unused.items()})
+
+    split = split_state_dict_into_shards_factory(
+        sources,
+        get_storage_size=_Source.nbytes,
+        filename_pattern="model{suffix}.safetensors",
+        max_shard_size=max_shard_size,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    count = len(split.filename_to_tensors)
+    weight_map: dict[str, str] = {}
+    dtypes: Counter[torch.dtype] = Counter()
+    for number, names in enumerate(split.filename_to_tensors.values(), start=1):
+        shard = f"model-{number:05d}-of-{count:05d}.safetensors"  # always sharded with an index, as upstream
+        tensors = {n: sources[n].load() for n in names}
+        dtypes.update(t.dtype for t in tensors.values() if t.is_floating_point())
+        save_file(tensors, out / shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, shard))
+        del tensors
+    total = sum(source.nbytes() for source in sources.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / WEIGHTS_INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+    dtype_name = str(dtypes.most_common(1)[0][0]).removeprefix("torch.") if dtypes else "float32"
+    (out / CONFIG_FILE).write_text(json.dumps(upstream_config_dict(config, dtype_name), indent=2) + "\n")
+    weight_names = {p.name for p in files}
+    for path in sorted(model_dir.iterdir()):
+        if path.is_file() and path.name not in NOT_COPIED and path.name not in weight_names:
+            shutil.copy2(path, out / path.name)
+    return out
