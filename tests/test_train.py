@@ -212,7 +212,7 @@ def test_bad_inputs_give_clear_errors(tiny_dir, dataset, tmp_path):
         "--report_to",
         "none",
     )
-    assert result.returncode == 1 and "over --max_length 32" in result.stderr
+    assert result.returncode == 1 and "no usable rows" in result.stderr and "too_long" in result.stderr
     # an existing run is not written over
     busy = tmp_path / "busy"
     busy.mkdir()
@@ -330,3 +330,51 @@ def test_lora_trains_the_llm_adapters_and_exports_a_plain_model(tiny_dir, datase
     assert not torch.equal(model.state_dict()[name], base[name])  # the adapters were merged in
     vision = "mllm.model.visual.blocks.0.attn.qkv.weight"
     assert torch.equal(model.state_dict()[vision], base[vision])  # not a LoRA target, not trained
+
+
+@pytest.mark.parametrize("mode", ["--packing", "--streaming"])
+def test_packing_and_streaming_runs(tiny_dir, dataset, tmp_path, mode):
+    out = tmp_path / mode.strip("-")
+    common = [
+        "--model",
+        str(tiny_dir),
+        "--dataset",
+        str(dataset),
+        "--stage",
+        "3",
+        "--max_steps",
+        "4",
+        "--per_device_train_batch_size",
+        "3",
+        "--learning_rate",
+        "1e-3",
+        "--report_to",
+        "none",
+        "--save_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        "--max_length",
+        "1024",
+        mode,
+        "true",
+    ]
+    result = _sft(*common, "--output_dir", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipped 0 rows while training" in result.stderr
+    records = [json.loads(line) for line in (out / "logging.jsonl").read_text().splitlines()]
+    assert all(r["samples_per_second"] > 0 for r in records if "samples_per_second" in r)
+    if mode == "--streaming":
+        state = json.loads((out / "checkpoint-4" / "stream_state_rank0.json").read_text())
+        assert sum(state["consumed"].values()) == 12  # 4 steps x 3 rows, each counted once
+    # resuming from the middle ends where the straight run ended
+    resumed = tmp_path / f"{out.name}-resumed"
+    (resumed).mkdir()
+    import shutil
+
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    result = _sft(*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest")
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = _weights(out), _weights(resumed)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)

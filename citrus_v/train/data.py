@@ -1,16 +1,29 @@
-"""Training data for ``citrus-v sft``: datasets from ``--dataset`` and the batch collator."""
+"""Training data for ``citrus-v sft``: ``--dataset`` entries -> a dataset and the batch collator.
+
+Rows are read, checked and measured by :mod:`citrus_v.data` (bad rows skipped and counted by reason with
+``file:line``, or ``--strict``); ``--packing`` packs samples into ``--max_length`` rows; ``--streaming``
+iterates shards without indexing them, with a resumable position.
+"""
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import Dataset
-
+from ..data.collator import CitrusVCollator
+from ..data.dataset import RowDataset
+from ..data.rows import DataError, SkipCounter
+from ..data.streaming import StreamingJsonlDataset
+from ..data.validate import ValidationOptions
 from ..processing.processor import CitrusVProcessor
+from ..processing.template import IGNORE_INDEX
+
+# Keys the collator adds for bookkeeping; the trainer removes them before the model sees the batch.
+BOOKKEEPING_KEYS = ("sample_ids", "skipped_rows", "stream_positions", "num_samples", "num_real_tokens")
+# A packed row may hold this many samples with [SEG] (the model decodes each against its own image).
+MAX_SEG_SAMPLES_PER_ROW = 64
 
 
 class DatasetError(ValueError):
@@ -23,6 +36,8 @@ def dataset_files(entries: list[str]) -> list[tuple[Path, int | None]]:
     for entry in entries:
         path_text, _, count = entry.partition("#")
         path = Path(path_text)
+        if count and not count.isdigit():
+            raise DatasetError(f"--dataset {entry}: '#{count}' must be a number of rows")
         limit = int(count) if count else None
         if path.is_dir():
             shards = sorted(path.glob("*.jsonl"))
@@ -36,80 +51,107 @@ def dataset_files(entries: list[str]) -> list[tuple[Path, int | None]]:
     return files
 
 
-def _resolve(value: Any, base: Path) -> Any:
-    if isinstance(value, str) and not value.startswith(("data:", "http://", "https://")):
-        path = Path(value)
-        return str(path if path.is_absolute() else base / path)
-    return value
+class TrainCollator:
+    """:class:`CitrusVCollator` for the trainer: adds sample ids and skip records as batch keys, and never
+    returns ``None`` (a micro-batch whose rows all failed to load becomes a zero-loss copy of the last good
+    batch, so every rank still runs the same number of steps)."""
+
+    def __init__(self, inner: CitrusVCollator) -> None:
+        self.inner = inner
+        self._fallback: dict[str, Any] | None = None
+
+    def __call__(self, items: list[Any]) -> dict[str, Any]:
+        wheres = [
+            item.get("where") for item in items if isinstance(item, dict) and "sample" in item
+        ]
+        batch = self.inner(items)
+        skipped = []
+        positions: list = []
+        if batch is not None:
+            skipped = [f"{issue.file}:{issue.line} {issue.reason}" for issue in batch.skipped]
+            positions = list(batch.stream_positions)
+            dropped = {f"{issue.file}:{issue.line}" for issue in batch.skipped}
+            result = dict(batch)
+            result["sample_ids"] = [w for w in wheres if w not in dropped]
+            result["num_samples"] = batch.num_samples
+            result["num_real_tokens"] = batch.stats.real_tokens if batch.stats else None
+            self._fallback = result
+        else:
+            skipped = [f"{i.issue.file}:{i.issue.line} {i.issue.reason}" for i in items if hasattr(i, "issue")]
+            positions = [tuple(i["stream"]) for i in items if isinstance(i, dict) and "stream" in i]
+            if self._fallback is None:
+                raise DatasetError(
+                    "every row of the first batch failed to load: " + "; ".join(skipped or ["unknown rows"])
+                )
+            result = {k: v for k, v in self._fallback.items()}
+            result["labels"] = result["labels"].clone().fill_(IGNORE_INDEX)
+            result["gt_masks"] = [m[:0] for m in result["gt_masks"]]
+            if "seg_image_index" in result:
+                result["seg_image_index"] = [i[:0] for i in result["seg_image_index"]]
+            result["sample_ids"] = []
+            result["num_samples"] = 0
+            result["num_real_tokens"] = 0
+        result["skipped_rows"] = skipped
+        result["stream_positions"] = positions
+        return result
 
 
-class JsonlSftDataset(Dataset):
-    """Rows of ms-swift JSONL files, as processor samples with an ``id`` of ``file:line``."""
-
-    def __init__(self, entries: list[str], seed: int = 42, strict: bool = False) -> None:
-        self.rows: list[dict] = []
-        self.skipped: Counter[str] = Counter()
-        rng = random.Random(seed)
-        for path, limit in dataset_files(entries):
-            rows = []
-            for number, line in enumerate(path.read_text().splitlines(), start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{number}"
-                try:
-                    row = json.loads(line)
-                    if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
-                        raise ValueError("a row needs a 'messages' list")
-                except ValueError as err:
-                    if strict:
-                        raise DatasetError(f"{where}: {err}") from err
-                    self.skipped[f"invalid row ({err.__class__.__name__})"] += 1
-                    continue
-                sample = {
-                    "id": row.get("id", where),
-                    "messages": row["messages"],
-                    "images": [_resolve(i, path.parent) for i in row.get("images") or []],
-                    "masks": [_resolve(m, path.parent) for m in row.get("masks") or []],
-                }
-                if row.get("system"):
-                    sample["system"] = row["system"]
-                rows.append(sample)
-            if limit is not None:
-                rows = rng.sample(rows, min(limit, len(rows))) if limit < len(rows) else rows
-            self.rows += rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.rows[index]
+def _sample_rows(dataset: RowDataset, limits: dict[Path, int], seed: int) -> None:
+    """Keep ``N`` random rows of each ``FILE#N`` entry (deterministic for the seed)."""
+    if not limits:
+        return
+    rng = random.Random(seed)
+    keep: list[int] = []
+    by_file: dict[Path, list[int]] = {}
+    for index, record in enumerate(dataset.records):
+        by_file.setdefault(Path(record.file), []).append(index)
+    for file, indices in by_file.items():
+        limit = limits.get(file)
+        keep += sorted(rng.sample(indices, limit)) if limit is not None and limit < len(indices) else indices
+    keep.sort()
+    dataset.records = [dataset.records[i] for i in keep]
+    if dataset.lengths is not None:
+        dataset.lengths = [dataset.lengths[i] for i in keep]
 
 
-class SftCollator:
-    """Encodes a list of samples into one CitrusV batch; keeps the sample ids for error messages."""
-
-    def __init__(self, processor: CitrusVProcessor, max_length: int) -> None:
-        self.processor = processor
-        self.max_length = max_length
-
-    def __call__(self, samples: list[dict]) -> dict[str, Any]:
-        batch = self.processor(samples)
-        if batch["input_ids"].shape[1] > self.max_length:
-            lengths = batch["attention_mask"].sum(1).tolist()
-            longest = max(range(len(samples)), key=lambda i: lengths[i])
-            raise DatasetError(
-                f"sample {samples[longest].get('id')} has {lengths[longest]} tokens, over --max_length "
-                f"{self.max_length}; raise --max_length or lower MAX_PIXELS"
-            )
-        batch["sample_ids"] = [s.get("id") for s in samples]
-        return batch
-
-
-def build_train_dataset(args, processor: CitrusVProcessor) -> tuple[Dataset, SftCollator, str]:
-    """The training dataset, its collator, and a one-line summary of what was read and skipped."""
-    dataset = JsonlSftDataset(list(args.dataset), seed=args.seed, strict=args.strict)
+def build_train_dataset(args, processor: CitrusVProcessor) -> tuple[Any, TrainCollator, str]:
+    """The training dataset, its collator, and a summary of what was read and skipped."""
+    files = dataset_files(list(args.dataset))
+    skips = SkipCounter(strict=args.strict)
+    inner = CitrusVCollator(
+        processor,
+        packing=args.packing,
+        max_length=args.max_length,
+        max_seg_samples=MAX_SEG_SAMPLES_PER_ROW if args.packing else 1,
+        skips=skips,
+    )
+    options = ValidationOptions.for_processor(processor)
+    if args.streaming:
+        if any(limit is not None for _, limit in files):
+            raise DatasetError("--streaming reads whole shards: FILE#N sampling needs a map-style dataset")
+        dataset = StreamingJsonlDataset([f for f, _ in files], options=options, seed=args.seed)
+        summary = f"dataset: streaming {len(files)} shard(s); bad rows are skipped and counted as they come"
+        return dataset, TrainCollator(inner), summary
+    try:
+        dataset = RowDataset.from_jsonl(
+            [f for f, _ in files], processor, options=options, max_length=args.max_length, strict=args.strict
+        )
+    except DataError as err:
+        raise DatasetError(str(err)) from err
+    _sample_rows(dataset, {f: n for f, n in files if n is not None}, args.seed)
     if len(dataset) == 0:
-        raise DatasetError(f"--dataset {' '.join(args.dataset)}: no usable rows")
-    skipped = ", ".join(f"{n} {reason}" for reason, n in dataset.skipped.items()) or "none"
-    summary = f"dataset: {len(dataset)} rows; skipped: {skipped}"
-    return dataset, SftCollator(processor, args.max_length), summary
+        reasons = dataset.skips.summary()
+        raise DatasetError(f"--dataset {' '.join(args.dataset)}: no usable rows ({reasons})")
+    summary = f"dataset: {len(dataset)} rows; {dataset.skips.summary()}"
+    if dataset.skips.total:
+        first = dataset.skips.issues[:5]
+        summary += "".join(f"\n  {issue.file}:{issue.line}: {issue.reason}" for issue in first)
+    return dataset, TrainCollator(inner), summary
+
+
+def skipped_summary(rows: list[str]) -> str:
+    """``skipped N row(s) while training: reason A n, ...`` from the trainer's skip records."""
+    if not rows:
+        return "skipped 0 rows while training"
+    counts = Counter(row.rsplit(" ", 1)[-1] for row in rows)
+    return f"skipped {len(rows)} row(s) while training: " + ", ".join(f"{r} {n}" for r, n in sorted(counts.items()))

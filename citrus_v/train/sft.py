@@ -24,7 +24,7 @@ from ..modeling.modeling_citrus_v import CitrusV
 from ..processing.processor import CitrusVProcessor
 from .arguments import SftArguments, adapt_to_machine
 from .callbacks import DdpDigestCallback, JsonlLoggerCallback, LossCurveCallback
-from .data import build_train_dataset
+from .data import build_train_dataset, skipped_summary
 from .lora import apply_lora
 from .stages import FreezePlan, parameter_table
 from .trainer import CitrusVTrainer, latest_checkpoint
@@ -127,6 +127,9 @@ def training_arguments(args: SftArguments) -> TrainingArguments:
         remove_unused_columns=False,
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=not _is_main_process(),
+        # a streaming dataset restores its own exact position; batches must not be skipped by iteration
+        ignore_data_skip=args.streaming,
+        accelerator_config={"dispatch_batches": False},
     )
 
 
@@ -148,6 +151,8 @@ def run_sft(args: SftArguments) -> Path:
     """Train; return the folder of the final model."""
     for notice in adapt_to_machine(args):
         _say(notice)
+    if args.streaming and args.max_steps <= 0:
+        raise SftError("--streaming needs --max_steps: a stream of shards has no length to count epochs by")
     prepare_output_dir(args)
     resume = resolve_resume(args)
     set_seed(args.seed)
@@ -188,6 +193,7 @@ def run_sft(args: SftArguments) -> Path:
         ],
     )
     trainer.train(resume_from_checkpoint=resume)
+    _say(skipped_summary(trainer.skipped_rows))
     final = Path(args.output_dir)
     trainer.save_model(str(final))
     if trainer.args.should_save:

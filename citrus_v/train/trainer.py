@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -19,10 +20,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from ..data.streaming import StreamingJsonlDataset
+from .data import BOOKKEEPING_KEYS
+
 STAGING_PREFIX = ".staging-"
+STREAM_STATE_PREFIX = "stream_state_rank"
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
@@ -55,10 +61,31 @@ class CitrusVTrainer(Trainer):
         self._num_masks_in_batch: int | torch.Tensor | None = None
         self._running: dict[str, float] = {}
         self._last_log_time = time.perf_counter()
+        self.skipped_rows: list[str] = []  # "file:line reason" of rows dropped while training
+
+    @property
+    def streaming(self) -> bool:
+        return isinstance(self.train_dataset, StreamingJsonlDataset)
+
+    def get_train_dataloader(self) -> DataLoader:
+        """Streaming shards itself across ranks and workers: its loader must not be re-sharded."""
+        if not self.streaming:
+            return super().get_train_dataloader()
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.args.per_device_train_batch_size,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
 
     # --- batching -----------------------------------------------------------------------------------------
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        for batch in batch_samples:
+            self.skipped_rows += batch.get("skipped_rows", [])
+            if self.streaming and batch.get("stream_positions"):
+                self.train_dataset.advance(batch["stream_positions"])
         masks = sum(int(m.shape[0]) for batch in batch_samples for m in batch.get("gt_masks", []))
         count = torch.tensor(masks, device=device, dtype=torch.float32)
         if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
@@ -69,8 +96,8 @@ class CitrusVTrainer(Trainer):
         return batch_samples, num_items
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        sample_ids = inputs.pop("sample_ids", None)
-        inputs.pop("num_real_tokens", None)
+        extras = {key: inputs.pop(key, None) for key in BOOKKEEPING_KEYS}
+        sample_ids = extras["sample_ids"]
         if self._num_masks_in_batch is not None:
             inputs["num_masks_in_batch"] = self._num_masks_in_batch
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
@@ -80,17 +107,22 @@ class CitrusVTrainer(Trainer):
                 f"loss is {float(loss.detach())} at step {self.state.global_step + 1}; samples of this batch: "
                 f"{ids}. The last complete checkpoint is kept; lower --learning_rate or check those rows"
             )
-        self._accumulate(outputs, inputs)
+        self._accumulate(outputs, inputs, extras)
         return (loss, outputs) if return_outputs else loss
 
-    def _accumulate(self, outputs, inputs: dict) -> None:
+    def _accumulate(self, outputs, inputs: dict, extras: dict) -> None:
         running = self._running
         for key, name in (("lm_loss", "lm_loss"), ("mask_bce_loss", "mask_bce"), ("mask_dice_loss", "mask_dice")):
             value = outputs.get(key) if hasattr(outputs, "get") else None
             if value is not None:
                 running[name] = running.get(name, 0.0) + float(value.detach())
-        running["_samples"] = running.get("_samples", 0.0) + float(inputs["input_ids"].shape[0])
-        tokens = inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].numel()
+        samples = extras.get("num_samples")
+        running["_samples"] = running.get("_samples", 0.0) + float(
+            samples if samples is not None else inputs["input_ids"].shape[0]
+        )
+        tokens = extras.get("num_real_tokens")
+        if tokens is None:
+            tokens = inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].numel()
         running["_tokens"] = running.get("_tokens", 0.0) + float(tokens)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -131,6 +163,9 @@ class CitrusVTrainer(Trainer):
             self.args.output_dir = str(staging)
             self.args.save_total_limit = None
             super()._save_checkpoint(model, trial)
+            if self.streaming:
+                state_file = staging / final.name / f"{STREAM_STATE_PREFIX}{self.args.process_index}.json"
+                state_file.write_text(json.dumps(self.train_dataset.state_dict()))
         finally:
             self.args.output_dir = original
             self.args.save_total_limit = limit
@@ -142,6 +177,14 @@ class CitrusVTrainer(Trainer):
             shutil.rmtree(staging, ignore_errors=True)
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=limit, use_mtime=False)
         self._barrier()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.streaming:
+            state_file = Path(resume_from_checkpoint) / f"{STREAM_STATE_PREFIX}{self.args.process_index}.json"
+            if not state_file.is_file():
+                raise FileNotFoundError(f"{state_file} is missing: the checkpoint holds no streaming position")
+            self.train_dataset.load_state_dict(json.loads(state_file.read_text()))
 
     def _barrier(self) -> None:
         if dist.is_available() and dist.is_initialized():
