@@ -119,7 +119,12 @@ def build_tiny(seed: int = 0) -> tuple[CitrusV, CitrusVProcessor]:
         tiny_mllm_config(tokenizer), sam2_config, seg_token_idx=tokenizer.convert_tokens_to_ids(SEG_TOKEN)
     )
     model = CitrusV(config)
-    reinit_fan_in(model.grounding_encoder)  # random-init SAM needs fan-in init, or masks never learn
+    sam = model.grounding_encoder
+    reinit_fan_in(sam)  # random-init SAM needs fan-in init, or masks never learn
+    # SAM 2 has one random positional matrix shared by the prompt and image encodings (Meta stores it once);
+    # transformers draws two, so tie them as the original model does (also keeps the preset exportable)
+    with torch.no_grad():
+        sam.prompt_encoder.shared_embedding.positional_embedding.copy_(sam.shared_image_embedding.positional_embedding)
     model.eval()
     image_processor = Qwen2VLImageProcessorPil(min_pixels=TINY_PIXELS, max_pixels=TINY_PIXELS)
     processor = CitrusVProcessor(
