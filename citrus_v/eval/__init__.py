@@ -1,0 +1,1 @@
+"""``citrus-v eval``: one evaluator for every task Citrus-V reports (seg, det, vqa, report, doc, cot)."""
