@@ -1,91 +1,384 @@
-"""The smallest end-to-end run: build the tiny preset, train it briefly on phantoms, predict, draw.
+"""``citrus-v demo``: data -> stage 3 -> stage 4 -> evaluation -> pictures, on a CPU, with no downloads.
 
-It shows the pieces working together (processor -> model -> losses -> backward -> save -> load ->
-masks); the full demo with staged training and evaluation is a later, larger command.
+Steps (each reuses the real command's code):
+1. synthesise the corpus (``citrus-v data synth``) into ``OUT/data``;
+2. build the tiny preset (``citrus-v build --preset tiny``);
+3. stage 3 — everything trains, HookGrad 0.001 — on all tasks (``citrus-v sft --stage 3``);
+4. stage 4 — seg projector + SAM 2 only — on the segmentation rows (``citrus-v sft --stage 4``);
+5. evaluate on the held-out test split (``citrus-v eval``), plus the language control: the same
+   segmentation evaluation with every ``[SEG]`` embedding replaced by the mean ``[SEG]`` embedding;
+6. write ``OUT/report.md`` with the numbers, the targets, the loss curves and overlay pictures.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
-from tqdm import tqdm
+from PIL import Image, ImageDraw
 
-from .data.synth import TARGETS, make_phantom, segmentation_sample
-from .modeling.modeling_citrus_v import CitrusV
-from .presets import build_tiny
-from .processing.processor import CitrusVProcessor
-
-
-def dice_score(pred: np.ndarray, target: np.ndarray) -> float:
-    """Dice of two boolean masks (1.0 when both are empty)."""
-    total = pred.sum() + target.sum()
-    return 1.0 if total == 0 else float(2 * (pred & target).sum() / total)
-
-
-def predict_mask(model: CitrusV, processor: CitrusVProcessor, sample: dict) -> np.ndarray:
-    """Teacher-forced mask for ``sample``'s ``[SEG]``, upsampled to the image size, thresholded at 0.5."""
-    batch = processor(sample)
-    batch.pop("labels")
-    batch.pop("gt_masks")
-    with torch.no_grad():
-        out = model(**batch)
-    height, width = sample["images"][0].shape[:2]
-    logits = torch.nn.functional.interpolate(out.pred_masks[0][:1, None], (height, width), mode="bilinear")
-    return (logits[0, 0].sigmoid() > 0.5).numpy()
+TARGETS = {  # issue 8's quality bar on the held-out split
+    "seg mean Dice": (">=", 0.80),
+    "control Dice drop": (">=", 0.20),
+    "[SEG] emitted": (">=", 0.95),
+    "box JSON parsable": (">=", 0.95),
+    "det Acc@IoU0.5": (">=", 0.50),
+    "closed VQA accuracy": (">=", 0.85),
+    "report ROUGE-L": (">=", 0.60),
+    "doc field exact match": (">=", 0.80),
+}
 
 
-def overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray) -> Image.Image:
-    """Grey image with the prediction in red and the ground truth in green (yellow where both)."""
-    rgb = np.repeat(image[..., None], 3, axis=2).astype(np.float32)
-    rgb[pred, 0] = 0.5 * rgb[pred, 0] + 127
-    rgb[truth, 1] = 0.5 * rgb[truth, 1] + 127
-    return Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
+@dataclass
+class DemoPlan:
+    """How big each step is; ``--fast`` shrinks everything to fit about 3 minutes."""
+
+    images: int = 240
+    stage3_steps: int = 900
+    stage4_steps: int = 300
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    eval_limit: int | None = None  # per task; None = the whole test split
+
+    @classmethod
+    def fast(cls) -> DemoPlan:
+        return cls(images=60, stage3_steps=80, stage4_steps=40, eval_limit=6)
 
 
-def run_demo(out: str | Path = "demo_out", steps: int = 60, seed: int = 0, batch_size: int = 4) -> dict:
-    """Build, train ``steps`` steps, save, reload, evaluate Dice per target; write ``out/``."""
-    out = Path(out)
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _sft(model: Path, dataset: Path, out: Path, stage: int, steps: int, plan: DemoPlan, seed: int) -> Path:
+    from .train.arguments import SftArguments
+    from .train.sft import run_sft
+
+    args = SftArguments(
+        model=str(model),
+        dataset=[str(dataset)],
+        output_dir=str(out),
+        stage=stage,
+        max_steps=steps,
+        per_device_train_batch_size=plan.batch_size,
+        learning_rate=plan.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=min(20, steps // 10),
+        weight_decay=0.0,
+        max_length=1024,
+        save_strategy="no",
+        logging_steps=max(1, steps // 30),
+        report_to=["none"],
+        overwrite_output_dir=True,
+        seed=seed,
+    )
+    return run_sft(args)
+
+
+def _segmentation_rows(train: Path, out: Path) -> Path:
+    """Stage 4 trains on image-text-mask triplets only: the rows whose answer holds ``[SEG]``."""
+    rows = []
+    for line in train.read_text().splitlines():
+        if line.strip() and any("[SEG]" in m.get("content", "") for m in json.loads(line).get("messages", [])):
+            rows.append(line)
+    out.write_text("\n".join(rows) + "\n")
+    return out
+
+
+_TARGET_RE = re.compile(r"segment (?:the |all |every )?(.+?)(?: in this image| in the image)?[.?]", re.I)
+
+
+def target_of(prompt: str) -> str:
+    """The target a segmentation prompt names ("segment the left kidney" -> "left kidney")."""
+    match = _TARGET_RE.search(prompt)
+    if not match:
+        return "other"
+    target = match.group(1).strip().lower()
+    return "every lesion" if re.search(r"\b(every|all)\b", prompt, re.I) and "lesion" in target else target
+
+
+def dice_per_target(predictions: Path) -> dict[str, dict[str, float]]:
+    """Mean Dice and count per named target, from an eval run's ``predictions.jsonl``."""
+    groups: dict[str, list[float]] = defaultdict(list)
+    for line in predictions.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("task") == "seg" and record.get("scores"):
+            groups[target_of(record.get("prompt", ""))].append(float(record["scores"]["dice"]))
+    return {t: {"dice": float(np.mean(v)), "n": len(v)} for t, v in sorted(groups.items())}
+
+
+class MeanSegEmbedding:
+    """Records the projected ``[SEG]`` embeddings of a run, then replaces each by their mean (the control)."""
+
+    def __init__(self, projector: torch.nn.Module) -> None:
+        self.projector = projector
+        self.seen: list[torch.Tensor] = []
+        self.mean: torch.Tensor | None = None
+        self.handle = projector.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        if self.mean is None:
+            self.seen.append(output.detach().reshape(-1, output.shape[-1]))
+            return output
+        return self.mean.to(output.dtype).expand_as(output).clone()
+
+    def freeze(self) -> int:
+        if not self.seen:
+            raise RuntimeError("no [SEG] embedding was produced, so there is no mean to use for the control")
+        stacked = torch.cat(self.seen)
+        self.mean = stacked.mean(dim=0)
+        return stacked.shape[0]
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def _overlay_seg(record: dict, image: Image.Image, truth: np.ndarray, out: Path) -> None:
+    from .data.medical_io import rle_to_mask
+
+    rgb = np.asarray(image.convert("RGB")).astype(np.float32)
+    mask = record.get("parsed") or {}
+    pred = rle_to_mask(mask["mask"]) if mask.get("mask") else np.zeros(truth.shape, bool)
+    rgb[pred, 0] = 0.45 * rgb[pred, 0] + 140
+    rgb[truth, 1] = 0.45 * rgb[truth, 1] + 140
+    picture = Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(picture)
+    draw.text((4, 4), f"{target_of(record['prompt'])}: Dice {record['scores']['dice']:.2f}", fill=(255, 255, 0))
+    picture.save(out)
+
+
+def _overlay_boxes(record: dict, image: Image.Image, out: Path) -> None:
+    picture = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(picture)
+    for box in (record.get("reference") or {}).get("boxes", []):
+        draw.rectangle(box, outline=(0, 255, 0), width=2)
+    for box in (record.get("parsed") or {}).get("boxes", []):
+        draw.rectangle(box, outline=(255, 0, 0), width=2)
+    draw.text((4, 4), "truth green, prediction red", fill=(255, 255, 0))
+    picture.save(out)
+
+
+def _text_card(record: dict, image: Image.Image, out: Path) -> None:
+    """The image with the question, the reference and the model's answer under it."""
+    width = max(image.width, 448)
+    lines = [
+        f"Q: {record.get('prompt', '')}",
+        f"truth: {record.get('reference_text', '')}",
+        f"model: {record.get('output', '')}",
+    ]
+    wrapped = []
+    for line in lines:
+        wrapped += [line[i : i + 70] for i in range(0, min(len(line), 420), 70)] or [""]
+    card = Image.new("RGB", (width, image.height + 14 * len(wrapped) + 8), (20, 20, 20))
+    card.paste(image.convert("RGB"), (0, 0))
+    draw = ImageDraw.Draw(card)
+    for k, line in enumerate(wrapped):
+        draw.text((4, image.height + 4 + 14 * k), line, fill=(230, 230, 230))
+    card.save(out)
+
+
+def write_overlays(eval_dir: Path, out: Path, per_task: int = 3) -> list[Path]:
+    """Prediction-next-to-truth pictures for a few samples of each task."""
+    from .eval.loaders import LoadOptions, load_data
+    from .eval.references import load_images, reference_masks
+
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    model, processor = build_tiny(seed=seed)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
-    for step in (bar := tqdm(range(steps), desc="training", unit="step")):
-        samples = [segmentation_sample(make_phantom(rng), TARGETS[(step + i) % 2]) for i in range(batch_size)]
-        loss = model(**processor(samples)).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    checkpoint = out / "checkpoint"
-    model.save_pretrained(checkpoint)
-    processor.save_pretrained(checkpoint)
-
-    model = CitrusV.from_pretrained(checkpoint).eval()
-    processor = CitrusVProcessor.from_pretrained(checkpoint)
-    test_rng = np.random.default_rng(seed + 1)
-    scores: dict[str, list[float]] = {t: [] for t in TARGETS}
-    for k in tqdm(range(8), desc="evaluating", unit="image"):
-        phantom = make_phantom(test_rng)
-        for target in TARGETS:
-            pred = predict_mask(model, processor, segmentation_sample(phantom, target))
-            scores[target].append(dice_score(pred, phantom.masks[target]))
-            if k == 0:
-                overlay(phantom.image, pred, phantom.masks[target]).save(out / f"overlay_{target}.png")
-    metrics = {
-        "steps": steps,
-        "first_loss": losses[0],
-        "last_loss": float(np.mean(losses[-5:])),
-        "dice": {t: float(np.mean(v)) for t, v in scores.items()},
+    run = json.loads((eval_dir / "run.json").read_text())
+    samples = {
+        s.id: s for r in load_data([d.split("=", 1)[-1] for d in run["data"]], LoadOptions("test")) for s in r.samples
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(json.dumps(metrics, indent=2))
-    print(f"checkpoint: {checkpoint}\noverlays: {out}/overlay_*.png (prediction red, truth green)")
-    return metrics
+    written: list[Path] = []
+    counts: dict[str, int] = defaultdict(int)
+    for line in (eval_dir / "predictions.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        task, sample = record.get("task"), samples.get(record.get("id"))
+        if sample is None or record.get("status") == "failed" or counts[task] >= per_task:
+            continue
+        images = load_images(sample)
+        if not images:
+            continue
+        path = out / f"{task}_{counts[task]}.png"
+        if task == "seg":
+            size = images[0].size
+            masks = reference_masks(sample, size)
+            truth = np.any(np.stack(masks), axis=0) if masks else np.zeros((size[1], size[0]), bool)
+            _overlay_seg(record, images[0], truth, path)
+        elif task == "det":
+            _overlay_boxes(record, images[0], path)
+        else:
+            reference = sample.reference if isinstance(sample.reference, str) else json.dumps(sample.reference)
+            record = {**record, "reference_text": reference}
+            _text_card(record, images[0], path)
+        counts[task] += 1
+        written.append(path)
+    return written
+
+
+def headline_numbers(tasks: dict[str, Any], control: dict[str, Any] | None, predictions: Path) -> dict:
+    """The numbers the quality bar is about, from the eval summaries and ``predictions.jsonl``."""
+
+    def overall(task: str, key: str) -> float | None:
+        value = tasks.get(task, {}).get("overall", {}).get(key)
+        return float(value) if isinstance(value, (int, float)) else None
+
+    records = [json.loads(line) for line in predictions.read_text().splitlines() if line.strip()]
+    seg = [r for r in records if r.get("task") == "seg" and r.get("status") != "failed"]
+    det = [r for r in records if r.get("task") == "det" and r.get("status") != "failed"]
+    dice = overall("seg", "dice")
+    control_dice = (control or {}).get("dice")
+    return {
+        "seg mean Dice": dice,
+        "control Dice drop": None if dice is None or control_dice is None else dice - control_dice,
+        "[SEG] emitted": float(np.mean(["[SEG]" in (r.get("output") or "") for r in seg])) if seg else None,
+        "box JSON parsable": float(np.mean([r["status"] == "ok" for r in det])) if det else None,
+        "det Acc@IoU0.5": overall("det", "acc_iou50"),
+        "closed VQA accuracy": overall("vqa", "closed_accuracy"),
+        "report ROUGE-L": overall("report", "rouge_l"),
+        "doc field exact match": overall("doc", "field_em"),
+    }
+
+
+def run_demo(out: str | Path = "demo_out", fast: bool = False, seed: int = 0, steps: int | None = None) -> dict:
+    """Run the whole demo into ``out``; return the headline numbers."""
+    from .data.corpus import CorpusOptions, write_corpus
+    from .eval.backends import InProcessBackend
+    from .eval.runner import EvalConfig, run_eval
+    from .infer.predictor import CitrusVPredictor
+    from .presets import build_preset
+    from .train.callbacks import plot_loss_curves
+
+    plan = DemoPlan.fast() if fast else DemoPlan()
+    if steps is not None:
+        plan.stage3_steps = plan.stage4_steps = steps
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        timings[name] = round(time.monotonic() - since, 1)
+        return time.monotonic()
+
+    t = time.monotonic()
+    _say(f"[1/6] synthesising {plan.images} phantom images and their rows")
+    summary = write_corpus(out / "data", CorpusOptions(n=plan.images, seed=seed))
+    t = lap("data", t)
+    _say(f"      rows: {summary.rows}")
+    _say("[2/6] building the tiny preset")
+    base = build_preset("tiny", out / "base", seed=seed)
+    t = lap("build", t)
+    _say(f"[3/6] stage 3: everything trains (HookGrad 0.001), {plan.stage3_steps} steps")
+    stage3 = _sft(base, out / "data" / "train.jsonl", out / "stage3", 3, plan.stage3_steps, plan, seed)
+    t = lap("stage3", t)
+    _say(f"[4/6] stage 4: seg projector + SAM 2 only, {plan.stage4_steps} steps")
+    seg_rows = _segmentation_rows(out / "data" / "train.jsonl", out / "data" / "train_seg.jsonl")
+    checkpoint = _sft(stage3, seg_rows, out / "checkpoint", 4, plan.stage4_steps, plan, seed)
+    t = lap("stage4", t)
+
+    _say("[5/6] evaluating on the held-out test split")
+    predictor = CitrusVPredictor.from_pretrained(checkpoint)
+    backend = InProcessBackend(predictor, batch_size=8, name=str(checkpoint))
+    control_hook = MeanSegEmbedding(predictor.model.seg_projector)
+    test = str(out / "data" / "test.jsonl")
+    result = run_eval(
+        EvalConfig(
+            tasks=["seg", "det", "vqa", "report", "doc", "cot"],
+            data=[test],
+            out=out / "eval",
+            limit=plan.eval_limit,
+            seed=seed,
+        ),
+        backend,
+    )
+    control = None
+    try:
+        count = control_hook.freeze()
+        control_result = run_eval(
+            EvalConfig(tasks=["seg"], data=[test], out=out / "eval_control", limit=plan.eval_limit, seed=seed),
+            backend,
+        )
+        control = {
+            "dice": control_result.tasks["seg"]["overall"]["dice"],
+            "embeddings": count,
+            "per_target": dice_per_target(out / "eval_control" / "predictions.jsonl"),
+        }
+    except RuntimeError as err:
+        _say(f"      control skipped: {err}")
+    finally:
+        control_hook.remove()
+    t = lap("eval", t)
+
+    _say("[6/6] writing the report and pictures")
+    curves = {}
+    for stage, folder in (("stage3", "stage3"), ("stage4", "checkpoint")):
+        log = out / folder / "logging.jsonl"
+        if log.is_file():
+            curves[stage] = plot_loss_curves(log, out / f"loss_{stage}.png")
+    overlays = write_overlays(out / "eval", out / "overlays")
+    numbers = headline_numbers(result.tasks, control, out / "eval" / "predictions.jsonl")
+    per_target = dice_per_target(out / "eval" / "predictions.jsonl")
+    lap("report", t)
+    timings["total"] = round(time.monotonic() - started, 1)
+    metrics = {
+        "plan": plan.__dict__,
+        "headline": numbers,
+        "targets": TARGETS,
+        "dice_per_target": per_target,
+        "control": control,
+        "timings_s": timings,
+        "tasks": result.tasks,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    report = _report(numbers, per_target, control, timings, overlays, curves, plan, out)
+    (out / "report.md").write_text(report)
+    _say(f"\nreport: {out / 'report.md'}")
+    _say(f"serve it:  citrus-v deploy --model {checkpoint} --port 8000 --served_model_name citrus-v-tiny")
+    _say("open app:  citrus-v app --api http://127.0.0.1:8000/v1 --port 7860")
+    return numbers
+
+
+def _status(value: float | None, rule: tuple[str, float]) -> str:
+    if value is None:
+        return "n/a"
+    return "met" if value >= rule[1] else "not met"
+
+
+def _report(numbers, per_target, control, timings, overlays, curves, plan, out: Path) -> str:
+    lines = [
+        "# Citrus-V demo",
+        "",
+        f"Plan: {plan.__dict__}",
+        "",
+        f"Timings (s): {timings}",
+        "",
+        "## Quality bar (held-out test split)",
+        "",
+        "| measure | value | target | status |",
+        "|---|---|---|---|",
+    ]
+    for name, rule in TARGETS.items():
+        value = numbers.get(name)
+        shown = "n/a" if value is None else f"{value:.3f}"
+        lines.append(f"| {name} | {shown} | {rule[0]} {rule[1]} | {_status(value, rule)} |")
+    lines += ["", "## Dice per target", "", "| target | n | Dice | Dice with mean [SEG] (control) |"]
+    lines.append("|---|---|---|---|")
+    control_targets = (control or {}).get("per_target", {})
+    for target, row in per_target.items():
+        other = control_targets.get(target, {}).get("dice")
+        lines.append(f"| {target} | {row['n']} | {row['dice']:.3f} | {'n/a' if other is None else f'{other:.3f}'} |")
+    lines += ["", "Full metrics per task: `eval/report.md`; every answer: `eval/predictions.jsonl`.", ""]
+    for stage, path in curves.items():
+        if path:
+            lines.append(f"![{stage} losses]({path.relative_to(out)})")
+    lines.append("")
+    lines += [f"![{p.stem}]({p.relative_to(out)})" for p in overlays]
+    return "\n".join(lines) + "\n"

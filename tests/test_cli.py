@@ -42,12 +42,19 @@ def test_pending_subcommands_name_their_issue_and_fail(name, capsys):
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    result = _citrus_v("demo", "--steps", "3", "--out", str(tmp_path / "demo"))
+    out = tmp_path / "demo"
+    result = _citrus_v("demo", "--fast", "--steps", "2", "--out", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
-    metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
-    assert metrics["steps"] == 3 and set(metrics["dice"]) == {"lesion", "organ"}
-    assert (tmp_path / "demo" / "overlay_lesion.png").stat().st_size > 0
-    assert (tmp_path / "demo" / "checkpoint" / "model.safetensors").is_file()
+    assert "citrus-v deploy --model" in result.stdout and "citrus-v app --api" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["headline"]) == set(metrics["targets"])
+    assert set(metrics["tasks"]) == {"seg", "det", "vqa", "report", "doc", "cot"}
+    report = (out / "report.md").read_text()
+    assert "## Quality bar" in report and "Dice per target" in report
+    for task in ("seg", "det", "vqa", "report"):
+        assert (out / "overlays" / f"{task}_0.png").stat().st_size > 0
+    assert (out / "checkpoint" / "model.safetensors").is_file()
+    assert (out / "loss_stage3.png").is_file() and (out / "loss_stage4.png").is_file()
 
 
 def test_the_network_guard_is_active():
