@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install test lint demo clean
+.PHONY: install browser test lint demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,13 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# Debian's chromium for the web app's browser test; without it (no apt, not root) that test is skipped.
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -q chromium chromium-driver) >/dev/null || \
+		echo "chromium could not be installed: the browser test will be skipped"
+
+install: $(STAMP) browser
 
 lint: install
 	$(BIN)/ruff check citrus_v tests

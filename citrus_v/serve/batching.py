@@ -1,0 +1,321 @@
+"""Dynamic batching: concurrent requests wait briefly in an asyncio queue and run as one ``predict_batch``.
+
+One worker thread owns the model. The batching loop takes the first waiting job, then gathers more jobs
+with the same sampling settings until ``max_batch_size`` or ``max_wait_ms`` after the first; ``max_batch_size
+= 1`` turns batching off. Per-row limits that ``generate`` does not know about — each request's own
+``max_tokens`` and ``stop`` strings, cancellation after a timeout, streaming — are handled by
+:class:`RowControl`, a logits processor that watches every step and ends a row by forcing its end-of-turn
+token, so one request's limits never cut another request short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from ..infer.predictor import CitrusVPredictor, Request
+from ..infer.results import Prediction
+from ..processing.tokens import SEG_TOKEN
+
+logger = logging.getLogger(__name__)
+
+TextCallback = Callable[[str], None]
+
+
+@dataclass(eq=False)  # jobs compare by identity (their requests hold arrays)
+class Job:
+    """One request waiting for generation, with its own limits."""
+
+    request: Request
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    on_text: TextCallback | None = None  # called from the worker thread with the text that is safe to show
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    future: asyncio.Future | None = None
+    enqueued: float = field(default_factory=time.monotonic)
+
+    def group(self) -> tuple:
+        """Jobs batch together only when ``generate`` would treat them alike."""
+        if self.temperature <= 0:
+            return ("greedy",)
+        if self.seed is not None:  # a seeded sample runs alone, so its result depends on the seed only
+            return ("seeded", id(self))
+        return ("sample", self.temperature, self.top_p)
+
+
+@dataclass
+class JobResult:
+    """A finished job: the prediction (text cut at a stop string) and the OpenAI finish reason and usage."""
+
+    prediction: Prediction
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    batch_size: int = 1
+
+
+class RowControl(LogitsProcessor):
+    """Per-row limits inside one batched ``generate``: max tokens, stop strings, cancellation, streaming."""
+
+    def __init__(self, jobs: Sequence[Job], tokenizer, end_token_ids: Sequence[int], pad_token_id: int | None):
+        self.jobs = list(jobs)
+        self.tokenizer = tokenizer
+        self.end_token_ids = list(end_token_ids)
+        self.pad_token_id = pad_token_id
+        self.prompt_length: int | None = None
+        self.prompt_tokens = [0] * len(self.jobs)
+        self.finished = [False] * len(self.jobs)
+        self.stopped = [False] * len(self.jobs)
+        self.at_limit = [False] * len(self.jobs)
+        self.lengths: list[int | None] = [None] * len(self.jobs)
+        self.calls = 0
+        # text that could still become a stop string is held back from streaming
+        self.holdback = [max((len(s) for s in job.stop), default=1) - 1 for job in self.jobs]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.prompt_length is None:
+            self.prompt_length = input_ids.shape[1]
+            if self.pad_token_id is not None:
+                self.prompt_tokens = (input_ids != self.pad_token_id).sum(dim=1).tolist()
+            else:
+                self.prompt_tokens = [input_ids.shape[1]] * len(self.jobs)
+        self.calls += 1
+        generated = input_ids[:, self.prompt_length :]
+        for row, job in enumerate(self.jobs):
+            if self.finished[row]:
+                continue
+            tokens = generated[row].tolist()
+            if tokens and tokens[-1] in self.end_token_ids:
+                self.finished[row] = True
+                self.lengths[row] = len(tokens) - 1
+                continue
+            if len(tokens) >= job.max_tokens:
+                self.at_limit[row] = True
+            end = job.cancelled.is_set() or self.at_limit[row]
+            if tokens and (job.stop or job.on_text is not None):
+                text = self.tokenizer.decode(tokens, skip_special_tokens=False)
+                if job.stop and any(s in text for s in job.stop):
+                    self.stopped[row] = end = True
+                elif job.on_text is not None:
+                    safe = text[: len(text) - self.holdback[row]] if self.holdback[row] else text
+                    job.on_text(safe.rstrip("\ufffd"))  # never show half of a multi-byte character
+            if end:
+                scores[row] = float("-inf")
+                scores[row, self.end_token_ids[0]] = 0.0
+        return scores
+
+    def completion_tokens(self, row: int) -> int:
+        """Tokens generated for ``row`` before its end-of-turn token.
+
+        Every row ends with an end-of-turn token (``generate`` is given one step more than the largest
+        ``max_tokens``, and each row's own limit forces it), so a row not seen ending ended at the last step.
+        """
+        length = self.lengths[row]
+        return max(self.calls - 1, 0) if length is None else length
+
+
+def cut_at_stop(prediction: Prediction, stops: Sequence[str]) -> tuple[Prediction, bool]:
+    """Cut the text at the first stop string and drop masks of ``[SEG]`` tokens past the cut."""
+    cut = min((prediction.text.find(s) for s in stops if s and s in prediction.text), default=-1)
+    if cut < 0:
+        return prediction, False
+    text = prediction.text[:cut]
+    kept = text.count(SEG_TOKEN)
+    return replace(prediction, text=text, masks=prediction.masks[:kept], num_seg_tokens=kept), True
+
+
+class DynamicBatcher:
+    """Queue requests and run them through ``predictor.predict_batch`` in batches, one batch at a time.
+
+    Args:
+        predictor: the model; only ``predict_batch`` and ``processor`` are used.
+        max_batch_size: most requests in one generation (1 = no batching).
+        max_wait_ms: how long the first request of a batch waits for others to join.
+    """
+
+    def __init__(self, predictor: CitrusVPredictor, max_batch_size: int = 8, max_wait_ms: float = 10.0) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        if max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be 0 or more, got {max_wait_ms}")
+        self.predictor = predictor
+        self.max_batch_size = int(max_batch_size)
+        self.max_wait = float(max_wait_ms) / 1000.0
+        self._queue: asyncio.Queue[Job] | None = None
+        self._pending: deque[Job] = deque()
+        self._task: asyncio.Task | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._running: list[Job] = []
+        self.batches_run = 0
+        self.largest_batch = 0
+
+    # --- lifecycle --------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the batching loop on the running event loop."""
+        self._queue = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="citrus-v-generate")
+        self._task = asyncio.create_task(self._loop(), name="citrus-v-batcher")
+
+    async def close(self) -> None:
+        """Stop taking jobs; jobs still waiting fail with ``CancelledError``."""
+        running = list(self._running)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        while self._queue is not None and not self._queue.empty():
+            self._pending.append(self._queue.get_nowait())
+        for job in [*self._pending, *running]:
+            job.cancelled.set()  # a generation in flight ends at its next step
+            if job.future is not None and not job.future.done():
+                job.future.cancel()
+        self._pending.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending) + (self._queue.qsize() if self._queue is not None else 0)
+
+    def submit(self, job: Job) -> asyncio.Future:
+        """Queue ``job``; the returned future resolves to a :class:`JobResult` (or the error)."""
+        if self._queue is None:
+            raise RuntimeError("the batcher is not started: call `await batcher.start()` first")
+        job.future = asyncio.get_running_loop().create_future()
+        # a job abandoned after a timeout may still fail later: mark its error as seen
+        job.future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._queue.put_nowait(job)
+        return job.future
+
+    # --- the loop ---------------------------------------------------------------------------------------
+    async def _next_batch(self) -> list[Job]:
+        assert self._queue is not None
+        first = self._pending.popleft() if self._pending else await self._queue.get()
+        batch = [first]
+        key = first.group()
+        for job in list(self._pending):
+            if len(batch) >= self.max_batch_size:
+                break
+            if job.group() == key:
+                self._pending.remove(job)
+                batch.append(job)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait
+        while len(batch) < self.max_batch_size:
+            try:
+                job = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    job = await asyncio.wait_for(self._queue.get(), remaining)
+                except TimeoutError:
+                    break
+            if job.group() == key:
+                batch.append(job)
+            else:
+                self._pending.append(job)
+        return batch
+
+    async def _loop(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            try:
+                await self._serve(batch)
+            except Exception as err:  # the loop must outlive any one batch: fail that batch, go on
+                logger.exception("batch failed")
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(err)
+
+    async def _serve(self, batch: list[Job]) -> None:
+        live = [job for job in batch if not job.cancelled.is_set() and not job.future.done()]
+        for job in batch:
+            if job.cancelled.is_set() and not job.future.done():
+                job.future.cancel()
+        if not live:
+            return
+        self._running = live
+        try:
+            outcomes = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, live)
+        finally:
+            self._running = []
+        self.batches_run += 1
+        self.largest_batch = max(self.largest_batch, len(live))
+        for job, outcome in zip(live, outcomes, strict=True):
+            if job.future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                job.future.set_exception(outcome)
+            else:
+                job.future.set_result(outcome)
+
+    # --- the worker thread --------------------------------------------------------------------------------
+    def _run(self, jobs: list[Job]) -> list[JobResult | Exception]:
+        try:
+            return self._generate(jobs)
+        except Exception as err:  # one bad request must not fail the others: retry them one by one
+            if len(jobs) == 1:
+                logger.warning("generation failed: %r", err)
+                # StopIteration cannot travel through an asyncio future
+                return [RuntimeError(f"generation failed: {err!r}") if isinstance(err, StopIteration) else err]
+            logger.warning("a batch of %d failed (%s); running its requests one at a time", len(jobs), err)
+            return [self._run([job])[0] for job in jobs]
+
+    def _generate(self, jobs: list[Job]) -> list[JobResult]:
+        predictor = self.predictor
+        tokenizer = predictor.processor.tokenizer
+        control = RowControl(jobs, tokenizer, predictor.eos_token_ids, tokenizer.pad_token_id)
+        first = jobs[0]
+        predictions = predictor.predict_batch(
+            [job.request for job in jobs],
+            logits_processor=LogitsProcessorList([control]),
+            max_new_tokens=max(job.max_tokens for job in jobs) + 1,  # room for each row's end-of-turn token
+            temperature=first.temperature,
+            top_p=first.top_p,
+            seed=first.seed,
+        )
+        results = []
+        for row, (job, prediction) in enumerate(zip(jobs, predictions, strict=True)):
+            prediction, stopped = cut_at_stop(prediction, job.stop)
+            stopped = stopped or control.stopped[row]
+            finish = "length" if control.at_limit[row] and not stopped else "stop"
+            results.append(
+                JobResult(
+                    prediction=prediction,
+                    finish_reason=finish,
+                    prompt_tokens=int(control.prompt_tokens[row]),
+                    completion_tokens=control.completion_tokens(row),
+                    batch_size=len(jobs),
+                )
+            )
+        return results
+
+
+def run_in_batcher(batcher: DynamicBatcher, jobs: Sequence[Job]) -> list[Any]:
+    """Run jobs through a batcher from synchronous code (tests and benchmarks): start, submit, close."""
+
+    async def main() -> list[Any]:
+        await batcher.start()
+        try:
+            futures = [batcher.submit(job) for job in jobs]
+            return await asyncio.gather(*futures, return_exceptions=True)
+        finally:
+            await batcher.close()
+
+    return asyncio.run(main())
