@@ -12,18 +12,16 @@ from . import __version__
 # Subcommands that live in their own package: name -> "module:function" that adds the subparser.
 # Each function takes the subparsers object, adds its parser and sets ``func`` (returning an exit code);
 # heavy imports belong inside ``func`` so that `citrus-v --help` stays fast.
-COMMANDS: dict[str, str] = {}
-
-# Subcommands whose implementation has not landed yet, and the issue that brings each.
-PENDING = {
-    "data": ("validate, inspect and convert datasets", "the data issue (#3)"),
-    "sft": ("train with the four-stage recipe", "the training issue (#4)"),
-    "infer": ("answer one question about one image", "the inference and serving issue (#5)"),
-    "deploy": ("serve an OpenAI-compatible API", "the inference and serving issue (#5)"),
-    "app": ("open the web app", "the inference and serving issue (#5)"),
-    "eval": ("evaluate on the benchmark tasks", "the evaluation issue (#6)"),
+COMMANDS: dict[str, str] = {
+    "data": ".data.commands:add_parser",
+    "sft": ".train.commands:register_sft",
+    "export": ".train.commands:register_export",
+    "convert": ".convert_cli:register_convert",
+    "infer": ".infer.commands:add_parser",
+    "deploy": ".serve.commands:add_parser",
+    "app": ".app.commands:add_parser",
+    "eval": ".eval.commands:add_parser",
 }
-
 
 def _build(args: argparse.Namespace) -> int:
     from .modeling.checkpoint import CheckpointError
@@ -53,19 +51,8 @@ def _build(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, steps=args.steps, seed=args.seed)
+    run_demo(args.out, fast=args.fast, seed=args.seed, steps=args.steps)
     return 0
-
-
-def _pending(name: str):
-    def run(args: argparse.Namespace) -> int:
-        print(
-            f"citrus-v {name}: not available in this version; {PENDING[name][1]} brings it.",
-            file=sys.stderr,
-        )
-        return 3
-
-    return run
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -80,37 +67,31 @@ def make_parser() -> argparse.ArgumentParser:
     build = sub.add_parser("build", help="build a model: a preset, or Qwen2.5-VL + SAM 2 checkpoints")
     build.add_argument("--preset", choices=["tiny"], help="random-init preset to build")
     build.add_argument("--mllm", help="local Qwen2.5-VL checkpoint folder")
-    build.add_argument("--sam2", help="local transformers SAM 2 checkpoint folder")
+    build.add_argument("--sam2", help="local SAM 2 checkpoint: a transformers folder or Meta's .pt file")
     build.add_argument("--out", required=True, help="output folder")
     build.add_argument("--seed", type=int, default=0, help="seed for random initialisation")
     build.set_defaults(func=_build)
 
-    demo = sub.add_parser("demo", help="the smallest end-to-end run: build, train a few steps, predict")
+    demo = sub.add_parser("demo", help="data -> stage 3 -> stage 4 -> evaluation -> report, on a CPU")
     demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    demo.add_argument("--steps", type=int, default=60, help="training steps (default: 60)")
+    demo.add_argument("--fast", action="store_true", help="a small run of about 3 minutes")
+    demo.add_argument("--steps", type=int, default=None, help="override the steps of both training stages")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
 
     for target in COMMANDS.values():
         module_name, function = target.split(":")
         getattr(importlib.import_module(module_name, __package__), function)(sub)
-    for name, (summary, _issue) in PENDING.items():
-        if name in COMMANDS:
-            continue
-        pending = sub.add_parser(name, help=f"{summary} (not yet available)", add_help=True)
-        pending.set_defaults(func=_pending(name))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``citrus-v`` with ``argv`` (default: the command line); return the exit code."""
     parser = make_parser()
-    args, extra = parser.parse_known_args(argv)
+    args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    if extra and args.command not in PENDING:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return int(args.func(args))
 
 

@@ -12,7 +12,6 @@ import sys
 import pytest
 
 from citrus_v import __version__
-from citrus_v.cli import COMMANDS, PENDING, main
 
 from .conftest import NetworkBlocked
 
@@ -34,11 +33,9 @@ def test_version():
     assert result.returncode == 0 and result.stdout.strip() == f"citrus-v {__version__}"
 
 
-@pytest.mark.parametrize("name", sorted(set(PENDING) - set(COMMANDS)))
-def test_pending_subcommands_name_their_issue_and_fail(name, capsys):
-    assert main([name, "--model", "x"]) == 3
-    err = capsys.readouterr().err
-    assert f"citrus-v {name}: not available" in err and "issue (#" in err
+def test_unknown_arguments_are_refused():
+    result = _citrus_v("build", "--preset", "tiny", "--out", "x", "--bogus")
+    assert result.returncode == 2 and "unrecognized arguments: --bogus" in result.stderr
 
 
 def test_demo_runs_end_to_end(tmp_path):
