@@ -107,14 +107,25 @@ def check_weights(model: torch.nn.Module, files: list[Path], ignore: tuple[str, 
             )
     missing = [n for n in expected if n not in stored and not n.startswith(ignore)]
     unexpected = [n for n in stored if n not in expected and not n.startswith(ignore)]
+    raise_weight_problems(
+        problems,
+        missing,
+        unexpected,
+        header=f"the weights in {files[0].parent} do not fit {config_path}",
+        fix=f"config.json and the weights come from different models; {REBUILD_HINT}, "
+        "or restore the config.json saved with these weights",
+        shown=5,
+    )
+
+
+def raise_weight_problems(
+    problems: list[str], missing: list[str], unexpected: list[str], header: str, fix: str, shown: int = 5
+) -> None:
+    """One :class:`CheckpointError` listing shape problems, missing and unexpected tensors (if any)."""
+    problems = list(problems)
     if missing:
-        problems.append(f"missing from the weights ({len(missing)}): {', '.join(missing[:5])}")
+        problems.append(f"missing from the weights ({len(missing)}): {', '.join(missing[:shown])}")
     if unexpected:
-        problems.append(f"not part of the model ({len(unexpected)}): {', '.join(unexpected[:5])}")
+        problems.append(f"not part of the model ({len(unexpected)}): {', '.join(unexpected[:shown])}")
     if problems:
-        raise CheckpointError(
-            f"the weights in {files[0].parent} do not fit {config_path}:\n  - "
-            + "\n  - ".join(problems[:12])
-            + f"\nFix: config.json and the weights come from different models; {REBUILD_HINT}, "
-            "or restore the config.json saved with these weights"
-        )
+        raise CheckpointError(f"{header}:\n  - " + "\n  - ".join(problems[:12]) + f"\nFix: {fix}")

@@ -37,6 +37,7 @@ from .checkpoint import (
     WEIGHTS_INDEX_FILE,
     CheckpointError,
     canonical_name,
+    raise_weight_problems,
     read_config_dict,
     weight_files,
 )
@@ -320,16 +321,14 @@ def check_upstream_weights(reader: ShardedTensors, expected: Mapping[str, tuple[
             )
     missing = [_upstream_name(n) for n in expected if n not in renamed]
     unexpected = [n for n in renamed if n not in expected]
-    if missing:
-        problems.append(f"missing from the weights ({len(missing)}): {', '.join(missing[:8])}")
-    if unexpected:
-        problems.append(f"not part of the model ({len(unexpected)}): {', '.join(unexpected[:8])}")
-    if problems:
-        raise CheckpointError(
-            f"the upstream-layout weights in {directory} do not fit {directory / CONFIG_FILE}:\n  - "
-            + "\n  - ".join(problems[:12])
-            + "\nFix: config.json and the weights come from different models; restore the original files"
-        )
+    raise_weight_problems(
+        problems,
+        missing,
+        unexpected,
+        header=f"the upstream-layout weights in {directory} do not fit {directory / CONFIG_FILE}",
+        fix="config.json and the weights come from different models; restore the original files",
+        shown=8,
+    )
 
 
 def read_upstream_weights(
