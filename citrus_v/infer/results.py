@@ -7,22 +7,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..processing.boxes import Box  # one box type for parsing, prediction and serving
+
 _THINK = re.compile(r"<think>(.*?)</think>", re.S)
 _ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.S)
-
-
-@dataclass
-class Box:
-    """An axis-aligned box in original-image pixels."""
-
-    x1: float
-    y1: float
-    x2: float
-    y2: float
-    label: str | None = None
-
-    def as_tuple(self) -> tuple[float, float, float, float, str | None]:
-        return (self.x1, self.y1, self.x2, self.y2, self.label)
 
 
 @dataclass

@@ -49,6 +49,10 @@ class Box:
     def xyxy(self) -> list[float]:
         return [self.x1, self.y1, self.x2, self.y2]
 
+    def as_tuple(self) -> tuple[float, float, float, float, str]:
+        """``(x1, y1, x2, y2, label)``."""
+        return (self.x1, self.y1, self.x2, self.y2, self.label)
+
     def area(self) -> float:
         return max(0.0, self.x2 - self.x1) * max(0.0, self.y2 - self.y1)
 
