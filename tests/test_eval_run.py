@@ -4,11 +4,6 @@ in-process and through ``citrus-v deploy`` giving the same numbers."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -20,6 +15,8 @@ from citrus_v.eval.backends import Backend, ModelOutput
 from citrus_v.eval.references import first_image_size, reference_masks
 from citrus_v.eval.runner import EvalConfig, run_eval
 from citrus_v.eval.samples import TASKS, EvalDataError
+
+from .test_serve_support import deploy_process
 
 ALL = ",".join(TASKS)
 
@@ -96,8 +93,14 @@ def test_ground_truth_answers_score_perfectly(corpus, tmp_path):
         assert record["prompt"].startswith("<image>")
     assert (tmp_path / "seg_dice.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report_md = (tmp_path / "report.md").read_text()
-    for title in ("Segmentation", "Detection", "Visual question answering", "Report generation", "Documents",
-                  "Chain-of-thought"):
+    for title in (
+        "Segmentation",
+        "Detection",
+        "Visual question answering",
+        "Report generation",
+        "Documents",
+        "Chain-of-thought",
+    ):
         assert f"## {title}" in report_md
     assert "| all |" in report_md and "seg_dice.png" in report_md
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -137,46 +140,37 @@ def test_limit_and_seed_draw_fixed_subsets(corpus, tmp_path):
     assert any(first != [s.id for s in select(samples, TASKS, 2, seed=k)] for k in range(6, 12))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def deploy(tiny_dir):
     """``citrus-v deploy`` of the tiny checkpoint on 127.0.0.1 (one request per generation pass)."""
-    import httpx
-
-    port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    command = [sys.executable, "-m", "citrus_v.cli", "deploy", "--model", str(tiny_dir), "--port", str(port),
-               "--served_model_name", "tiny", "--max_batch_size", "1", "--log_level", "warning", "--device", "cpu"]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise AssertionError(f"deploy did not start:\n{process.stdout.read() if process.stdout else ''}")
-            time.sleep(0.3)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    flags = ("--served_model_name", "tiny", "--max_batch_size", "1", "--log_level", "warning", "--device", "cpu")
+    with deploy_process(tiny_dir, *flags) as url:
+        yield url
 
 
 def test_tiny_model_in_process_and_through_the_api_give_the_same_numbers(tiny_dir, corpus, deploy, tmp_path, capsys):
-    common = ["eval", "--tasks", ALL, "--data", str(corpus), "--limit", "2", "--seed", "0",
-              "--max_new_tokens", "12", "--no_progress"]
+    common = [
+        "eval",
+        "--tasks",
+        ALL,
+        "--data",
+        str(corpus),
+        "--limit",
+        "2",
+        "--seed",
+        "0",
+        "--max_new_tokens",
+        "12",
+        "--no_progress",
+    ]
     assert main(common + ["--model", str(tiny_dir), "--device", "cpu", "--out", str(tmp_path / "local")]) == 0
-    assert main(common + ["--api", deploy, "--served_model_name", "tiny", "--concurrency", "2",
-                          "--out", str(tmp_path / "api")]) == 0
+    assert (
+        main(
+            common
+            + ["--api", deploy, "--served_model_name", "tiny", "--concurrency", "2", "--out", str(tmp_path / "api")]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "seg: dice" in printed and "wrote" in printed
 
@@ -198,8 +192,11 @@ def test_tiny_model_in_process_and_through_the_api_give_the_same_numbers(tiny_di
     assert local_records.keys() == api_records.keys()
     for key, record in local_records.items():
         other = api_records[key]
-        assert (record["output"], record["parsed"], record["scores"]) == (other["output"], other["parsed"],
-                                                                          other["scores"]), key
+        assert (record["output"], record["parsed"], record["scores"]) == (
+            other["output"],
+            other["parsed"],
+            other["scores"],
+        ), key
     # random tiny weights answer poorly, but every answer was produced, parsed and scored
     assert all(isinstance(r["output"], str) for r in local_records.values())
     assert np.isfinite(local["tasks"]["seg"]["overall"]["dice"])

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +19,7 @@ from .conftest import phantom
 from .test_serve_support import (
     ScriptedPredictor,
     data_url,
-    free_port,
+    deploy_process,
     image_message,
     png_bytes,
     running_server,
@@ -376,23 +373,9 @@ def test_local_files_refused_without_an_allowed_folder(predictor, media_dir):
 
 
 def test_deploy_command_serves_the_openai_client(tiny_dir):
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    command = [sys.executable, "-m", "citrus_v.cli", "deploy", "--model", str(tiny_dir), "--port", str(port)]
-    command += ["--served_model_name", "tiny-cli", "--api_key", "cli-key", "--log_level", "warning"]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"deploy did not start:\n{process.stdout.read() if process.stdout else ''}")
-            time.sleep(0.3)
-        cli_client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="cli-key", max_retries=0)
+    flags = ("--served_model_name", "tiny-cli", "--api_key", "cli-key", "--log_level", "warning")
+    with deploy_process(tiny_dir, *flags, timeout=90) as base_url:
+        cli_client = openai.OpenAI(base_url=base_url, api_key="cli-key", max_retries=0)
         reply = cli_client.chat.completions.create(
             model="tiny-cli",
             messages=image_message(data_url(png_bytes(_scan())), "Please segment the lesion."),
@@ -405,6 +388,3 @@ def test_deploy_command_serves_the_openai_client(tiny_dir):
         grounding = message.model_extra["grounding"]
         assert grounding["image_size"] == {"width": 200, "height": 150}
         assert isinstance(grounding["boxes"], list) and len(grounding["masks"]) == message.content.count("[SEG]")
-    finally:
-        process.terminate()
-        process.wait(timeout=30)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -103,6 +106,34 @@ def running_server(app, timeout: float = 30.0) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout)
+
+
+@contextmanager
+def deploy_process(model_dir, *flags: str, timeout: float = 120.0) -> Iterator[str]:
+    """``citrus-v deploy --model MODEL_DIR FLAGS`` in a subprocess on a free 127.0.0.1 port; yields the
+    ``/v1`` base URL once ``/health`` answers; stops the process afterwards."""
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    command = [sys.executable, "-m", "citrus_v.cli", "deploy", "--model", str(model_dir), "--port", str(port), *flags]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise AssertionError(f"deploy did not start:\n{process.stdout.read() if process.stdout else ''}")
+            time.sleep(0.3)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def png_bytes(array: np.ndarray) -> bytes:
