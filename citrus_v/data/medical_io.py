@@ -256,8 +256,13 @@ def read_dicom(
         raise MedicalImageError(f"{path}: not a readable DICOM file ({err})", "unreadable_image") from err
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         raise MedicalImageError(f"{path}: the DICOM file has no pixel data", "unreadable_image")
-    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
-    num_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    try:
+        rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+        num_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError) as err:
+        raise MedicalImageError(
+            f"{path}: Rows, Columns or NumberOfFrames is not an integer ({err})", "unreadable_image"
+        ) from err
     _check_pixels(path, rows * cols, max_pixels)
     index = 0 if frame is None else int(frame)
     if not 0 <= index < num_frames:
@@ -274,17 +279,36 @@ def read_dicom(
             "unreadable_image",
         ) from err
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if not (raw.ndim == 2 or (raw.ndim == 3 and raw.shape[-1] == 3)) or raw.size == 0:
+        raise MedicalImageError(
+            f"{path}: decoded pixels have shape {tuple(raw.shape)}, not one grey or RGB frame: Rows, Columns, "
+            "SamplesPerPixel or NumberOfFrames contradict the pixel data",
+            "unreadable_image",
+        )
     if raw.ndim == 3:  # colour; pydicom converts YBR to RGB
         return DicomImage(_to_uint8_rgb(raw), photometric, None, index, num_frames)
-    transform = _functional_group(ds, index, "PixelValueTransformationSequence")
-    if transform is not None and "RescaleSlope" in transform:
-        values = raw.astype(np.float64) * float(transform.RescaleSlope) + float(transform.get("RescaleIntercept", 0))
-    else:
-        values = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
-    voi = _functional_group(ds, index, "FrameVOILUTSequence")
-    source = voi if voi is not None and "WindowCenter" in voi else ds
-    center, width = _first(source.get("WindowCenter")), _first(source.get("WindowWidth"))
-    window = Window(center, width) if center is not None and width is not None and width > 0 else None
+    try:
+        transform = _functional_group(ds, index, "PixelValueTransformationSequence")
+        if transform is not None and "RescaleSlope" in transform:
+            slope, intercept = float(transform.RescaleSlope), float(transform.get("RescaleIntercept", 0))
+            values = raw.astype(np.float64) * slope + intercept
+        else:
+            values = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
+    except (TypeError, ValueError, AttributeError) as err:
+        raise MedicalImageError(f"{path}: unusable modality LUT / RescaleSlope / RescaleIntercept ({err})") from err
+    if not np.isfinite(values).all():
+        raise MedicalImageError(
+            f"{path}: pixel values are not finite after RescaleSlope/RescaleIntercept; fix those tags",
+            "unreadable_image",
+        )
+    try:
+        voi = _functional_group(ds, index, "FrameVOILUTSequence")
+        source = voi if voi is not None and "WindowCenter" in voi else ds
+        center, width = _first(source.get("WindowCenter")), _first(source.get("WindowWidth"))
+    except (TypeError, ValueError):  # an unreadable window is ignored: the full range is shown instead
+        center = width = None
+    usable = center is not None and width is not None and np.isfinite([center, width]).all() and width > 0
+    window = Window(center, width) if usable else None
     return DicomImage(values, photometric, window, index, num_frames)
 
 
@@ -528,14 +552,30 @@ def image_size(
 
 
 # --- masks ---------------------------------------------------------------------------------------------------
+def _mask_size(value: Any, what: str) -> tuple[int, int]:
+    """``[h, w]`` of a mask object as two positive integers, or a ``bad_mask`` error saying what is wrong."""
+    ok = (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    )
+    if not ok:
+        raise MedicalImageError(
+            f"{what} needs 'size' [height, width] as two positive integers, got {value!r}", "bad_mask"
+        )
+    return int(value[0]), int(value[1])
+
+
 def rle_to_mask(rle: Mapping[str, Any]) -> np.ndarray:
     """Decode COCO RLE (compressed string or uncompressed list ``counts``) to a boolean ``[H, W]`` mask."""
     from pycocotools import mask as mask_utils
 
     if "size" not in rle or "counts" not in rle:
         raise MedicalImageError("a COCO RLE mask needs 'size' [h, w] and 'counts'", "bad_mask")
-    height, width = (int(v) for v in rle["size"])
+    height, width = _mask_size(rle["size"], "a COCO RLE mask")
     counts = rle["counts"]
+    if not isinstance(counts, (str, bytes, list)):
+        raise MedicalImageError(f"COCO RLE counts must be a string or a list of integers, got {counts!r}", "bad_mask")
     try:
         if isinstance(counts, list):
             encoded = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
@@ -561,9 +601,14 @@ def polygons_to_mask(polygons: list[list[float]], height: int, width: int) -> np
     """Rasterise COCO polygons (``[[x1, y1, x2, y2, ...], ...]`` in pixels) to a boolean mask."""
     from pycocotools import mask as mask_utils
 
-    polys = [list(map(float, p)) for p in polygons]
+    try:
+        polys = [list(map(float, p)) for p in polygons]
+    except (TypeError, ValueError) as err:
+        raise MedicalImageError(f"polygons must be lists of numbers ({err})", "bad_mask") from err
     if not polys or any(len(p) < 6 or len(p) % 2 for p in polys):
         raise MedicalImageError("each polygon needs at least 3 (x, y) points as a flat list", "bad_mask")
+    if not all(np.isfinite(p).all() for p in polys):
+        raise MedicalImageError("polygon coordinates must be finite numbers", "bad_mask")
     rles = mask_utils.frPyObjects(polys, height, width)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # pycocotools' numpy-2 copy= notice
@@ -583,7 +628,7 @@ def read_mask(
         return rle_to_mask(ref)
     if isinstance(ref, Mapping) and "polygons" in ref:
         if "size" in ref:
-            height, width = (int(v) for v in ref["size"])
+            height, width = _mask_size(ref["size"], "a polygon mask")
         elif size is not None:
             width, height = size
         else:
@@ -596,6 +641,8 @@ def read_mask(
         return np.isin(plane, parsed.label) if parsed.label is not None else plane > 0
     if parsed.kind == "dicom":
         values = read_dicom(parsed.path, parsed.frame, None).values
+        if values.ndim == 3:  # a colour file: any channel counts, as for raster masks
+            values = values.max(axis=-1)
         return np.isin(values, parsed.label) if parsed.label is not None else values > 0
     opened = _open_raster(parsed.path, None)
     try:

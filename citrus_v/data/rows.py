@@ -121,8 +121,17 @@ def read_jsonl(path: str | Path) -> Iterator[RowRecord | RowIssue]:
     if not path.is_file():
         yield RowIssue(str(path), 0, "missing_file", f"dataset file not found: {path}")
         return
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    # read bytes: one line that is not UTF-8 is a bad row, not the end of the whole file
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield RowIssue(
+                    str(path), number, "invalid_encoding", f"byte {raw[err.start]:#04x} at column {err.start + 1} is "
+                    "not UTF-8. Fix: save the file as UTF-8"
+                )
+                continue
             if not line.strip():
                 continue
             try:
@@ -174,10 +183,13 @@ def check_schema(row: Mapping[str, Any], require_answer: bool = True) -> None:
                 raise RowProblem("schema", f"objects.bbox[{k}] must be [x1, y1, x2, y2] numbers")
     placeholders = count_text(row, IMAGE_PLACEHOLDER)
     num_images = len(row.get("images") or [])
-    if placeholders and placeholders != num_images:
+    # ms-swift convention: with no placeholder at all the images go before the first user message's text
+    has_user = any(m["role"] == "user" for m in messages)
+    if placeholders != num_images and not (placeholders == 0 and has_user):
         raise RowProblem(
             "image_count",
-            f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) for {num_images} image(s): give one per image",
+            f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) for {num_images} image(s): give one per image"
+            + ("" if has_user else ", or a user message for them to go before"),
         )
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..processing.template import ChatTemplate
+from ..processing.template import ChatTemplate, place_images
 from .rows import RowRecord, render_objects
 from .validate import RowInfo, ValidationOptions, ValidationReport, validate_files
 
@@ -19,8 +19,9 @@ PERCENTILES = (50, 90, 95, 99, 100)
 def token_length(record: RowRecord, info: RowInfo, template: ChatTemplate, options: ValidationOptions) -> int:
     """Tokens of a row after the template (image tokens from the smart-resized image sizes)."""
     scaler = options.scaler(*info.image_sizes[0]) if info.image_sizes else None
-    messages = render_objects(record.row, scaler)
-    return len(template.encode(messages, info.image_tokens(options), system=record.row.get("system")).input_ids)
+    tokens = info.image_tokens(options)
+    messages = place_images(render_objects(record.row, scaler), len(tokens))
+    return len(template.encode(messages, tokens, system=record.row.get("system")).input_ids)
 
 
 @dataclass

@@ -17,6 +17,19 @@ IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 
 
+
+def place_images(messages: Sequence[dict], num_images: int) -> list[dict]:
+    """Copies of ``messages``; with images but no placeholder at all, the placeholders go before the first user
+    message's text (the ms-swift convention). Otherwise unchanged (the template checks the count)."""
+    messages = [dict(m) for m in messages]
+    placeholders = sum(str(m.get("content", "")).count(IMAGE_PLACEHOLDER) for m in messages)
+    if num_images and placeholders == 0:
+        for message in messages:
+            if message.get("role") == "user":
+                message["content"] = IMAGE_PLACEHOLDER * num_images + str(message.get("content", ""))
+                break
+    return messages
+
 class TemplateError(ValueError):
     """A conversation that does not fit the template (role, order, image count)."""
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictStr
 
 
 def _whole_number(value: Any) -> Any:
@@ -32,7 +32,14 @@ def _whole_number(value: Any) -> Any:
     return value
 
 
-WholeNumber = Annotated[StrictInt, BeforeValidator(_whole_number)]
+def _whole(**bounds: int) -> Any:
+    """A strict integer within ``bounds`` that also takes whole floats.
+
+    The bounds sit in the same ``Field`` as ``strict`` so that the OpenAPI schema states them as
+    ``minimum``/``maximum`` (bounds on a nested ``Annotated`` come out as unknown ``ge``/``le`` keys that
+    clients and schema-based tools ignore).
+    """
+    return Annotated[int, Field(strict=True, **bounds), BeforeValidator(_whole_number)]
 
 
 class _Strict(BaseModel):
@@ -77,13 +84,13 @@ class ChatCompletionRequest(_Strict):
     messages: list[ChatMessage] = Field(min_length=1)
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    max_tokens: Annotated[WholeNumber, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[WholeNumber, Field(ge=1)] | None = None
+    max_tokens: _whole(ge=1) | None = None
+    max_completion_tokens: _whole(ge=1) | None = None
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
-    seed: Annotated[WholeNumber, Field(ge=-(2**63), le=2**64 - 1)] | None = None  # what torch.manual_seed takes
+    seed: _whole() | None = None  # any integer: the server reduces it modulo 2**64 (what torch.manual_seed takes)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    n: Annotated[WholeNumber, Field(ge=1, le=1)] = 1
+    n: _whole(ge=1, le=1) = 1
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

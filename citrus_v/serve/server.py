@@ -54,6 +54,8 @@ logger = logging.getLogger(__name__)
 
 # A smaller temperature overflows the softmax; it means "deterministic", so it is served greedily.
 MIN_TEMPERATURE = 1e-5
+# torch.manual_seed takes [-2**63, 2**64); any JSON integer maps into it, so no seed is refused.
+SEED_MODULUS = 2**64
 
 
 @dataclass
@@ -228,7 +230,7 @@ def create_app(predictor: CitrusVPredictor, settings: ServerSettings) -> FastAPI
             max_tokens=max_tokens,
             temperature=temperature if temperature >= MIN_TEMPERATURE else 0.0,
             top_p=body.top_p if body.top_p is not None else 1.0,
-            seed=body.seed,
+            seed=body.seed % SEED_MODULUS if body.seed is not None else None,
             stop=body.stop_list(),
         )
 
@@ -260,7 +262,8 @@ def create_app(predictor: CitrusVPredictor, settings: ServerSettings) -> FastAPI
         responses={**_ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
     )
     async def chat_completions(body: ChatCompletionRequest):
-        job = await run_in_threadpool(_job, body)  # image decoding stays off the event loop
+        with batcher.arriving():  # a batch being gathered waits for this request
+            job = await run_in_threadpool(_job, body)  # image decoding stays off the event loop
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -28,7 +28,7 @@ def _run_sft(args: argparse.Namespace) -> int:
     from .launch import launch_torchrun, nproc_per_node, under_torchrun
     from .sft import SftError, run_sft
     from .stages import StageError
-    from .trainer import NonFiniteLossError
+    from .trainer import CheckpointSaveError, NonFiniteLossError
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
@@ -36,7 +36,10 @@ def _run_sft(args: argparse.Namespace) -> int:
         if nproc > 1 and not under_torchrun():
             return launch_torchrun(sys.argv[1:], nproc)
         run_sft(parse_namespace(args))
-    except (SftError, DatasetError, StageError, CheckpointError, ProcessorError, NonFiniteLossError, ValueError) as err:
+    except (
+        SftError, DatasetError, StageError, CheckpointError, ProcessorError, NonFiniteLossError, CheckpointSaveError,
+        ValueError,
+    ) as err:
         print(f"citrus-v sft: {err}", file=sys.stderr)
         return 1
     return 0

@@ -3,8 +3,10 @@
 - Mask losses are averaged per mask over the whole accumulated batch (all ranks): the mask count is taken
   with the batch samples, like transformers' ``num_items_in_batch`` for tokens.
 - LM loss, mask BCE and Dice are logged separately, with samples/s and tokens/s.
-- A checkpoint is written into a hidden staging folder and renamed into place only when complete, so a
-  kill at any moment leaves the last complete checkpoint for ``--resume_from_checkpoint latest``.
+- A checkpoint is written into a hidden staging folder, flushed, and renamed into place only when complete, so
+  a kill at any moment leaves the last complete checkpoint for ``--resume_from_checkpoint latest``; that one is
+  verified (readable state, weights and archives) and a corrupt newest checkpoint falls back to the one before.
+- A failed save (disk full) removes its partial files and stops every process with :class:`CheckpointSaveError`.
 - A non-finite loss stops the run with the step number and the ids of that batch's samples.
 """
 
@@ -45,12 +47,102 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint whose trainer state is readable (older ones as fallback)."""
-    for path in reversed(list_checkpoints(output_dir)):
-        if (path / "trainer_state.json").is_file() and (path / "config.json").is_file():
-            return path
+class CheckpointSaveError(RuntimeError):
+    """Writing a checkpoint failed (e.g. the disk is full); nothing half-written was left in place."""
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+# torch.save files: zip archives whose central directory sits at the end, so a truncated one fails to open
+ARCHIVE_PATTERNS = ("optimizer.pt", "scheduler.pt", "rng_state*.pth", "training_args.bin")
+
+
+def _check_safetensors(path: Path) -> None:
+    """The header parses and every tensor's bytes lie inside the file (a truncated file fails)."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than a safetensors header")
+        length = int.from_bytes(head, "little")
+        if length > size - 8:
+            raise ValueError("the header runs past the end of the file")
+        header = json.loads(handle.read(length))
+    ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    if 8 + length + max(ends, default=0) > size:
+        raise ValueError(f"truncated: {size} bytes, tensors need {8 + length + max(ends, default=0)}")
+
+
+def verify_checkpoint(path: str | Path) -> str | None:
+    """``None`` when the checkpoint folder looks complete and readable, else what is wrong with it.
+
+    Cheap checks that catch truncated and garbled files without loading the tensors: the trainer state is
+    JSON with a step, the weights' safetensors headers fit their files, each torch archive opens.
+    """
+    import zipfile
+
+    path = Path(path)
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+        if not isinstance(state, dict) or "global_step" not in state:
+            return "trainer_state.json holds no global_step"
+    except (OSError, ValueError) as err:
+        return f"trainer_state.json is unreadable ({err})"
+    weights = [path / name for name in WEIGHT_FILES if (path / name).is_file()]
+    if not weights:
+        return f"no weights ({' or '.join(WEIGHT_FILES)})"
+    shards = [p for p in weights if p.suffix == ".safetensors"]
+    for index in (p for p in weights if p.name.endswith(".index.json")):
+        try:
+            shards += [path / name for name in set(json.loads(index.read_text())["weight_map"].values())]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            return f"{index.name} is unreadable ({err})"
+    for shard in shards:
+        try:
+            _check_safetensors(shard)
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+            return f"{shard.name} is unreadable ({err})"
+    for pattern in ARCHIVE_PATTERNS:
+        for archive in path.glob(pattern):
+            try:
+                with zipfile.ZipFile(archive):
+                    pass
+            except (OSError, zipfile.BadZipFile) as err:
+                return f"{archive.name} is unreadable ({err})"
     return None
+
+
+def latest_checkpoint(output_dir: str | Path, report=None) -> Path | None:
+    """The newest checkpoint that :func:`verify_checkpoint` accepts; broken newer ones are skipped and named.
+
+    ``report`` (default: print to stderr) gets one line per skipped folder, saying what is wrong with it.
+    """
+    import sys
+
+    def say_once(text: str) -> None:  # one line per run, not one per process
+        if os.environ.get("RANK", "0") == "0":
+            print(text, file=sys.stderr, flush=True)
+
+    say = report or say_once
+    for path in reversed(list_checkpoints(output_dir)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        say(f"checkpoint {path} is incomplete or corrupt ({problem}); falling back to the one before it")
+    return None
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file and the folder itself, so that a renamed checkpoint survives a crash of the machine."""
+    for item in sorted(folder.rglob("*")):
+        if item.is_file():
+            with open(item, "rb") as handle:
+                os.fsync(handle.fileno())
+    for directory in [*(p for p in folder.rglob("*") if p.is_dir()), folder]:
+        descriptor = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 class CitrusVTrainer(Trainer):
@@ -158,6 +250,7 @@ class CitrusVTrainer(Trainer):
         self._barrier()
         original = self.args.output_dir
         limit = self.args.save_total_limit
+        failure: OSError | None = None
         try:
             # the parent writes into staging/checkpoint-N; rotation happens after the rename
             self.args.output_dir = str(staging)
@@ -166,17 +259,47 @@ class CitrusVTrainer(Trainer):
             if self.streaming:
                 state_file = staging / final.name / f"{STREAM_STATE_PREFIX}{self.args.process_index}.json"
                 state_file.write_text(json.dumps(self.train_dataset.state_dict()))
+        except OSError as err:  # disk full, quota, I/O error: every rank must learn of it, or the others hang
+            failure = err
         finally:
             self.args.output_dir = original
             self.args.save_total_limit = limit
-        self._barrier()
+        # every rank's files are written once all agree; then the main process flushes them to disk
+        if not self._any_rank(failure is not None) and self.args.should_save:
+            try:
+                _fsync_tree(staging)
+            except OSError as err:
+                failure = err
+        if self._any_rank(failure is not None):
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            self._barrier()
+            previous = latest_checkpoint(run_dir, report=lambda _: None)
+            reason = f"{failure}" if failure is not None else "it failed on another process"
+            raise CheckpointSaveError(
+                f"saving {final.name} failed: {reason}. The partial files were removed; the last complete "
+                f"checkpoint is {previous or 'none'}. Free disk space, then continue with "
+                "--resume_from_checkpoint latest"
+            ) from failure
         if self.args.should_save:
+            # rename the old folder away first: a kill between two renames never leaves a half-deleted checkpoint
+            trash = run_dir / f"{STAGING_PREFIX}{step}-old"
             if final.exists():
-                shutil.rmtree(final)
+                shutil.rmtree(trash, ignore_errors=True)
+                os.replace(final, trash)
             os.replace(staging / final.name, final)
             shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(trash, ignore_errors=True)
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=limit, use_mtime=False)
         self._barrier()
+
+    def _any_rank(self, flag: bool) -> bool:
+        """``flag`` or-ed over all processes (so that every rank takes the same branch)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0], device=self.args.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item() > 0)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
