@@ -261,12 +261,17 @@ def main() -> None:
     parser.add_argument("--max_tokens", type=int, default=32, help="answer length cap in the load test")
     parser.add_argument("--repeats", type=int, default=10, help="timed repeats per pass measurement")
     parser.add_argument("--skip_load", action="store_true")
+    parser.add_argument(
+        "--num_threads", type=int, default=None, help="torch threads (default: as `citrus-v deploy`, all cores but one)"
+    )
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from citrus_v.presets import build_tiny
+    from citrus_v.serve.threads import configure_threads
 
+    configure_threads("cpu", args.num_threads)  # the server's setting, before the model runs
     model, processor = build_tiny(seed=0)
     model.eval()
     print(

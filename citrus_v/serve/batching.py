@@ -2,10 +2,16 @@
 
 One worker thread owns the model. The batching loop takes the first waiting job, then gathers more jobs
 with the same sampling settings until ``max_batch_size`` or ``max_wait_ms`` after the first; ``max_batch_size
-= 1`` turns batching off. Per-row limits that ``generate`` does not know about — each request's own
-``max_tokens`` and ``stop`` strings, cancellation after a timeout, streaming — are handled by
-:class:`RowControl`, a logits processor that watches every step and ends a row by forcing its end-of-turn
-token, so one request's limits never cut another request short.
+= 1`` turns batching off. While requests keep coming, the window stays open ``max_wait_ms`` past the latest
+one, and requests the server has accepted but is still preparing (decoding their images, marked with
+:meth:`DynamicBatcher.arriving`) are waited for, both up to ``max_arrival_wait_ms`` after the first: clients
+answered by one batch come back spread over a few tens of milliseconds, and a window that closes among them
+splits them into smaller batches that then stay split.
+
+Per-row limits that ``generate`` does not know about — each request's own ``max_tokens`` and ``stop``
+strings, cancellation after a timeout, streaming — are handled by :class:`RowControl`, a logits processor
+that watches every step and ends a row by forcing its end-of-turn token, so one request's limits never cut
+another request short.
 """
 
 from __future__ import annotations
@@ -145,16 +151,28 @@ class DynamicBatcher:
         predictor: the model; only ``predict_batch`` and ``processor`` are used.
         max_batch_size: most requests in one generation (1 = no batching).
         max_wait_ms: how long the first request of a batch waits for others to join.
+        max_arrival_wait_ms: the longest a batch waits, from its first request, while requests keep joining or
+            are still being prepared (with ``max_wait_ms = 0`` the batcher never waits).
     """
 
-    def __init__(self, predictor: CitrusVPredictor, max_batch_size: int = 8, max_wait_ms: float = 10.0) -> None:
+    def __init__(
+        self,
+        predictor: CitrusVPredictor,
+        max_batch_size: int = 8,
+        max_wait_ms: float = 10.0,
+        max_arrival_wait_ms: float = 100.0,
+    ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be 0 or more, got {max_wait_ms}")
+        if max_arrival_wait_ms < 0:
+            raise ValueError(f"max_arrival_wait_ms must be 0 or more, got {max_arrival_wait_ms}")
         self.predictor = predictor
         self.max_batch_size = int(max_batch_size)
         self.max_wait = float(max_wait_ms) / 1000.0
+        self.max_arrival_wait = float(max_arrival_wait_ms) / 1000.0 if max_wait_ms > 0 else 0.0
+        self._arriving = 0  # requests being prepared; touched on the event loop only
         self._queue: asyncio.Queue[Job] | None = None
         self._pending: deque[Job] = deque()
         self._task: asyncio.Task | None = None
@@ -191,6 +209,18 @@ class DynamicBatcher:
     def queued(self) -> int:
         return len(self._pending) + (self._queue.qsize() if self._queue is not None else 0)
 
+    @contextlib.contextmanager
+    def arriving(self):
+        """Mark a request being prepared (on the event loop) for the time of the ``with`` block.
+
+        A batch being gathered waits for it (up to ``max_arrival_wait_ms``); submit its job right after the block.
+        """
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
+
     def submit(self, job: Job) -> asyncio.Future:
         """Queue ``job``; the returned future resolves to a :class:`JobResult` (or the error)."""
         if self._queue is None:
@@ -215,21 +245,27 @@ class DynamicBatcher:
                 batch.append(job)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait
+        latest = loop.time() + max(self.max_wait, self.max_arrival_wait)
         while len(batch) < self.max_batch_size:
             try:
                 job = self._queue.get_nowait()
             except asyncio.QueueEmpty:
-                remaining = deadline - loop.time()
+                now = loop.time()
+                if now >= deadline and self._arriving:
+                    # a request is still being prepared: wait one more window, then look again
+                    deadline = min(now + max(self.max_wait, 0.005), latest)
+                remaining = deadline - now
                 if remaining <= 0:
                     break
                 try:
                     job = await asyncio.wait_for(self._queue.get(), remaining)
                 except TimeoutError:
-                    break
+                    continue  # the window is over unless requests are still being prepared
             if job.group() == key:
                 batch.append(job)
             else:
                 self._pending.append(job)
+            deadline = max(deadline, min(loop.time() + self.max_wait, latest))  # more may follow this one
         return batch
 
     async def _loop(self) -> None:

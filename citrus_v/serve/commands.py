@@ -28,6 +28,12 @@ def add_parser(sub) -> None:
     parser.add_argument("--max_body_mb", type=float, default=64.0, help="largest request body in MiB")
     parser.add_argument("--max_tokens", type=int, default=512, help="default max_tokens when a request gives none")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument(
+        "--num_threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default on CPU: all cores but one, which the HTTP side keeps)",
+    )
     parser.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.set_defaults(func=run)
 
@@ -39,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from ..infer.predictor import CitrusVPredictor
     from ..modeling.checkpoint import CheckpointError
     from .media import DEFAULT_MAX_IMAGE_PIXELS
+    from .threads import configure_threads
 
     try:
         from .server import ServerSettings, create_app, serve
@@ -51,14 +58,21 @@ def run(args: argparse.Namespace) -> int:
     if allowed is not None and not allowed.is_dir():
         print(f"citrus-v deploy: --allowed_local_media_path {allowed} is not a folder", file=sys.stderr)
         return 2
-    if args.max_batch_size < 1 or args.max_wait_ms < 0 or args.request_timeout <= 0 or args.max_tokens < 1:
+    if (
+        args.max_batch_size < 1
+        or args.max_wait_ms < 0
+        or args.request_timeout <= 0
+        or args.max_tokens < 1
+        or (args.num_threads is not None and args.num_threads < 1)
+    ):
         print(
-            "citrus-v deploy: --max_batch_size and --max_tokens must be >= 1, --max_wait_ms >= 0, "
+            "citrus-v deploy: --max_batch_size, --max_tokens and --num_threads must be >= 1, --max_wait_ms >= 0, "
             "--request_timeout > 0",
             file=sys.stderr,
         )
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    threads = configure_threads(device, args.num_threads)  # before the model runs anything
     try:
         predictor = CitrusVPredictor.from_pretrained(folder, device=device)
     except (CheckpointError, OSError, ValueError) as err:
@@ -77,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(
         f"serving {folder} as {settings.served_model_name!r} on http://{args.host}:{args.port}/v1 "
-        f"(max batch {settings.max_batch_size}, wait {settings.max_wait_ms:g} ms)",
+        f"(max batch {settings.max_batch_size}, wait {settings.max_wait_ms:g} ms, {threads} torch thread(s))",
         flush=True,
     )
     serve(create_app(predictor, settings), args.host, args.port, args.log_level)
