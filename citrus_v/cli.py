@@ -49,9 +49,14 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.make_base:
+        from .tiny_base import make_base
+
+        make_base(args.make_base)
+        return 0
     from .demo import run_demo
 
-    run_demo(args.out, fast=args.fast, seed=args.seed, steps=args.steps)
+    run_demo(args.out, fast=args.fast, seed=args.seed, steps=args.steps, from_scratch=args.from_scratch)
     return 0
 
 
@@ -77,6 +82,14 @@ def make_parser() -> argparse.ArgumentParser:
     demo.add_argument("--fast", action="store_true", help="a small run of about 3 minutes")
     demo.add_argument("--steps", type=int, default=None, help="override the steps of both training stages")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--from-scratch", action="store_true", help="start from the random-init tiny preset, not the shipped base"
+    )
+    demo.add_argument(
+        "--make-base",
+        metavar="DIR",
+        help="instead of the demo, train the tiny stage-1/2 base checkpoint into DIR (about an hour on 2 cores)",
+    )
     demo.set_defaults(func=_demo)
 
     for target in COMMANDS.values():

@@ -2,8 +2,10 @@
 
 Steps (each reuses the real command's code):
 1. synthesise the corpus (``citrus-v data synth``) into ``OUT/data``;
-2. build the tiny preset (``citrus-v build --preset tiny``);
-3. stage 3 — everything trains, HookGrad 0.001 — on all tasks (``citrus-v sft --stage 3``);
+2. take the tiny stage-1/2 checkpoint shipped with the package (:mod:`citrus_v.tiny_base`, made by
+   ``citrus-v demo --make-base``), as upstream starts stages 3-4 from its stage-2 checkpoint; with
+   ``--from-scratch`` (or when the package has none) build the random-init tiny preset instead;
+3. stage 3 — everything trains, HookGrad 0.001 — on all tasks, mixed per task (``citrus-v sft --stage 3``);
 4. stage 4 — seg projector + SAM 2 only — on the segmentation rows (``citrus-v sft --stage 4``);
 5. evaluate on the held-out test split (``citrus-v eval``), plus the language control: the same
    segmentation evaluation with every ``[SEG]`` embedding replaced by the mean ``[SEG]`` embedding;
@@ -41,11 +43,12 @@ TARGETS = {  # issue 8's quality bar on the held-out split
 class DemoPlan:
     """How big each step is; ``--fast`` shrinks everything to fit about 3 minutes."""
 
-    images: int = 240
-    stage3_steps: int = 900
+    images: int = 400
+    stage3_steps: int = 600
     stage4_steps: int = 300
     batch_size: int = 8
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-3  # from random weights
+    base_learning_rate: float = 2e-4  # from the shipped stage-1/2 checkpoint
     eval_limit: int | None = None  # per task; None = the whole test split
 
     @classmethod
@@ -57,39 +60,32 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
-def _sft(model: Path, dataset: Path, out: Path, stage: int, steps: int, plan: DemoPlan, seed: int) -> Path:
+def _sft(
+    model: Path, dataset: list[str], out: Path, stage: int, steps: int, plan: DemoPlan, seed: int, lr: float
+) -> Path:
     from .train.arguments import SftArguments
     from .train.sft import run_sft
 
     args = SftArguments(
         model=str(model),
-        dataset=[str(dataset)],
+        dataset=dataset,
         output_dir=str(out),
         stage=stage,
         max_steps=steps,
         per_device_train_batch_size=plan.batch_size,
-        learning_rate=plan.learning_rate,
+        learning_rate=lr,
         lr_scheduler_type="cosine",
         warmup_steps=min(20, steps // 10),
         weight_decay=0.0,
         max_length=1024,
         save_strategy="no",
         logging_steps=max(1, steps // 30),
+        dataloader_num_workers=1,  # decode DICOM/NIfTI and encode the next batch while this one trains
         report_to=["none"],
         overwrite_output_dir=True,
         seed=seed,
     )
     return run_sft(args)
-
-
-def _segmentation_rows(train: Path, out: Path) -> Path:
-    """Stage 4 trains on image-text-mask triplets only: the rows whose answer holds ``[SEG]``."""
-    rows = []
-    for line in train.read_text().splitlines():
-        if line.strip() and any("[SEG]" in m.get("content", "") for m in json.loads(line).get("messages", [])):
-            rows.append(line)
-    out.write_text("\n".join(rows) + "\n")
-    return out
 
 
 _TARGET_RE = re.compile(r"segment (?:the |all |every )?(.+?)(?: in this image| in the image)?[.?]", re.I)
@@ -231,12 +227,14 @@ def headline_numbers(tasks: dict[str, Any], control: dict[str, Any] | None, pred
     records = [json.loads(line) for line in predictions.read_text().splitlines() if line.strip()]
     seg = [r for r in records if r.get("task") == "seg" and r.get("status") != "failed"]
     det = [r for r in records if r.get("task") == "det" and r.get("status") != "failed"]
+    # prompts with something to segment ("segment the lesion" on a clear image rightly gets no [SEG])
+    targets = [r for r in seg if (r.get("reference") or {}).get("num_masks", 0) > 0]
     dice = overall("seg", "dice")
     control_dice = (control or {}).get("dice")
     return {
         "seg mean Dice": dice,
         "control Dice drop": None if dice is None or control_dice is None else dice - control_dice,
-        "[SEG] emitted": float(np.mean(["[SEG]" in (r.get("output") or "") for r in seg])) if seg else None,
+        "[SEG] emitted": float(np.mean(["[SEG]" in (r.get("output") or "") for r in targets])) if targets else None,
         "box JSON parsable": float(np.mean([r["status"] == "ok" for r in det])) if det else None,
         "det Acc@IoU0.5": overall("det", "acc_iou50"),
         "closed VQA accuracy": overall("vqa", "closed_accuracy"),
@@ -245,13 +243,27 @@ def headline_numbers(tasks: dict[str, Any], control: dict[str, Any] | None, pred
     }
 
 
-def run_demo(out: str | Path = "demo_out", fast: bool = False, seed: int = 0, steps: int | None = None) -> dict:
+def shipped_base() -> Path | None:
+    """The packaged tiny stage-1/2 checkpoint, or None when this installation has none."""
+    from .tiny_base import PACKAGED_BASE
+
+    return PACKAGED_BASE if (PACKAGED_BASE / "model.safetensors").is_file() else None
+
+
+def run_demo(
+    out: str | Path = "demo_out",
+    fast: bool = False,
+    seed: int = 0,
+    steps: int | None = None,
+    from_scratch: bool = False,
+) -> dict:
     """Run the whole demo into ``out``; return the headline numbers."""
     from .data.corpus import CorpusOptions, write_corpus
     from .eval.backends import InProcessBackend
     from .eval.runner import EvalConfig, run_eval
     from .infer.predictor import CitrusVPredictor
     from .presets import build_preset
+    from .tiny_base import STAGE2_MIX, mixed_dataset, split_by_task
     from .train.callbacks import plot_loss_curves
 
     plan = DemoPlan.fast() if fast else DemoPlan()
@@ -273,15 +285,23 @@ def run_demo(out: str | Path = "demo_out", fast: bool = False, seed: int = 0, st
     summary = write_corpus(out / "data", CorpusOptions(n=plan.images, seed=seed))
     t = lap("data", t)
     _say(f"      rows: {summary.rows}")
-    _say("[2/6] building the tiny preset")
-    base = build_preset("tiny", out / "base", seed=seed)
+    shipped = None if from_scratch else shipped_base()
+    if shipped is not None:
+        _say(f"[2/6] starting from the shipped tiny stage-1/2 checkpoint ({shipped})")
+        base, lr = shipped, plan.base_learning_rate
+    else:
+        _say("[2/6] building the tiny preset (random weights)")
+        base, lr = build_preset("tiny", out / "base", seed=seed), plan.learning_rate
     t = lap("build", t)
+    files = split_by_task(out / "data" / "train.jsonl")
     _say(f"[3/6] stage 3: everything trains (HookGrad 0.001), {plan.stage3_steps} steps")
-    stage3 = _sft(base, out / "data" / "train.jsonl", out / "stage3", 3, plan.stage3_steps, plan, seed)
+    mix = {task: share for task, share in STAGE2_MIX.items() if task in files}
+    dataset = mixed_dataset(files, mix, plan.stage3_steps * plan.batch_size)
+    stage3 = _sft(base, dataset, out / "stage3", 3, plan.stage3_steps, plan, seed, lr)
     t = lap("stage3", t)
     _say(f"[4/6] stage 4: seg projector + SAM 2 only, {plan.stage4_steps} steps")
-    seg_rows = _segmentation_rows(out / "data" / "train.jsonl", out / "data" / "train_seg.jsonl")
-    checkpoint = _sft(stage3, seg_rows, out / "checkpoint", 4, plan.stage4_steps, plan, seed)
+    seg_rows = [str(files["segmentation"])]
+    checkpoint = _sft(stage3, seg_rows, out / "checkpoint", 4, plan.stage4_steps, plan, seed, lr)
     t = lap("stage4", t)
 
     _say("[5/6] evaluating on the held-out test split")
@@ -330,6 +350,7 @@ def run_demo(out: str | Path = "demo_out", fast: bool = False, seed: int = 0, st
     timings["total"] = round(time.monotonic() - started, 1)
     metrics = {
         "plan": plan.__dict__,
+        "base": str(base),
         "headline": numbers,
         "targets": TARGETS,
         "dice_per_target": per_target,
@@ -338,7 +359,7 @@ def run_demo(out: str | Path = "demo_out", fast: bool = False, seed: int = 0, st
         "tasks": result.tasks,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
-    report = _report(numbers, per_target, control, timings, overlays, curves, plan, out)
+    report = _report(numbers, per_target, control, timings, overlays, curves, plan, out, base)
     (out / "report.md").write_text(report)
     _say(f"\nreport: {out / 'report.md'}")
     _say(f"serve it:  citrus-v deploy --model {checkpoint} --port 8000 --served_model_name citrus-v-tiny")
@@ -352,9 +373,11 @@ def _status(value: float | None, rule: tuple[str, float]) -> str:
     return "met" if value >= rule[1] else "not met"
 
 
-def _report(numbers, per_target, control, timings, overlays, curves, plan, out: Path) -> str:
+def _report(numbers, per_target, control, timings, overlays, curves, plan, out: Path, base: Path) -> str:
     lines = [
         "# Citrus-V demo",
+        "",
+        f"Started from: `{base}`",
         "",
         f"Plan: {plan.__dict__}",
         "",

@@ -24,6 +24,8 @@ PRESETS = ("tiny",)
 
 # Tiny image bounds: 224×224 inputs give 16×16 patches -> 64 merged image tokens.
 TINY_PIXELS = 224 * 224
+# documents are rendered at twice the scan size so their text stays legible: allow up to 448 x 448
+TINY_MAX_PIXELS = 4 * TINY_PIXELS
 
 
 def tiny_sam2_config() -> Sam2Config:
@@ -116,7 +118,11 @@ def build_tiny(seed: int = 0) -> tuple[CitrusV, CitrusVProcessor]:
     tokenizer = build_tokenizer()
     sam2_config = tiny_sam2_config()
     config = CitrusVConfig.from_parts(
-        tiny_mllm_config(tokenizer), sam2_config, seg_token_idx=tokenizer.convert_tokens_to_ids(SEG_TOKEN)
+        tiny_mllm_config(tokenizer),
+        sam2_config,
+        seg_token_idx=tokenizer.convert_tokens_to_ids(SEG_TOKEN),
+        # a tiny language model ignores the image without it (see citrus_v.modeling.lesion_map)
+        lesion_map_loss_weight=1.0,
     )
     model = CitrusV(config)
     sam = model.grounding_encoder
@@ -126,7 +132,7 @@ def build_tiny(seed: int = 0) -> tuple[CitrusV, CitrusVProcessor]:
     with torch.no_grad():
         sam.prompt_encoder.shared_embedding.positional_embedding.copy_(sam.shared_image_embedding.positional_embedding)
     model.eval()
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=TINY_PIXELS, max_pixels=TINY_PIXELS)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=TINY_PIXELS, max_pixels=TINY_MAX_PIXELS)
     processor = CitrusVProcessor(
         tokenizer,
         image_processor,

@@ -43,6 +43,8 @@ def test_demo_runs_end_to_end(tmp_path):
     result = _citrus_v("demo", "--fast", "--steps", "2", "--out", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "citrus-v deploy --model" in result.stdout and "citrus-v app --api" in result.stdout
+    # stages 3-4 start from the shipped stage-1/2 checkpoint, as upstream's do from its stage-2 checkpoint
+    assert "starting from the shipped tiny stage-1/2 checkpoint" in result.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["headline"]) == set(metrics["targets"])
     assert set(metrics["tasks"]) == {"seg", "det", "vqa", "report", "doc", "cot"}

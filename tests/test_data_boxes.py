@@ -85,9 +85,9 @@ def test_iou_and_inside():
 def test_parse_boxes_to_original_scales_once(tiny):
     from citrus_v.processing.boxes import parse_boxes_to_original
 
-    _, processor = tiny  # 224*224 pixels per model image
-    scaler = BoxScaler.for_processor(processor, 896, 224)
-    assert scaler.model == (448, 112)  # half the original size on both axes
+    _, processor = tiny  # at most 448*448 pixels per model image
+    scaler = BoxScaler.for_processor(processor, 1792, 448)
+    assert scaler.model == (896, 224)  # half the original size on both axes
     answer = format_boxes([Box(28, 56, 112, 100, "lesion")])
-    (box,) = parse_boxes_to_original(answer, (896, 224), processor)
+    (box,) = parse_boxes_to_original(answer, (1792, 448), processor)
     assert box.label == "lesion" and box.xyxy == [56, 112, 224, 200]

@@ -52,6 +52,8 @@ class CorpusOptions:
         documents: fraction of the images that are lab reports.
         volume_depth: slices per NIfTI volume; slices_per_volume: how many of them get rows.
         rle_fraction: fraction of image-file masks written inline as COCO RLE instead of PNG files.
+        document_scale: lab reports are rendered at ``size * document_scale`` pixels, so their text stays
+            legible to the vision tower (2 -> 448 px, 256 image tokens with the tiny preset).
     """
 
     n: int = 200
@@ -62,6 +64,7 @@ class CorpusOptions:
     volume_depth: int = 8
     slices_per_volume: int = 3
     rle_fraction: float = 0.25
+    document_scale: int = 2
 
 
 @dataclass
@@ -221,9 +224,9 @@ def write_volume(path: Path, slices: list[np.ndarray], spacing: tuple[float, flo
 
 
 # --- rows ----------------------------------------------------------------------------------------------------
-def _row(task: str, meta: dict, image: str, question: str, answer: str, **extra) -> dict:
+def _task_row(task: str, meta: dict, image: str, question: str, answer: str, **extra) -> dict:
     row = {"task": task, "messages": [_user(question), _answer(answer)], "images": [image]}
-    row.update(extra)
+    row.update({k: v for k, v in extra.items() if v is not None})
     row["meta"] = meta
     return row
 
@@ -235,7 +238,15 @@ def scan_rows(
     rng = writer.rng
     anatomy = view.anatomy
     organs = {name: mask for name, mask in view.organs.items() if mask.sum() >= 60}
-    lesions = view.visible_lesions()
+    # numbered from left to right (by centre column), so "lesion 2" names one lesion, as the answers say
+    lesions = sorted(view.visible_lesions(), key=lambda item: float(np.nonzero(item[1])[1].mean()))
+    # every lesion pixel of the image, for the training-only lesion-map loss
+    lesion_map = mask_to_rle(np.any(np.stack(view.lesions), axis=0)) if view.lesions else mask_to_rle(
+        np.zeros(view.values.shape, dtype=bool)
+    )
+
+    def _row(task: str, meta: dict, image: str, question: str, answer: str, **extra) -> dict:
+        return _task_row(task, meta, image, question, answer, lesion_map=lesion_map, **extra)
     modality, region = anatomy.modality, anatomy.region
     rows: list[dict] = []
     organ_names = list(organs)
@@ -255,7 +266,7 @@ def scan_rows(
             parts = ", ".join(f"lesion {k + 1} [SEG]" for k in range(len(lesions)))
             rows.append(
                 _row("segmentation", meta, image, "Segment every lesion.",
-                     f"There are {len(lesions)} lesions: {parts}.",
+                     f"There are {len(lesions)} lesions, from left to right: {parts}.",
                      masks=[mask_ref(f"lesion_{k + 1}", m) for k, (_, m) in enumerate(lesions)])
             )
         else:
@@ -379,22 +390,22 @@ def _scan_case(writer: _CaseWriter, fmt: str) -> tuple[list[dict], int]:
 
 def _document_case(writer: _CaseWriter) -> list[dict]:
     rng = writer.rng
-    report = make_lab_report(rng, writer.options.size)
+    report = make_lab_report(rng, writer.options.size * writer.options.document_scale)
     path = writer.image_dir / f"{writer.case}.png"
     report.image.save(path)
     image = writer.rel(path)
     meta = {"case": writer.case, "modality": "document", "region": "lab report", "format": "png"}
     pick = report.results[int(rng.integers(0, len(report.results)))]
-    rows = [_row("document", meta, image, f"What is the {pick.name} value in this lab report?", pick.text)]
+    rows = [_task_row("document", meta, image, f"What is the {pick.name} value in this lab report?", pick.text)]
     if rng.uniform() < 0.5:
         values = {r.name: r.text for r in report.results}
-        rows.append(_row("document", meta, image, "Extract every test result as JSON.",
+        rows.append(_task_row("document", meta, image, "Extract every test result as JSON.",
                          "```json\n" + json.dumps(values, ensure_ascii=False) + "\n```"))
     else:
         abnormal = [f"{r.name} ({r.flag})" for r in report.results if r.flag != "normal"]
-        rows.append(_row("document", meta, image, "Which results are outside the reference range?",
+        rows.append(_task_row("document", meta, image, "Which results are outside the reference range?",
                          ", ".join(abnormal) if abnormal else "None; all results are within range."))
-    rows.append(_row("document", meta, image, "What are the patient ID and the date of this report?",
+    rows.append(_task_row("document", meta, image, "What are the patient ID and the date of this report?",
                      f"Patient ID {report.patient_id}, date {report.date}."))
     return rows
 

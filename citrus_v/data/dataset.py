@@ -55,6 +55,11 @@ def load_sample(record: RowRecord, options: ValidationOptions) -> dict[str, Any]
         masks.append(mask)
     scaler = options.scaler(*images[0].size) if images else None
     sample: dict[str, Any] = {"messages": render_objects(row, scaler), "images": images, "masks": masks}
+    if row.get("lesion_map") is not None and images:
+        try:
+            sample["lesion_map"] = read_mask(row["lesion_map"], base, size=images[0].size)
+        except MedicalImageError as err:
+            raise RowProblem(err.reason, f"lesion_map: {err}") from err
     if row.get("system") is not None:
         sample["system"] = row["system"]
     return sample

@@ -110,7 +110,12 @@ def inspect_row(record: RowRecord, options: ValidationOptions) -> RowInfo:
             f"{num_seg} {SEG_TOKEN} token(s) but {len(masks)} mask(s) ({more} {SEG_TOKEN} than masks): give exactly "
             f"one mask per {SEG_TOKEN}, in order",
         )
-    for k, ref in enumerate(masks):
+    named = [(f"masks[{k}]", ref) for k, ref in enumerate(masks)]
+    if row.get("lesion_map") is not None:
+        if not sizes:
+            raise RowProblem("seg_without_image", "lesion_map given but the row has no image")
+        named.append(("lesion_map", row["lesion_map"]))
+    for what, ref in named:
         try:
             if options.decode or isinstance(ref, dict):
                 shape = read_mask(ref, base, size=sizes[0]).shape
@@ -118,11 +123,11 @@ def inspect_row(record: RowRecord, options: ValidationOptions) -> RowInfo:
             else:
                 width, height = image_size(ref, base, max_pixels=options.max_image_pixels)
         except MedicalImageError as err:
-            raise RowProblem(err.reason, f"masks[{k}]: {err}") from err
+            raise RowProblem(err.reason, f"{what}: {err}") from err
         if (width, height) != sizes[0]:
             raise RowProblem(
                 "mask_size",
-                f"masks[{k}] is {width}x{height} but images[0] is {sizes[0][0]}x{sizes[0][1]}: a mask must have its "
+                f"{what} is {width}x{height} but images[0] is {sizes[0][0]}x{sizes[0][1]}: a mask must have its "
                 "image's size",
             )
     boxes = object_boxes(row)

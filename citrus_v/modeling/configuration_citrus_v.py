@@ -27,6 +27,8 @@ class CitrusVConfig(Qwen2_5_VLConfig):
         loss_mask_config: ``{"loss_weight": w}`` for the sigmoid BCE mask loss (upstream default 2.0).
         loss_dice_config: ``{"loss_weight": w, "eps": e}`` for the Dice loss (upstream default 1.0, eps 1.0).
         hook_grad_factor: HookGrad factor on the projector output; 1.0 disables it, stage 3 uses 0.001.
+        lesion_map_loss_weight: weight of the training-only lesion-map loss on the vision tower's merged
+            image tokens (0.0, the default, builds no head; see :mod:`.lesion_map`).
     """
 
     model_type = "citrus_v"
@@ -38,6 +40,7 @@ class CitrusVConfig(Qwen2_5_VLConfig):
     loss_mask_config: dict | None = None
     loss_dice_config: dict | None = None
     hook_grad_factor: float = 1.0
+    lesion_map_loss_weight: float = 0.0
 
     # --- derived views -------------------------------------------------------------------------------
     def sam2_config(self) -> Sam2Config:

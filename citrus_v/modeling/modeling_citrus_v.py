@@ -19,10 +19,12 @@ from torch import nn
 from transformers import AutoModel, PreTrainedModel, Qwen2_5_VLForConditionalGeneration
 from transformers.utils import ModelOutput
 
+from ..processing.template import IGNORE_INDEX
 from .checkpoint import CheckpointError, check_weights, read_config_dict, weight_files
 from .configuration_citrus_v import CitrusVConfig
 from .grounding import GroundingEncoder, SamImageFeatures
 from .hook_grad import hook_grad
+from .lesion_map import LesionMapHead
 from .losses import dice_loss_sum, mask_bce_sum
 from .seg_projector import ResidualSegProjector, SegProjector, build_seg_projector
 from .upstream_checkpoint import (
@@ -54,6 +56,7 @@ class CitrusVOutput(ModelOutput):
     lm_loss: torch.Tensor | None = None
     mask_bce_loss: torch.Tensor | None = None
     mask_dice_loss: torch.Tensor | None = None
+    lesion_map_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     pred_masks: list[torch.Tensor] | None = None
     iou_scores: list[torch.Tensor] | None = None
@@ -92,6 +95,10 @@ class CitrusV(CitrusVPreTrainedModel):
             self.grounding_encoder.prompt_dim,
             config.seg_projector_dropout,
             residual=config.use_res_seg_projector,
+        )
+        # training-only: built when the config gives the auxiliary loss a weight
+        self.lesion_map_head = (
+            LesionMapHead(config.vision_config.out_hidden_size) if config.lesion_map_loss_weight > 0 else None
         )
         self.post_init()
 
@@ -276,6 +283,8 @@ class CitrusV(CitrusVPreTrainedModel):
         seg_image_index: list[torch.Tensor] | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         num_masks_in_batch: int | torch.Tensor | None = None,
+        lesion_map_targets: torch.Tensor | None = None,
+        label_logits_only: bool = False,
         **kwargs,
     ) -> CitrusVOutput:
         """Language-model logits, one mask per ``[SEG]`` token, and the losses when targets are given.
@@ -290,28 +299,57 @@ class CitrusV(CitrusVPreTrainedModel):
             seg_image_index: per packed row, the index into ``sam_pixel_values`` of each ``[SEG]``'s image.
             num_items_in_batch: number of label tokens in the accumulated batch (LM loss normaliser).
             num_masks_in_batch: number of masks in the accumulated batch (mask loss normaliser).
+            lesion_map_targets: ``[N]`` per merged image token 1/0 (lesion or not) or -1 (no map); gives the
+                training-only lesion-map loss when the config weights it (ignored otherwise).
+            label_logits_only: with ``labels``, run the LM head only where the next token is a target and
+                return those logits as ``[N, vocab]``. Training needs nothing else, and prompt, image and
+                padding positions are most of a sequence: with a 150k-token vocabulary the head is the
+                largest matmul of a small model's step. The loss is the same.
         """
-        outputs = self.mllm.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            pixel_values=pixel_values,
-            image_grid_thw=image_grid_thw,
-            mm_token_type_ids=mm_token_type_ids,
-            use_cache=False,
-            **kwargs,
+        use_lesion_map = self.lesion_map_head is not None and lesion_map_targets is not None
+        image_tokens: list[torch.Tensor] = []
+        handle = (
+            self.mllm.model.visual.register_forward_hook(lambda m, a, out: image_tokens.append(out.pooler_output))
+            if use_lesion_map
+            else None
         )
+        try:
+            outputs = self.mllm.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                pixel_values=pixel_values,
+                image_grid_thw=image_grid_thw,
+                mm_token_type_ids=mm_token_type_ids,
+                use_cache=False,
+                **kwargs,
+            )
+        finally:
+            if handle is not None:
+                handle.remove()
         hidden_states = outputs.last_hidden_state
-        logits = self.mllm.lm_head(hidden_states)
-
         lm_loss = None
-        if labels is not None:
+        if labels is not None and label_logits_only:
+            # position t predicts token t+1, as in transformers' causal-LM loss
+            shifted = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+            rows, cols = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)
+            logits = self.mllm.lm_head(hidden_states[rows, cols])
             lm_loss = self.mllm.loss_function(
                 logits=logits,
-                labels=labels,
+                labels=None,
+                shift_labels=shifted[rows, cols],
                 vocab_size=self.config.text_config.vocab_size,
                 num_items_in_batch=num_items_in_batch,
             )
+        else:
+            logits = self.mllm.lm_head(hidden_states)
+            if labels is not None:
+                lm_loss = self.mllm.loss_function(
+                    logits=logits,
+                    labels=labels,
+                    vocab_size=self.config.text_config.vocab_size,
+                    num_items_in_batch=num_items_in_batch,
+                )
 
         seg_embeddings = self.seg_embeddings(input_ids, hidden_states)
         training_targets = labels is not None or gt_masks is not None
@@ -323,17 +361,24 @@ class CitrusV(CitrusVPreTrainedModel):
         if gt_masks is not None:
             bce, dice = self._mask_losses(pred_masks, gt_masks, num_masks_in_batch)
 
+        lesion_loss = None
+        if use_lesion_map and image_tokens:
+            lesion_loss = self.lesion_map_head.loss(torch.cat(image_tokens), lesion_map_targets)
+
         loss = None
-        if lm_loss is not None or bce is not None:
+        if lm_loss is not None or bce is not None or lesion_loss is not None:
             loss = lm_loss if lm_loss is not None else logits.new_zeros(())
             if bce is not None:
                 loss = loss + self.config.mask_loss_weight * bce + self.config.dice_loss_weight * dice
+            if lesion_loss is not None:
+                loss = loss + self.config.lesion_map_loss_weight * lesion_loss
 
         return CitrusVOutput(
             loss=loss,
             lm_loss=lm_loss,
             mask_bce_loss=bce,
             mask_dice_loss=dice,
+            lesion_map_loss=lesion_loss,
             logits=logits,
             pred_masks=pred_masks,
             iou_scores=iou_scores,

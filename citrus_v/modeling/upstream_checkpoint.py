@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 META_PREFIX = "grounding_encoder.sam2_model."
 SAM_PREFIX = "grounding_encoder."
 PASS_THROUGH = ("mllm.", "seg_projector.")
+# training-only parts upstream has no module for: left out of the upstream layout (and its config)
+TRAINING_ONLY = ("lesion_map_head.",)
 UNUSED_FILE = "upstream_unused.safetensors"
 UNUSED_ATTRIBUTE = "upstream_unused_tensors"
 DEFAULT_SHARD_SIZE = "5GB"
@@ -406,7 +408,12 @@ def write_upstream(model_dir: str | Path, out: str | Path, max_shard_size: int |
 
     sources: dict[str, _Source] = {}  # upstream name -> where its tensor comes from
     sam_names = [n for n in reader if n.startswith(SAM_PREFIX)]
-    foreign = [n for n in reader if not n.startswith(SAM_PREFIX) and not n.startswith(PASS_THROUGH)]
+    left_out = sorted(n for n in reader if n.startswith(TRAINING_ONLY))
+    if left_out:
+        logger.info("left out the training-only tensors %s: upstream has no module for them", ", ".join(left_out))
+    foreign = [
+        n for n in reader if not n.startswith(SAM_PREFIX) and not n.startswith(PASS_THROUGH + TRAINING_ONLY)
+    ]
     if foreign:
         raise CheckpointError(f"{model_dir}: tensor(s) of no Citrus-V part: {', '.join(sorted(foreign)[:8])}")
     for name in reader:

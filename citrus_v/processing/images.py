@@ -95,3 +95,18 @@ def mask_target(mask: MaskInput, size: tuple[int, int]) -> torch.Tensor:
     binary = load_mask(mask)
     resized = Image.fromarray(binary.astype(np.uint8) * 255).resize((size[1], size[0]), Image.Resampling.NEAREST)
     return torch.from_numpy(np.asarray(resized) > 0).float()
+
+
+IGNORE_TARGET = -1.0  # lesion-map target of tokens whose image has no map
+
+
+def lesion_map_target(mask: MaskInput, cells: tuple[int, int]) -> torch.Tensor:
+    """Lesion-map target ``[rows * cols]`` in merged-token order: 1.0 where a cell holds any lesion pixel.
+
+    ``cells`` is the merged-token grid ``(rows, cols)`` of the image (``grid_h / merge``, ``grid_w / merge``);
+    the mask is averaged over each cell (box filter), so a partly covered cell counts as lesion.
+    """
+    binary = load_mask(mask).astype(np.float32)
+    rows, cols = cells
+    coverage = np.asarray(Image.fromarray(binary).resize((cols, rows), Image.Resampling.BOX))
+    return torch.from_numpy((coverage > 0).reshape(-1)).float()

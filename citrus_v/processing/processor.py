@@ -19,10 +19,19 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.image_utils import SizeDict
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from .images import ImageInput, MaskInput, load_image, load_mask, mask_target, sam_pixel_values
-from .template import IGNORE_INDEX, ChatTemplate, TemplateError
+from .images import (
+    IGNORE_TARGET,
+    ImageInput,
+    MaskInput,
+    lesion_map_target,
+    load_image,
+    load_mask,
+    mask_target,
+    sam_pixel_values,
+)
+from .template import IGNORE_INDEX, ChatTemplate, TemplateError, place_images
 from .tokenizer_builder import add_citrus_tokens
-from .tokens import DEFAULT_SYSTEM, IMAGE_PLACEHOLDER, SEG_TOKEN
+from .tokens import DEFAULT_SYSTEM, SEG_TOKEN
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +51,26 @@ class Sample(TypedDict, total=False):
     images: list[ImageInput]
     masks: list[MaskInput]
     system: str
+    lesion_map: MaskInput  # optional, training-only: lesion pixels of the first image
+
+
+def lesion_map_batch(encoded: Sequence[dict[str, Any]], merge: int) -> torch.Tensor | None:
+    """Concatenate samples' ``lesion_map_targets`` in ``pixel_values`` order (-1 for samples without one).
+
+    None when no sample has a map, so batches without maps carry no extra key.
+    """
+    if not any(e.get("lesion_map_targets") is not None for e in encoded):
+        return None
+    parts = []
+    for e in encoded:
+        if e.get("pixel_values") is None:
+            continue
+        if e.get("lesion_map_targets") is not None:
+            parts.append(e["lesion_map_targets"])
+        else:
+            tokens = int(e["image_grid_thw"].prod(dim=-1).sum()) // (merge * merge)
+            parts.append(torch.full((tokens,), IGNORE_TARGET))
+    return torch.cat(parts)
 
 
 def _pixels_from_env(name: str) -> int | None:
@@ -235,6 +264,9 @@ class CitrusVProcessor:
         batch["sam_image_mask"] = torch.tensor(sam_flags, dtype=torch.bool)
         if return_labels:
             batch["gt_masks"] = gt_masks
+            lesion = lesion_map_batch(rows, int(self.image_processor.merge_size))
+            if lesion is not None:
+                batch["lesion_map_targets"] = lesion
         return batch
 
     def _encode_sample(
@@ -243,14 +275,7 @@ class CitrusVProcessor:
         if not isinstance(sample, dict) or "messages" not in sample:
             raise ProcessorError("each sample must be a dict with a 'messages' list")
         images = [load_image(image) for image in sample.get("images") or []]
-        messages = [dict(m) for m in sample["messages"]]
-        placeholders = sum(str(m.get("content", "")).count(IMAGE_PLACEHOLDER) for m in messages)
-        if images and placeholders == 0:
-            # ms-swift convention: images without placeholders go before the first user text
-            for message in messages:
-                if message.get("role") == "user":
-                    message["content"] = IMAGE_PLACEHOLDER * len(images) + message["content"]
-                    break
+        messages = place_images(sample["messages"], len(images))
         pixel_values = grid = None
         image_tokens: list[int] = []
         if images:
@@ -284,6 +309,9 @@ class CitrusVProcessor:
                         f"{width}x{height}: masks must match their image's size"
                     )
         targets = torch.stack([mask_target(b, mask_hw) for b in binary]) if binary else torch.zeros(0, *mask_hw)
+        lesion_targets = None
+        if return_labels and sample.get("lesion_map") is not None and images:
+            lesion_targets = self._lesion_map_targets(sample["lesion_map"], images[0].size, grid)
         return {
             "input_ids": encoded.input_ids,
             "labels": encoded.labels,
@@ -291,7 +319,26 @@ class CitrusVProcessor:
             "image_grid_thw": grid,
             "sam_pixel_values": sam_pixel_values(images[0], self.sam_image_size) if images else None,
             "gt_masks": targets,
+            "lesion_map_targets": lesion_targets,
         }
+
+    def _lesion_map_targets(self, lesion_map: MaskInput, size: tuple[int, int], grid: torch.Tensor) -> torch.Tensor:
+        """Per merged image token of all the sample's images: 1/0 for the first image's cells, -1 for others."""
+        binary = load_mask(lesion_map)
+        if binary.shape != (size[1], size[0]):
+            raise ProcessorError(
+                f"lesion_map is {binary.shape[1]}x{binary.shape[0]} but the first image is {size[0]}x{size[1]}: "
+                "the map must have its image's size"
+            )
+        merge = int(self.image_processor.merge_size)
+        parts = []
+        for k, (t, h, w) in enumerate(grid.tolist()):
+            cells = (h // merge, w // merge)
+            if k == 0:
+                parts.append(lesion_map_target(binary, cells).repeat(t))
+            else:
+                parts.append(torch.full((t * cells[0] * cells[1],), IGNORE_TARGET))
+        return torch.cat(parts)
 
     def _pad(self, ids: list[list[int]], labels: list[list[int]], side: str) -> dict[str, torch.Tensor]:
         pad_id = self.tokenizer.pad_token_id

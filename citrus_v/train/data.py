@@ -31,7 +31,8 @@ class DatasetError(ValueError):
 
 
 def dataset_files(entries: list[str]) -> list[tuple[Path, int | None]]:
-    """``FILE``, ``FILE#N`` (sample N rows) or a folder of ``*.jsonl`` shards -> (file, N)."""
+    """``FILE``, ``FILE#N`` (sample N rows, repeating the file when N exceeds it) or a folder of ``*.jsonl``
+    shards -> (file, N)."""
     files: list[tuple[Path, int | None]] = []
     for entry in entries:
         path_text, _, count = entry.partition("#")
@@ -86,6 +87,8 @@ class TrainCollator:
             result = {k: v for k, v in self._fallback.items()}
             result["labels"] = result["labels"].clone().fill_(IGNORE_INDEX)
             result["gt_masks"] = [m[:0] for m in result["gt_masks"]]
+            if "lesion_map_targets" in result:
+                result["lesion_map_targets"] = result["lesion_map_targets"].clone().fill_(-1.0)
             if "seg_image_index" in result:
                 result["seg_image_index"] = [i[:0] for i in result["seg_image_index"]]
             result["sample_ids"] = []
@@ -97,7 +100,11 @@ class TrainCollator:
 
 
 def _sample_rows(dataset: RowDataset, limits: dict[Path, int], seed: int) -> None:
-    """Keep ``N`` random rows of each ``FILE#N`` entry (deterministic for the seed)."""
+    """Keep ``N`` random rows of each ``FILE#N`` entry (deterministic for the seed).
+
+    As in ms-swift, ``N`` larger than the file repeats it: every row ``N // len`` times, plus a random
+    ``N % len`` of them, so ``FILE#N`` entries set the task mix.
+    """
     if not limits:
         return
     rng = random.Random(seed)
@@ -107,7 +114,11 @@ def _sample_rows(dataset: RowDataset, limits: dict[Path, int], seed: int) -> Non
         by_file.setdefault(Path(record.file), []).append(index)
     for file, indices in by_file.items():
         limit = limits.get(file)
-        keep += sorted(rng.sample(indices, limit)) if limit is not None and limit < len(indices) else indices
+        if limit is None:
+            keep += indices
+        else:
+            repeats, rest = divmod(limit, len(indices))
+            keep += indices * repeats + sorted(rng.sample(indices, rest))
     keep.sort()
     dataset.records = [dataset.records[i] for i in keep]
     if dataset.lengths is not None:

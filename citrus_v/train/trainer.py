@@ -34,6 +34,15 @@ STREAM_STATE_PREFIX = "stream_state_rank"
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
+# output field -> logged name of each loss component
+COMPONENT_LOSSES = (
+    ("lm_loss", "lm_loss"),
+    ("mask_bce_loss", "mask_bce"),
+    ("mask_dice_loss", "mask_dice"),
+    ("lesion_map_loss", "lesion_map"),
+)
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite."""
 
@@ -192,6 +201,9 @@ class CitrusVTrainer(Trainer):
         sample_ids = extras["sample_ids"]
         if self._num_masks_in_batch is not None:
             inputs["num_masks_in_batch"] = self._num_masks_in_batch
+        if model.training and inputs.get("labels") is not None:
+            # training needs logits only where a label is (evaluation keeps the full logits for its metrics)
+            inputs["label_logits_only"] = True
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if not torch.isfinite(loss.detach()).all():
             ids = ", ".join(map(str, sample_ids)) if sample_ids else "unknown"
@@ -204,7 +216,7 @@ class CitrusVTrainer(Trainer):
 
     def _accumulate(self, outputs, inputs: dict, extras: dict) -> None:
         running = self._running
-        for key, name in (("lm_loss", "lm_loss"), ("mask_bce_loss", "mask_bce"), ("mask_dice_loss", "mask_dice")):
+        for key, name in COMPONENT_LOSSES:
             value = outputs.get(key) if hasattr(outputs, "get") else None
             if value is not None:
                 running[name] = running.get(name, 0.0) + float(value.detach())
@@ -220,7 +232,7 @@ class CitrusVTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._running:
             running, self._running = self._running, {}
-            keys = ("lm_loss", "mask_bce", "mask_dice", "_steps", "_samples", "_tokens")
+            keys = (*(name for _, name in COMPONENT_LOSSES), "_steps", "_samples", "_tokens")
             totals = torch.tensor([running.get(k, 0.0) for k in keys], device=self.args.device)
             if self.accelerator.num_processes > 1:
                 totals = self.accelerator.reduce(totals, reduction="sum")
@@ -228,7 +240,7 @@ class CitrusVTrainer(Trainer):
             # each micro-batch's loss is already divided by the whole accumulated (all-rank) count, so an
             # optimizer step's loss is the sum over its micro-batches on all ranks
             steps = max(total["_steps"] / self.accelerator.num_processes, 1e-9)
-            for name in ("lm_loss", "mask_bce", "mask_dice"):
+            for _, name in COMPONENT_LOSSES:
                 if name in running:
                     logs[name] = round(total[name] / steps, 6)
             now = time.perf_counter()

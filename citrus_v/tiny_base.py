@@ -1,0 +1,170 @@
+"""The tiny stage-1/2 checkpoint the demo starts from, and the recipe that makes it.
+
+Upstream runs stages 3 and 4 from a checkpoint that already went through stages 1-2 (and from Meta's
+pretrained SAM 2). The demo does the same with a tiny model: ``citrus_v/weights/tiny-base`` ships with
+the package, made by one command::
+
+    citrus-v demo --make-base citrus_v/weights/tiny-base
+
+which synthesises its own corpus (a different seed from the demo's, so the demo's held-out images are
+new to it), builds the tiny preset and runs two ``citrus-v sft`` stages on it:
+
+1. stage 2 — the whole MLLM — on every task, mixed by ``FILE#N`` per task (more detection, closed
+   questions and documents than the corpus holds), with the training-only lesion-map loss;
+2. stage 4 — seg projector and SAM 2 — on the segmentation rows: SAM is random in the tiny preset, so this
+   stands in for loading Meta's pretrained SAM 2 weights.
+
+Each stage's ``logging.jsonl`` and loss curves stay next to the checkpoint (``recipe/``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+PACKAGED_BASE = Path(__file__).parent / "weights" / "tiny-base"
+# files of a training run's folder that are not part of the checkpoint
+RUN_RECORDS = ("training_args.bin", "logging.jsonl", "loss_curves.png", "sft_args.json")
+
+# share of each task in stage 2's samples (corpus task names)
+STAGE2_MIX: dict[str, float] = {
+    "detection": 0.30,
+    "vqa-closed": 0.20,
+    "document": 0.15,
+    "segmentation": 0.12,
+    "report": 0.08,
+    "cot": 0.08,
+    "vqa-open": 0.07,
+}
+
+
+@dataclass
+class BaseRecipe:
+    """Everything that decides the tiny base checkpoint."""
+
+    images: int = 3000
+    documents: float = 0.25
+    corpus_seed: int = 1001
+    seed: int = 0
+    batch_size: int = 8
+    stage2_steps: int = 3000
+    stage2_learning_rate: float = 1e-3
+    # SAM and the projector are frozen and random in stage 2: keep their mask losses from pulling on the LLM
+    stage2_hook_grad_factor: float = 0.001
+    save_steps: int = 750
+    stage4_steps: int = 1000
+    stage4_learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    mix: dict[str, float] = field(default_factory=lambda: dict(STAGE2_MIX))
+
+
+def split_by_task(train: Path) -> dict[str, Path]:
+    """Write one ``{stem}.{task}.jsonl`` per ``task`` of ``train`` next to it (row paths stay relative to
+    the same folder); return task -> file."""
+    groups: dict[str, list[str]] = {}
+    for line in train.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            groups.setdefault(json.loads(line).get("task", "other"), []).append(line)
+    files = {}
+    for task, lines in sorted(groups.items()):
+        files[task] = train.with_name(f"{train.stem}.{task}.jsonl")
+        files[task].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return files
+
+
+def mixed_dataset(files: dict[str, Path], mix: dict[str, float], samples: int) -> list[str]:
+    """``FILE#N`` entries giving each task its share of ``samples`` (files repeat as needed)."""
+    missing = sorted(set(mix) - set(files))
+    if missing:
+        raise ValueError(f"the corpus has no rows for task(s) {', '.join(missing)}: they are in the mix")
+    total = sum(mix.values())
+    return [f"{files[task]}#{max(1, round(samples * share / total))}" for task, share in mix.items()]
+
+
+def _stage(
+    model: Path, dataset: list[str], out: Path, stage: int, steps: int, lr: float, recipe: BaseRecipe,
+    hook_grad_factor: float | None = None,
+) -> Path:
+    from .train.arguments import SftArguments
+    from .train.sft import run_sft
+
+    args = SftArguments(
+        model=str(model),
+        dataset=dataset,
+        output_dir=str(out),
+        stage=stage,
+        max_steps=steps,
+        per_device_train_batch_size=recipe.batch_size,
+        learning_rate=lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=min(recipe.warmup_steps, steps // 10),
+        weight_decay=0.0,
+        max_length=1024,
+        save_strategy="steps",
+        save_steps=recipe.save_steps,
+        save_total_limit=2,
+        hook_grad_factor=hook_grad_factor,
+        logging_steps=max(1, steps // 100),
+        dataloader_num_workers=1,
+        report_to=["none"],
+        overwrite_output_dir=True,
+        seed=recipe.seed,
+    )
+    return run_sft(args)
+
+
+def make_base(out: str | Path, work: str | Path | None = None, recipe: BaseRecipe | None = None) -> Path:
+    """Run the recipe and write the tiny base checkpoint to ``out`` (with its curves in ``out/recipe``)."""
+    from .data.corpus import CorpusOptions, write_corpus
+    from .presets import build_preset
+    from .train.callbacks import plot_loss_curves
+
+    recipe = recipe or BaseRecipe()
+    out = Path(out)
+    work = Path(work) if work is not None else out.parent / f"{out.name}-work"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    timings: dict[str, float] = {}
+    started = time.monotonic()
+    print(f"[1/4] synthesising {recipe.images} images (seed {recipe.corpus_seed})", flush=True)
+    write_corpus(work / "data", CorpusOptions(n=recipe.images, seed=recipe.corpus_seed, documents=recipe.documents))
+    files = split_by_task(work / "data" / "train.jsonl")
+    timings["data"] = round(time.monotonic() - started, 1)
+    print("[2/4] building the tiny preset", flush=True)
+    base = build_preset("tiny", work / "preset", seed=recipe.seed)
+    t = time.monotonic()
+    print(f"[3/4] stage 2: the whole MLLM, {recipe.stage2_steps} steps", flush=True)
+    dataset = mixed_dataset(files, recipe.mix, recipe.stage2_steps * recipe.batch_size)
+    stage2 = _stage(
+        base, dataset, work / "stage2", 2, recipe.stage2_steps, recipe.stage2_learning_rate, recipe,
+        hook_grad_factor=recipe.stage2_hook_grad_factor,
+    )
+    timings["stage2"] = round(time.monotonic() - t, 1)
+    t = time.monotonic()
+    print(f"[4/4] stage 4: seg projector + SAM 2, {recipe.stage4_steps} steps", flush=True)
+    seg = [str(files["segmentation"])]
+    stage4 = _stage(stage2, seg, work / "stage4", 4, recipe.stage4_steps, recipe.stage4_learning_rate, recipe)
+    timings["stage4"] = round(time.monotonic() - t, 1)
+
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for item in stage4.iterdir():
+        # the model and processor files; the run's own records go to recipe/
+        if item.is_file() and item.name not in RUN_RECORDS:
+            shutil.copy2(item, out / item.name)
+    notes = out / "recipe"
+    notes.mkdir()
+    for stage, folder in (("stage2", stage2), ("stage4", stage4)):
+        log = folder / "logging.jsonl"
+        if log.is_file():
+            shutil.copy2(log, notes / f"{stage}_logging.jsonl")
+            plot_loss_curves(log, notes / f"loss_{stage}.png")
+    timings["total"] = round(time.monotonic() - started, 1)
+    (notes / "recipe.json").write_text(json.dumps({"recipe": asdict(recipe), "timings_s": timings}, indent=2) + "\n")
+    print(f"wrote the tiny base checkpoint to {out} in {timings['total']:.0f} s", flush=True)
+    return out

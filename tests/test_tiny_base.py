@@ -1,0 +1,61 @@
+"""The tiny stage-1/2 checkpoint shipped with the package, and the command that makes it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from citrus_v.data.corpus import CorpusOptions, write_corpus
+from citrus_v.demo import shipped_base
+from citrus_v.tiny_base import BaseRecipe, make_base
+
+
+@pytest.fixture(scope="module")
+def fresh_rows(tmp_path_factory):
+    """Rows of a corpus seed the base never trained on."""
+    out = tmp_path_factory.mktemp("fresh")
+    write_corpus(out, CorpusOptions(n=24, seed=4242))
+    rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    return out, rows
+
+
+def test_the_shipped_base_answers_in_every_task_format(fresh_rows):
+    from citrus_v.infer import CitrusVPredictor, Request
+    from citrus_v.processing.boxes import parse_boxes
+
+    base = shipped_base()
+    assert base is not None, "citrus_v/weights/tiny-base is missing: run citrus-v demo --make-base"
+    recipe = json.loads((base / "recipe" / "recipe.json").read_text())
+    assert recipe["recipe"]["stage2_steps"] > 0 and recipe["recipe"]["stage4_steps"] > 0
+    assert (base / "recipe" / "loss_stage2.png").is_file()
+    out, rows = fresh_rows
+    predictor = CitrusVPredictor.from_pretrained(base)
+    picked = {}
+    for row in rows:
+        task = row["task"]
+        if task in ("detection", "segmentation", "vqa-closed") and task not in picked:
+            if task == "segmentation" and not row.get("masks"):
+                continue
+            picked[task] = row
+    requests = [
+        Request(images=[str(out / r["images"][0])], prompt=r["messages"][0]["content"].replace("<image>", ""))
+        for r in picked.values()
+    ]
+    answers = dict(zip(picked, predictor.predict_batch(requests, max_new_tokens=96), strict=True))
+    # a random-weight model answers none of these in format: the shipped weights are trained
+    assert parse_boxes(answers["detection"].text), answers["detection"].text
+    assert "[SEG]" in answers["segmentation"].text and answers["segmentation"].masks
+    assert answers["segmentation"].masks[0].mask.any()
+    assert answers["vqa-closed"].text.strip() in {"yes", "no", "0", "1", "2", "3", "left", "right"}
+
+
+def test_make_base_runs_the_recipe_end_to_end(tmp_path):
+    """The command that made the shipped base, at a few steps: both stages run and the folder is complete."""
+    recipe = BaseRecipe(images=30, stage2_steps=3, stage4_steps=2, save_steps=1000, batch_size=2)
+    out = make_base(tmp_path / "base", tmp_path / "work", recipe)
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    notes = json.loads((out / "recipe" / "recipe.json").read_text())
+    assert notes["recipe"]["stage2_steps"] == 3 and set(notes["timings_s"]) >= {"stage2", "stage4"}
+    logged = (out / "recipe" / "stage2_logging.jsonl").read_text()
+    assert '"lesion_map"' in logged  # the auxiliary loss ran
