@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,33 +148,6 @@ if os.environ.get(MODEL_ENV):
 
 
 # --- the long profile -----------------------------------------------------------------------------------------
-@contextmanager
-def _deploy(model_dir: Path, port: int, flags: list[str]):
-    import httpx
-
-    command = [sys.executable, "-m", "citrus_v.cli", "deploy", "--model", str(model_dir), "--port", str(port), *flags]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    log = tempfile.TemporaryFile(mode="w+")
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                raise RuntimeError(f"deploy did not start:\n{log.read()}")
-            time.sleep(0.3)
-        yield process, log
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
-
-
 def server_errors(log_text: str) -> list[str]:
     """uvicorn access-log lines with a 5xx status."""
     return [line for line in log_text.splitlines() if '" 5' in line and "HTTP/1.1" in line]
@@ -194,7 +166,7 @@ def main() -> None:
     args = parser.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from test_serve_support import free_port
+    from test_serve_support import deployed_server, free_port
 
     with tempfile.TemporaryDirectory(prefix="citrus-v-fuzz-model-") as scratch:
         model_dir = Path(args.model) if args.model else Path(scratch) / "tiny"
@@ -205,7 +177,7 @@ def main() -> None:
             model.save_pretrained(model_dir)
             processor.save_pretrained(model_dir)
         port = free_port()
-        with _deploy(model_dir, port, [*DEPLOY_FLAGS, "--log_level", "info"]) as (_, log):
+        with deployed_server(model_dir, port, [*DEPLOY_FLAGS, "--log_level", "info"]) as (_, log):
             result = run_fuzz(
                 f"http://127.0.0.1:{port}",
                 model_dir.resolve().name,

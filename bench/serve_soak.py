@@ -25,11 +25,9 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -208,38 +206,6 @@ async def _run_clients(base: str, model: str, pid: int, seconds: float, clients:
         report.latency = {"p50": cuts[49], "p95": cuts[94], "p99": cuts[98], "max": max(latencies)}
 
 
-@contextmanager
-def deploy(model_dir: Path, port: int, request_timeout: float):
-    """``citrus-v deploy`` on 127.0.0.1:port in a subprocess (its log in a temporary file)."""
-    import httpx
-
-    command = [
-        sys.executable, "-m", "citrus_v.cli", "deploy", "--model", str(model_dir), "--port", str(port),
-        "--max_tokens", str(MAX_TOKENS), "--max_body_mb", str(MAX_BODY_MB), "--request_timeout",
-        str(request_timeout), "--log_level", "warning",
-    ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    log = tempfile.TemporaryFile(mode="w+")
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                raise RuntimeError(f"deploy did not start:\n{log.read()}")
-            time.sleep(0.3)
-        yield process
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
-
-
 def run_soak(
     model_dir: Path,
     seconds: float = 600.0,
@@ -252,13 +218,17 @@ def run_soak(
     import httpx
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from test_serve_support import free_port
+    from test_serve_support import deployed_server, free_port
 
     report = SoakReport(
         seconds=seconds, clients=clients, max_rss_growth_mb=max_rss_growth_mb, warmup_s=min(30.0, seconds / 4)
     )
     port = free_port()
-    with deploy(model_dir, port, request_timeout) as process:
+    flags = [
+        "--max_tokens", str(MAX_TOKENS), "--max_body_mb", str(MAX_BODY_MB), "--request_timeout",
+        str(request_timeout), "--log_level", "warning",
+    ]  # fmt: skip
+    with deployed_server(model_dir, port, flags) as (process, _):
         base = f"http://127.0.0.1:{port}"
         model = model_dir.resolve().name
         asyncio.run(

@@ -63,29 +63,9 @@ def _say(message: str) -> None:
 def _sft(
     model: Path, dataset: list[str], out: Path, stage: int, steps: int, plan: DemoPlan, seed: int, lr: float
 ) -> Path:
-    from .train.arguments import SftArguments
-    from .train.sft import run_sft
+    from .tiny_base import run_stage
 
-    args = SftArguments(
-        model=str(model),
-        dataset=dataset,
-        output_dir=str(out),
-        stage=stage,
-        max_steps=steps,
-        per_device_train_batch_size=plan.batch_size,
-        learning_rate=lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=min(20, steps // 10),
-        weight_decay=0.0,
-        max_length=1024,
-        save_strategy="no",
-        logging_steps=max(1, steps // 30),
-        dataloader_num_workers=1,  # decode DICOM/NIfTI and encode the next batch while this one trains
-        report_to=["none"],
-        overwrite_output_dir=True,
-        seed=seed,
-    )
-    return run_sft(args)
+    return run_stage(model, dataset, out, stage, steps, lr, plan.batch_size, seed, warmup_steps=20, log_every=30)
 
 
 _TARGET_RE = re.compile(r"segment (?:the |all |every )?(.+?)(?: in this image| in the image)?[.?]", re.I)

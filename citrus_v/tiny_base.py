@@ -84,10 +84,22 @@ def mixed_dataset(files: dict[str, Path], mix: dict[str, float], samples: int) -
     return [f"{files[task]}#{max(1, round(samples * share / total))}" for task, share in mix.items()]
 
 
-def _stage(
-    model: Path, dataset: list[str], out: Path, stage: int, steps: int, lr: float, recipe: BaseRecipe,
+def run_stage(
+    model: Path,
+    dataset: list[str],
+    out: Path,
+    stage: int,
+    steps: int,
+    learning_rate: float,
+    batch_size: int,
+    seed: int,
+    warmup_steps: int,
+    log_every: int,
+    save_steps: int | None = None,
     hook_grad_factor: float | None = None,
 ) -> Path:
+    """One ``citrus-v sft --stage N`` run as the demo and the base recipe use it (cosine decay, no weight decay,
+    one loader worker); checkpoints every ``save_steps`` (the last two kept), none when None."""
     from .train.arguments import SftArguments
     from .train.sft import run_sft
 
@@ -97,23 +109,33 @@ def _stage(
         output_dir=str(out),
         stage=stage,
         max_steps=steps,
-        per_device_train_batch_size=recipe.batch_size,
-        learning_rate=lr,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
         lr_scheduler_type="cosine",
-        warmup_steps=min(recipe.warmup_steps, steps // 10),
+        warmup_steps=min(warmup_steps, steps // 10),
         weight_decay=0.0,
         max_length=1024,
-        save_strategy="steps",
-        save_steps=recipe.save_steps,
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
         save_total_limit=2,
         hook_grad_factor=hook_grad_factor,
-        logging_steps=max(1, steps // 100),
-        dataloader_num_workers=1,
+        logging_steps=max(1, steps // log_every),
+        dataloader_num_workers=1,  # decode DICOM/NIfTI and encode the next batch while this one trains
         report_to=["none"],
         overwrite_output_dir=True,
-        seed=recipe.seed,
+        seed=seed,
     )
     return run_sft(args)
+
+
+def _stage(
+    model: Path, dataset: list[str], out: Path, stage: int, steps: int, lr: float, recipe: BaseRecipe,
+    hook_grad_factor: float | None = None,
+) -> Path:
+    return run_stage(
+        model, dataset, out, stage, steps, lr, recipe.batch_size, recipe.seed, recipe.warmup_steps, 100,
+        save_steps=recipe.save_steps, hook_grad_factor=hook_grad_factor,
+    )
 
 
 def make_base(out: str | Path, work: str | Path | None = None, recipe: BaseRecipe | None = None) -> Path:

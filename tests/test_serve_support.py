@@ -109,31 +109,44 @@ def running_server(app, timeout: float = 30.0) -> Iterator[str]:
 
 
 @contextmanager
+def deployed_server(model_dir, port: int, flags=(), timeout: float = 180.0):
+    """``citrus-v deploy --model MODEL_DIR --port PORT FLAGS`` in a subprocess on 127.0.0.1; yields
+    ``(process, log)`` once ``/health`` answers (the server's output goes to the temporary file ``log``, which
+    a long run cannot fill up as it would a pipe); stops the process afterwards."""
+    import tempfile
+
+    import httpx
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    command = [sys.executable, "-m", "citrus_v.cli", "deploy", "--model", str(model_dir), "--port", str(port), *flags]
+    with tempfile.TemporaryFile(mode="w+") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if process.poll() is not None or time.monotonic() > deadline:
+                    process.kill()
+                    log.seek(0)
+                    raise RuntimeError(f"deploy did not start:\n{log.read()}")
+                time.sleep(0.3)
+            yield process, log
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+@contextmanager
 def deploy_process(model_dir, *flags: str, timeout: float = 120.0) -> Iterator[str]:
     """``citrus-v deploy --model MODEL_DIR FLAGS`` in a subprocess on a free 127.0.0.1 port; yields the
     ``/v1`` base URL once ``/health`` answers; stops the process afterwards."""
-    import httpx
-
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    command = [sys.executable, "-m", "citrus_v.cli", "deploy", "--model", str(model_dir), "--port", str(port), *flags]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise AssertionError(f"deploy did not start:\n{process.stdout.read() if process.stdout else ''}")
-            time.sleep(0.3)
+    with deployed_server(model_dir, port, flags, timeout=timeout):
         yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def png_bytes(array: np.ndarray) -> bytes:

@@ -328,28 +328,23 @@ class CitrusV(CitrusVPreTrainedModel):
             if handle is not None:
                 handle.remove()
         hidden_states = outputs.last_hidden_state
-        lm_loss = None
+        targets: dict[str, torch.Tensor | None] = {"labels": labels}
         if labels is not None and label_logits_only:
             # position t predicts token t+1, as in transformers' causal-LM loss
             shifted = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
             rows, cols = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)
             logits = self.mllm.lm_head(hidden_states[rows, cols])
-            lm_loss = self.mllm.loss_function(
-                logits=logits,
-                labels=None,
-                shift_labels=shifted[rows, cols],
-                vocab_size=self.config.text_config.vocab_size,
-                num_items_in_batch=num_items_in_batch,
-            )
+            targets = {"labels": None, "shift_labels": shifted[rows, cols]}
         else:
             logits = self.mllm.lm_head(hidden_states)
-            if labels is not None:
-                lm_loss = self.mllm.loss_function(
-                    logits=logits,
-                    labels=labels,
-                    vocab_size=self.config.text_config.vocab_size,
-                    num_items_in_batch=num_items_in_batch,
-                )
+        lm_loss = None
+        if labels is not None:
+            lm_loss = self.mllm.loss_function(
+                logits=logits,
+                vocab_size=self.config.text_config.vocab_size,
+                num_items_in_batch=num_items_in_batch,
+                **targets,
+            )
 
         seg_embeddings = self.seg_embeddings(input_ids, hidden_states)
         training_targets = labels is not None or gt_masks is not None
