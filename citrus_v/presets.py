@@ -123,6 +123,10 @@ def build_tiny(seed: int = 0) -> tuple[CitrusV, CitrusVProcessor]:
         seg_token_idx=tokenizer.convert_tokens_to_ids(SEG_TOKEN),
         # a tiny language model ignores the image without it (see citrus_v.modeling.lesion_map)
         lesion_map_loss_weight=1.0,
+        # nor does its vision tower learn to read documents (see citrus_v.modeling.text_map)
+        text_map_loss_weight=1.0,
+        # SAM 2 is random here: train it as SAM is trained (see CitrusVConfig.multimask_min_loss)
+        multimask_min_loss=True,
     )
     model = CitrusV(config)
     sam = model.grounding_encoder

@@ -55,7 +55,7 @@ class BaseRecipe:
     # SAM and the projector are frozen and random in stage 2: keep their mask losses from pulling on the LLM
     stage2_hook_grad_factor: float = 0.001
     save_steps: int = 750
-    stage4_steps: int = 1000
+    stage4_steps: int = 3000
     stage4_learning_rate: float = 1e-3
     warmup_steps: int = 100
     mix: dict[str, float] = field(default_factory=lambda: dict(STAGE2_MIX))
@@ -187,6 +187,9 @@ def make_base(out: str | Path, work: str | Path | None = None, recipe: BaseRecip
             shutil.copy2(log, notes / f"{stage}_logging.jsonl")
             plot_loss_curves(log, notes / f"loss_{stage}.png")
     timings["total"] = round(time.monotonic() - started, 1)
-    (notes / "recipe.json").write_text(json.dumps({"recipe": asdict(recipe), "timings_s": timings}, indent=2) + "\n")
+    import torch
+
+    record = {"recipe": asdict(recipe), "timings_s": timings, "torch_threads": torch.get_num_threads()}
+    (notes / "recipe.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote the tiny base checkpoint to {out} in {timings['total']:.0f} s", flush=True)
     return out

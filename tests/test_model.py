@@ -24,6 +24,8 @@ def test_forward_backward_all_losses_finite(tiny):
         assert value is not None and math.isfinite(float(value.detach())), name
     assert float(out.mask_bce_loss) > 0 and float(out.mask_dice_loss) > 0
     expected = out.lm_loss + 2.0 * out.mask_bce_loss + 1.0 * out.mask_dice_loss
+    if model.config.multimask_min_loss:  # the tiny preset trains SAM's IoU head too
+        expected = expected + model.config.iou_loss_weight * out.mask_iou_loss
     torch.testing.assert_close(out.loss, expected)
     out.loss.backward()
     grads = {
@@ -143,9 +145,12 @@ def test_loss_weights_are_configurable(tiny):
     model = copy.deepcopy(model)
     model.config.loss_mask_config = {"loss_weight": 1.0}
     model.config.loss_dice_config = {"loss_weight": 0.5, "eps": 1.0}
+    model.config.iou_loss_weight = 0.25
     with torch.no_grad():
         out = model(**processor(seg_sample(1, seed=8)))
-    torch.testing.assert_close(out.loss, out.lm_loss + out.mask_bce_loss + 0.5 * out.mask_dice_loss)
+    torch.testing.assert_close(
+        out.loss, out.lm_loss + out.mask_bce_loss + 0.5 * out.mask_dice_loss + 0.25 * out.mask_iou_loss
+    )
 
 
 def test_seg_without_image_is_an_error_in_training_and_a_warning_in_inference(tiny):

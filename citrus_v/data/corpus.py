@@ -394,18 +394,25 @@ def _document_case(writer: _CaseWriter) -> list[dict]:
     path = writer.image_dir / f"{writer.case}.png"
     report.image.save(path)
     image = writer.rel(path)
+    chars = writer.mask_dir / f"{writer.case}_text.png"
+    Image.fromarray(report.text_map).save(chars)
+    text_map = writer.rel(chars)
     meta = {"case": writer.case, "modality": "document", "region": "lab report", "format": "png"}
+
+    def _row(task: str, meta: dict, image: str, question: str, answer: str) -> dict:
+        return _task_row(task, meta, image, question, answer, text_map=text_map)
+
     pick = report.results[int(rng.integers(0, len(report.results)))]
-    rows = [_task_row("document", meta, image, f"What is the {pick.name} value in this lab report?", pick.text)]
+    rows = [_row("document", meta, image, f"What is the {pick.name} value in this lab report?", pick.text)]
     if rng.uniform() < 0.5:
         values = {r.name: r.text for r in report.results}
-        rows.append(_task_row("document", meta, image, "Extract every test result as JSON.",
+        rows.append(_row("document", meta, image, "Extract every test result as JSON.",
                          "```json\n" + json.dumps(values, ensure_ascii=False) + "\n```"))
     else:
         abnormal = [f"{r.name} ({r.flag})" for r in report.results if r.flag != "normal"]
-        rows.append(_task_row("document", meta, image, "Which results are outside the reference range?",
+        rows.append(_row("document", meta, image, "Which results are outside the reference range?",
                          ", ".join(abnormal) if abnormal else "None; all results are within range."))
-    rows.append(_task_row("document", meta, image, "What are the patient ID and the date of this report?",
+    rows.append(_row("document", meta, image, "What are the patient ID and the date of this report?",
                      f"Patient ID {report.patient_id}, date {report.date}."))
     return rows
 

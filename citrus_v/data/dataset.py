@@ -17,7 +17,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from .medical_io import MedicalImageError, read_image, read_mask
+from .medical_io import MedicalImageError, read_image, read_label_map, read_mask
 from .rows import RowIssue, RowProblem, RowRecord, SkipCounter, iter_rows, render_objects
 from .validate import ValidationOptions, inspect_row
 
@@ -60,6 +60,17 @@ def load_sample(record: RowRecord, options: ValidationOptions) -> dict[str, Any]
             sample["lesion_map"] = read_mask(row["lesion_map"], base, size=images[0].size)
         except MedicalImageError as err:
             raise RowProblem(err.reason, f"lesion_map: {err}") from err
+    if row.get("text_map") is not None and images:
+        try:
+            labels = read_label_map(row["text_map"], base)
+        except MedicalImageError as err:
+            raise RowProblem(err.reason, f"text_map: {err}") from err
+        if labels.shape != (images[0].height, images[0].width):
+            raise RowProblem(
+                "mask_size", f"text_map is {labels.shape[1]}x{labels.shape[0]} but images[0] is "
+                f"{images[0].width}x{images[0].height}"
+            )
+        sample["text_map"] = labels
     if row.get("system") is not None:
         sample["system"] = row["system"]
     return sample

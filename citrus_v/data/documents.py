@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..modeling.text_map import char_class
+
 # test -> (unit, low, high, decimals): reference range and how values are printed
 LAB_TESTS: dict[str, tuple[str, float, float, int]] = {
     "Hemoglobin": ("g/dL", 12.0, 17.5, 1),
@@ -42,10 +44,14 @@ class LabResult:
 
 @dataclass
 class LabReport:
+    """A rendered report; ``text_map`` holds each printed character's class over its glyph box (0 elsewhere),
+    the target of the training-only text-map loss (:mod:`citrus_v.modeling.text_map`)."""
+
     patient_id: str
     date: str
     results: list[LabResult]
     image: Image.Image
+    text_map: np.ndarray
 
 
 def make_lab_report(rng: np.random.Generator, size: int = 224, num_tests: int = 5) -> LabReport:
@@ -64,18 +70,29 @@ def make_lab_report(rng: np.random.Generator, size: int = 224, num_tests: int = 
     font = ImageFont.load_default(size=max(8, round(11 * scale)))
     image = Image.new("L", (size, size), 255)
     draw = ImageDraw.Draw(image)
+    text_map = np.zeros((size, size), dtype=np.uint8)
+    _, top, _, bottom = font.getbbox("Hg")
+
+    def write(x: int, y: int, text: str, fill: int) -> None:
+        draw.text((x, y), text, fill=fill, font=font)
+        for k, char in enumerate(text):
+            label = char_class(char)
+            if label:
+                left, right = round(x + font.getlength(text[:k])), round(x + font.getlength(text[: k + 1]))
+                text_map[max(0, y + top) : min(size, y + bottom), max(0, left) : min(size, right)] = label
+
     line = round(15 * scale)
     x0, y = round(8 * scale), round(8 * scale)
-    draw.text((x0, y), "LABORATORY REPORT", fill=0, font=font)
+    write(x0, y, "LABORATORY REPORT", 0)
     y += line
-    draw.text((x0, y), f"Patient: {patient_id}   Date: {date}", fill=30, font=font)
+    write(x0, y, f"Patient: {patient_id}   Date: {date}", 30)
     y += line
     draw.line((x0, y, size - x0, y), fill=90, width=1)
     y += round(5 * scale)
     for result in results:
         mark = {"high": "H", "low": "L", "normal": ""}[result.flag]
-        draw.text((x0, y), result.name, fill=0, font=font)
-        draw.text((x0 + round(80 * scale), y), result.text, fill=0, font=font)
-        draw.text((size - x0 - round(14 * scale), y), mark, fill=0, font=font)
+        write(x0, y, result.name, 0)
+        write(x0 + round(80 * scale), y, result.text, 0)
+        write(size - x0 - round(14 * scale), y, mark, 0)
         y += line
-    return LabReport(patient_id, date, results, image.convert("RGB"))
+    return LabReport(patient_id, date, results, image.convert("RGB"), text_map)

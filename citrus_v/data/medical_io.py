@@ -653,3 +653,26 @@ def read_mask(
     if array.ndim == 3:
         array = array.max(axis=-1)
     return np.isin(array, parsed.label) if parsed.label is not None else array > 0
+
+
+def read_label_map(ref: str | Path, base_dir: str | Path | None = None) -> np.ndarray:
+    """Read a single-channel label image (PNG or another raster; 8 or 16 bit) as an integer ``[H, W]`` array.
+
+    Used for training-only maps whose pixel values are classes (``text_map``), where a mask reader would
+    binarise them.
+    """
+    parsed = parse_ref(ref, base_dir)
+    if parsed.kind != "raster":
+        raise MedicalImageError(f"{parsed.path}: a label map must be a raster image such as PNG", "bad_mask")
+    opened = _open_raster(parsed.path, None)
+    try:
+        with opened:
+            if opened.mode not in ("L", "I", "I;16", "P"):
+                raise MedicalImageError(
+                    f"{parsed.path}: a label map must have one channel of class numbers (mode {opened.mode})",
+                    "bad_mask",
+                )
+            array = np.asarray(opened)
+    except OSError as err:
+        raise MedicalImageError(f"{parsed.path}: truncated or corrupt label map ({err})", "truncated_image") from err
+    return array.astype(np.int64)

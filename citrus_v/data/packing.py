@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 
-from ..processing.processor import lesion_map_batch
+from ..processing.processor import token_map_batches
 from ..processing.template import IGNORE_INDEX
 
 
@@ -201,8 +201,6 @@ def pack_encoded(
         batch["seg_image_index"] = seg_image_index
     if return_labels:
         batch["gt_masks"] = gt_masks
-        # pixel_values were gathered pack by pack, sample by sample: gather the lesion maps in that order
-        lesion = lesion_map_batch([encoded[i] for pack in packs for i in pack], spatial_merge_size)
-        if lesion is not None:
-            batch["lesion_map_targets"] = lesion
+        # pixel_values were gathered pack by pack, sample by sample: gather the token maps in that order
+        batch.update(token_map_batches([encoded[i] for pack in packs for i in pack], spatial_merge_size))
     return batch

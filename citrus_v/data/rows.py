@@ -7,11 +7,14 @@ A row::
      "masks": ["lesion.png", {"size": [h, w], "counts": "..."}, ...],   # one per [SEG], in order
      "objects": {"ref": ["liver"], "bbox": [[x1, y1, x2, y2]]},         # original-image pixels
      "system": "optional system prompt",
-     "lesion_map": "lesions.png"}                                        # optional, training-only (below)
+     "lesion_map": "lesions.png",                                        # optional, training-only (below)
+     "text_map": "chars.png"}                                            # optional, training-only (below)
 
 Extra keys (``task``, ``meta``, ``id``, ...) are kept. Paths are relative to the JSONL file's folder unless
 absolute. ``lesion_map`` (a mask like those in ``masks``, of ``images[0]``'s size) marks every lesion pixel; it
-feeds the training-only lesion-map loss (:mod:`citrus_v.modeling.lesion_map`) and is ignored elsewhere. As in
+feeds the training-only lesion-map loss (:mod:`citrus_v.modeling.lesion_map`) and is ignored elsewhere;
+``text_map`` (a one-channel label PNG of ``images[0]``'s size, pixel value = character class) feeds the
+training-only text-map loss (:mod:`citrus_v.modeling.text_map`) the same way. As in
 ms-swift, ``<ref-object>`` and ``<bbox>`` in a message are placeholders filled from
 ``objects`` in order; boxes are written in the model's coordinates (:mod:`citrus_v.processing.boxes`) when
 the row is rendered for a processor.
@@ -174,6 +177,8 @@ def check_schema(row: Mapping[str, Any], require_answer: bool = True) -> None:
                 raise RowProblem("schema", f"{key}[{k}] must be a path string or an object")
     if row.get("lesion_map") is not None and not isinstance(row["lesion_map"], (str, dict)):
         raise RowProblem("schema", "'lesion_map' must be a mask path string or an RLE object")
+    if row.get("text_map") is not None and not isinstance(row["text_map"], str):
+        raise RowProblem("schema", "'text_map' must be the path of a label image (PNG)")
     if row.get("system") is not None and not isinstance(row["system"], str):
         raise RowProblem("schema", "'system' must be a string")
     objects = row.get("objects")

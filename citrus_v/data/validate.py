@@ -115,6 +115,10 @@ def inspect_row(record: RowRecord, options: ValidationOptions) -> RowInfo:
         if not sizes:
             raise RowProblem("seg_without_image", "lesion_map given but the row has no image")
         named.append(("lesion_map", row["lesion_map"]))
+    if row.get("text_map") is not None:
+        if not sizes:
+            raise RowProblem("seg_without_image", "text_map given but the row has no image")
+        named.append(("text_map", row["text_map"]))
     for what, ref in named:
         try:
             if options.decode or isinstance(ref, dict):

@@ -94,8 +94,13 @@ def canonical_name(name: str) -> str:
     return name
 
 
-def check_weights(model: torch.nn.Module, files: list[Path], ignore: tuple[str, ...] = ()) -> None:
-    """Compare the stored tensors with the parameters of ``model`` (which may live on the meta device)."""
+def check_weights(
+    model: torch.nn.Module, files: list[Path], ignore: tuple[str, ...] = (), may_be_missing: tuple[str, ...] = ()
+) -> None:
+    """Compare the stored tensors with the parameters of ``model`` (which may live on the meta device).
+
+    Names starting with ``may_be_missing`` may be absent from the files (they start from their initialisation).
+    """
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     stored = {canonical_name(name): value for name, value in stored_shapes(files).items()}
     config_path = files[0].parent / CONFIG_FILE
@@ -105,7 +110,7 @@ def check_weights(model: torch.nn.Module, files: list[Path], ignore: tuple[str, 
             problems.append(
                 f"{path.name}: {name} has shape {list(shape)} but {config_path.name} implies {list(expected[name])}"
             )
-    missing = [n for n in expected if n not in stored and not n.startswith(ignore)]
+    missing = [n for n in expected if n not in stored and not n.startswith(ignore + may_be_missing)]
     unexpected = [n for n in stored if n not in expected and not n.startswith(ignore)]
     raise_weight_problems(
         problems,

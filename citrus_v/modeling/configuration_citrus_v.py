@@ -29,6 +29,14 @@ class CitrusVConfig(Qwen2_5_VLConfig):
         hook_grad_factor: HookGrad factor on the projector output; 1.0 disables it, stage 3 uses 0.001.
         lesion_map_loss_weight: weight of the training-only lesion-map loss on the vision tower's merged
             image tokens (0.0, the default, builds no head; see :mod:`.lesion_map`).
+        text_map_loss_weight: weight of the training-only text-map (character per patch) loss on the same
+            tokens (0.0, the default, builds no head; see :mod:`.text_map`).
+        multimask_min_loss: train SAM as SAM itself is trained: the mask losses go to the best of its three
+            candidate masks, and its IoU head learns each candidate's real IoU (weight ``iou_loss_weight``),
+            so that inference's "keep the highest predicted IoU" picks a trained mask. Off (upstream: the
+            loss goes to the candidate the IoU head picks, which is right for a pretrained SAM 2 whose IoU
+            head already ranks well); on for random-init presets, whose IoU head ranks at random.
+        iou_loss_weight: weight of that IoU-head MSE.
     """
 
     model_type = "citrus_v"
@@ -41,6 +49,9 @@ class CitrusVConfig(Qwen2_5_VLConfig):
     loss_dice_config: dict | None = None
     hook_grad_factor: float = 1.0
     lesion_map_loss_weight: float = 0.0
+    text_map_loss_weight: float = 0.0
+    multimask_min_loss: bool = False
+    iou_loss_weight: float = 1.0
 
     # --- derived views -------------------------------------------------------------------------------
     def sam2_config(self) -> Sam2Config:

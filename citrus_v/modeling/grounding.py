@@ -30,10 +30,13 @@ class SamImageFeatures:
 
 @dataclass
 class DecodedMasks:
-    """Best-IoU low-resolution mask logits ``[K, h, w]`` and their predicted IoU ``[K]``."""
+    """Best-IoU low-resolution mask logits ``[K, h, w]`` and their predicted IoU ``[K]``; all candidates
+    ``[K, C, h, w]`` and their predicted IoU ``[K, C]`` (C = 3 with multimask output)."""
 
     logits: torch.Tensor
     iou_scores: torch.Tensor
+    candidates: torch.Tensor
+    candidate_iou: torch.Tensor
 
 
 class GroundingEncoder(Sam2Model):
@@ -91,7 +94,9 @@ class GroundingEncoder(Sam2Model):
         # masks [1, K, 3, h, w], iou [1, K, 3]: keep the candidate with the highest predicted IoU
         best = iou[0].argmax(dim=-1)
         rows = torch.arange(num_prompts, device=best.device)
-        return DecodedMasks(logits=masks[0, rows, best], iou_scores=iou[0, rows, best])
+        return DecodedMasks(
+            logits=masks[0, rows, best], iou_scores=iou[0, rows, best], candidates=masks[0], candidate_iou=iou[0]
+        )
 
 
 def reinit_fan_in(module: nn.Module) -> int:

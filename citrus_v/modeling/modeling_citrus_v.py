@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, PreTrainedModel, Qwen2_5_VLForConditionalGeneration
 from transformers.utils import ModelOutput
@@ -27,7 +28,9 @@ from .hook_grad import hook_grad
 from .lesion_map import LesionMapHead
 from .losses import dice_loss_sum, mask_bce_sum
 from .seg_projector import ResidualSegProjector, SegProjector, build_seg_projector
+from .text_map import TextMapHead
 from .upstream_checkpoint import (
+    TRAINING_ONLY,
     UNUSED_ATTRIBUTE,
     ShardedTensors,
     citrus_config_from_upstream,
@@ -56,7 +59,9 @@ class CitrusVOutput(ModelOutput):
     lm_loss: torch.Tensor | None = None
     mask_bce_loss: torch.Tensor | None = None
     mask_dice_loss: torch.Tensor | None = None
+    mask_iou_loss: torch.Tensor | None = None
     lesion_map_loss: torch.Tensor | None = None
+    text_map_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     pred_masks: list[torch.Tensor] | None = None
     iou_scores: list[torch.Tensor] | None = None
@@ -100,6 +105,12 @@ class CitrusV(CitrusVPreTrainedModel):
         self.lesion_map_head = (
             LesionMapHead(config.vision_config.out_hidden_size) if config.lesion_map_loss_weight > 0 else None
         )
+        merge = int(config.vision_config.spatial_merge_size)
+        self.text_map_head = (
+            TextMapHead(config.vision_config.out_hidden_size, merge * merge)
+            if config.text_map_loss_weight > 0
+            else None
+        )
         self.post_init()
 
     @classmethod
@@ -129,7 +140,8 @@ class CitrusV(CitrusVPreTrainedModel):
                 raise CheckpointError(f"{path / 'config.json'}: {err}") from err
         with torch.device("meta"):
             skeleton = cls(config)
-        check_weights(skeleton, files)
+        # a training-only head switched on in the config of a checkpoint saved without it starts fresh
+        check_weights(skeleton, files, may_be_missing=TRAINING_ONLY)
         kwargs["config"] = config
         model = super().from_pretrained(path, *args, **kwargs)
         setattr(model, UNUSED_ATTRIBUTE, read_unused(path))
@@ -206,8 +218,11 @@ class CitrusV(CitrusVPreTrainedModel):
         sam_image_mask: torch.Tensor | None = None,
         strict: bool = True,
         seg_image_index: list[torch.Tensor] | None = None,
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor] | None]]:
         """Run SAM 2 once per image that has ``[SEG]`` tokens; one low-res mask per embedding.
+
+        Returns per sample the chosen mask logits ``[K_i, h, w]``, their predicted IoU ``[K_i]`` and all of
+        SAM's candidates with their predicted IoU (``([K_i, C, h, w], [K_i, C])``; None without ``[SEG]``).
 
         Each ``[SEG]`` of sample ``i`` uses ``sam_pixel_values[i]``, or — for packed rows holding several
         samples — ``sam_pixel_values[seg_image_index[i][k]]`` for its ``k``-th ``[SEG]``. A ``[SEG]`` with no
@@ -217,6 +232,7 @@ class CitrusV(CitrusVPreTrainedModel):
         ref = seg_embeddings[0] if seg_embeddings else None
         masks: list[torch.Tensor] = []
         scores: list[torch.Tensor] = []
+        candidates: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         num_images = 0 if sam_pixel_values is None else sam_pixel_values.shape[0]
         image_of: list[torch.Tensor | None] = []  # per sample: the SAM image index of each [SEG]
         missing = []
@@ -254,18 +270,24 @@ class CitrusV(CitrusVPreTrainedModel):
             if index is None:
                 masks.append(ref.new_zeros(0, height, width) if ref is not None else torch.zeros(0, height, width))
                 scores.append(ref.new_zeros(0) if ref is not None else torch.zeros(0))
+                candidates.append(None)
                 continue
             row_masks: list[torch.Tensor | None] = [None] * emb.shape[0]
             row_scores: list[torch.Tensor | None] = [None] * emb.shape[0]
+            row_candidates: list[torch.Tensor | None] = [None] * emb.shape[0]
+            row_candidate_iou: list[torch.Tensor | None] = [None] * emb.shape[0]
             for image in sorted(set(index.tolist())):
                 chosen = (index == image).nonzero()[:, 0]
                 decoded = self.grounding_encoder.decode(features.select(needed.index(image)), emb[chosen])
                 for slot, k in enumerate(chosen.tolist()):
                     row_masks[k] = decoded.logits[slot]
                     row_scores[k] = decoded.iou_scores[slot]
+                    row_candidates[k] = decoded.candidates[slot]
+                    row_candidate_iou[k] = decoded.candidate_iou[slot]
             masks.append(torch.stack(row_masks))
             scores.append(torch.stack(row_scores))
-        return masks, scores
+            candidates.append((torch.stack(row_candidates), torch.stack(row_candidate_iou)))
+        return masks, scores, candidates
 
     # --- forward -----------------------------------------------------------------------------------------
     def forward(
@@ -284,6 +306,7 @@ class CitrusV(CitrusVPreTrainedModel):
         num_items_in_batch: int | torch.Tensor | None = None,
         num_masks_in_batch: int | torch.Tensor | None = None,
         lesion_map_targets: torch.Tensor | None = None,
+        text_map_targets: torch.Tensor | None = None,
         label_logits_only: bool = False,
         **kwargs,
     ) -> CitrusVOutput:
@@ -301,16 +324,19 @@ class CitrusV(CitrusVPreTrainedModel):
             num_masks_in_batch: number of masks in the accumulated batch (mask loss normaliser).
             lesion_map_targets: ``[N]`` per merged image token 1/0 (lesion or not) or -1 (no map); gives the
                 training-only lesion-map loss when the config weights it (ignored otherwise).
+            text_map_targets: ``[N, merge*merge]`` per merged image token the character class of each patch, or
+                -1 (no map); gives the training-only text-map loss when the config weights it.
             label_logits_only: with ``labels``, run the LM head only where the next token is a target and
                 return those logits as ``[N, vocab]``. Training needs nothing else, and prompt, image and
                 padding positions are most of a sequence: with a 150k-token vocabulary the head is the
                 largest matmul of a small model's step. The loss is the same.
         """
         use_lesion_map = self.lesion_map_head is not None and lesion_map_targets is not None
+        use_text_map = self.text_map_head is not None and text_map_targets is not None
         image_tokens: list[torch.Tensor] = []
         handle = (
             self.mllm.model.visual.register_forward_hook(lambda m, a, out: image_tokens.append(out.pooler_output))
-            if use_lesion_map
+            if use_lesion_map or use_text_map
             else None
         )
         try:
@@ -348,38 +374,95 @@ class CitrusV(CitrusVPreTrainedModel):
 
         seg_embeddings = self.seg_embeddings(input_ids, hidden_states)
         training_targets = labels is not None or gt_masks is not None
-        pred_masks, iou_scores = self.predict_masks(
+        pred_masks, iou_scores, candidates = self.predict_masks(
             seg_embeddings, sam_pixel_values, sam_image_mask, strict=training_targets, seg_image_index=seg_image_index
         )
 
-        bce = dice = None
+        bce = dice = iou_loss = None
         if gt_masks is not None:
-            bce, dice = self._mask_losses(pred_masks, gt_masks, num_masks_in_batch)
+            if self.config.multimask_min_loss:
+                # SAM's own objective: train the best of the candidates, and the IoU head to rank them
+                pred_masks_for_loss, iou_loss = self._best_candidates(candidates, gt_masks, num_masks_in_batch)
+            else:
+                pred_masks_for_loss = pred_masks
+            bce, dice = self._mask_losses(pred_masks_for_loss, gt_masks, num_masks_in_batch)
 
         lesion_loss = None
         if use_lesion_map and image_tokens:
             lesion_loss = self.lesion_map_head.loss(torch.cat(image_tokens), lesion_map_targets)
+        text_loss = None
+        if use_text_map and image_tokens:
+            text_loss = self.text_map_head.loss(torch.cat(image_tokens), text_map_targets)
 
         loss = None
-        if lm_loss is not None or bce is not None or lesion_loss is not None:
+        if lm_loss is not None or bce is not None or lesion_loss is not None or text_loss is not None:
             loss = lm_loss if lm_loss is not None else logits.new_zeros(())
             if bce is not None:
                 loss = loss + self.config.mask_loss_weight * bce + self.config.dice_loss_weight * dice
+            if iou_loss is not None:
+                loss = loss + self.config.iou_loss_weight * iou_loss
             if lesion_loss is not None:
                 loss = loss + self.config.lesion_map_loss_weight * lesion_loss
+            if text_loss is not None:
+                loss = loss + self.config.text_map_loss_weight * text_loss
 
         return CitrusVOutput(
             loss=loss,
             lm_loss=lm_loss,
             mask_bce_loss=bce,
             mask_dice_loss=dice,
+            mask_iou_loss=iou_loss,
             lesion_map_loss=lesion_loss,
+            text_map_loss=text_loss,
             logits=logits,
             pred_masks=pred_masks,
             iou_scores=iou_scores,
             seg_embeddings=seg_embeddings,
             last_hidden_state=hidden_states,
         )
+
+    def _best_candidates(
+        self,
+        candidates: list[tuple[torch.Tensor, torch.Tensor] | None],
+        gt_masks: list[torch.Tensor],
+        num_masks_in_batch: int | torch.Tensor | None,
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Per ``[SEG]``, the candidate with the lowest mask loss, and the IoU head's MSE against each
+        candidate's real IoU (summed over masks / ``num_masks_in_batch``), as SAM is trained."""
+        chosen: list[torch.Tensor] = []
+        squared: list[torch.Tensor] = []
+        for i, (pair, target) in enumerate(zip(candidates, gt_masks, strict=True)):
+            if pair is None or pair[0].shape[0] == 0:
+                chosen.append(target.new_zeros(0, *target.shape[-2:]))
+                continue
+            logits, predicted_iou = pair
+            if logits.shape[0] != target.shape[0]:
+                raise SegTargetError(
+                    f"sample {i} has {logits.shape[0]} [SEG] token(s) but {target.shape[0]} ground-truth mask(s): "
+                    "each [SEG] in the answer needs exactly one mask, in the same order"
+                )
+            target = target.to(logits.device).float()
+            with torch.no_grad():
+                flat = logits.float().flatten(2)  # [K, C, hw]
+                goal = target.flatten(1)[:, None, :].expand_as(flat)
+                per_pixel = F.binary_cross_entropy_with_logits(flat, goal, reduction="none").mean(-1)
+                probs = flat.sigmoid()
+                soft_dice = 1 - (2 * (probs * goal).sum(-1) + self.config.dice_eps) / (
+                    probs.sum(-1) + goal.sum(-1) + self.config.dice_eps
+                )
+                cost = self.config.mask_loss_weight * per_pixel + self.config.dice_loss_weight * soft_dice
+                best = cost.argmin(dim=1)
+                hard = flat > 0
+                inter = (hard & (goal > 0.5)).sum(-1).float()
+                union = (hard | (goal > 0.5)).sum(-1).float()
+                real_iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+            chosen.append(logits[torch.arange(logits.shape[0], device=logits.device), best])
+            squared.append(((predicted_iou.float() - real_iou) ** 2).mean(1))
+        if not squared:
+            return chosen, None
+        count = num_masks_in_batch if num_masks_in_batch is not None else sum(c.shape[0] for c in chosen)
+        count = torch.as_tensor(count, dtype=torch.float32, device=squared[0].device).clamp(min=1)
+        return chosen, torch.cat(squared).sum() / count
 
     def _mask_losses(
         self,

@@ -51,7 +51,7 @@ META_PREFIX = "grounding_encoder.sam2_model."
 SAM_PREFIX = "grounding_encoder."
 PASS_THROUGH = ("mllm.", "seg_projector.")
 # training-only parts upstream has no module for: left out of the upstream layout (and its config)
-TRAINING_ONLY = ("lesion_map_head.",)
+TRAINING_ONLY = ("lesion_map_head.", "text_map_head.")
 UNUSED_FILE = "upstream_unused.safetensors"
 UNUSED_ATTRIBUTE = "upstream_unused_tensors"
 DEFAULT_SHARD_SIZE = "5GB"

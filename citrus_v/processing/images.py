@@ -100,6 +100,22 @@ def mask_target(mask: MaskInput, size: tuple[int, int]) -> torch.Tensor:
 IGNORE_TARGET = -1.0  # lesion-map target of tokens whose image has no map
 
 
+def text_map_target(labels: np.ndarray, cells: tuple[int, int], merge: int) -> torch.Tensor:
+    """Text-map target ``[rows * cols, merge * merge]`` in merged-token order: the character class at the
+    centre of each patch (patches row-major within their merged token, as Qwen2.5-VL's merger reads them).
+
+    ``labels`` is the ``[H, W]`` label image of the original picture (:mod:`citrus_v.modeling.text_map`);
+    ``cells`` the merged-token grid ``(rows, cols)``.
+    """
+    rows, cols = cells
+    height, width = labels.shape
+    ys = ((np.arange(rows * merge) + 0.5) * height / (rows * merge)).astype(int)
+    xs = ((np.arange(cols * merge) + 0.5) * width / (cols * merge)).astype(int)
+    grid = labels[ys][:, xs].astype(np.int64)  # [rows*merge, cols*merge]
+    blocks = grid.reshape(rows, merge, cols, merge).transpose(0, 2, 1, 3).reshape(rows * cols, merge * merge)
+    return torch.from_numpy(np.ascontiguousarray(blocks))
+
+
 def lesion_map_target(mask: MaskInput, cells: tuple[int, int]) -> torch.Tensor:
     """Lesion-map target ``[rows * cols]`` in merged-token order: 1.0 where a cell holds any lesion pixel.
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypedDict
 
+import numpy as np
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.image_utils import SizeDict
@@ -28,6 +29,7 @@ from .images import (
     load_mask,
     mask_target,
     sam_pixel_values,
+    text_map_target,
 )
 from .template import IGNORE_INDEX, ChatTemplate, TemplateError, place_images
 from .tokenizer_builder import add_citrus_tokens
@@ -52,25 +54,38 @@ class Sample(TypedDict, total=False):
     masks: list[MaskInput]
     system: str
     lesion_map: MaskInput  # optional, training-only: lesion pixels of the first image
+    text_map: np.ndarray  # optional, training-only: character classes of the first image's pixels
 
 
-def lesion_map_batch(encoded: Sequence[dict[str, Any]], merge: int) -> torch.Tensor | None:
-    """Concatenate samples' ``lesion_map_targets`` in ``pixel_values`` order (-1 for samples without one).
+TOKEN_MAP_KEYS = ("lesion_map_targets", "text_map_targets")  # per merged image token, training-only
+
+
+def token_map_batch(encoded: Sequence[dict[str, Any]], merge: int, key: str) -> torch.Tensor | None:
+    """Concatenate samples' per-token targets ``key`` (``lesion_map_targets`` ``[n]`` or ``text_map_targets``
+    ``[n, merge*merge]``) in ``pixel_values`` order; samples without a map get -1 (ignored).
 
     None when no sample has a map, so batches without maps carry no extra key.
     """
-    if not any(e.get("lesion_map_targets") is not None for e in encoded):
+    present = [e[key] for e in encoded if e.get(key) is not None]
+    if not present:
         return None
+    trailing = tuple(present[0].shape[1:])
     parts = []
     for e in encoded:
         if e.get("pixel_values") is None:
             continue
-        if e.get("lesion_map_targets") is not None:
-            parts.append(e["lesion_map_targets"])
+        if e.get(key) is not None:
+            parts.append(e[key])
         else:
             tokens = int(e["image_grid_thw"].prod(dim=-1).sum()) // (merge * merge)
-            parts.append(torch.full((tokens,), IGNORE_TARGET))
+            parts.append(torch.full((tokens, *trailing), IGNORE_TARGET, dtype=present[0].dtype))
     return torch.cat(parts)
+
+
+def token_map_batches(encoded: Sequence[dict[str, Any]], merge: int) -> dict[str, torch.Tensor]:
+    """Every training-only per-token target key that some sample of ``encoded`` carries."""
+    batches = {key: token_map_batch(encoded, merge, key) for key in TOKEN_MAP_KEYS}
+    return {key: value for key, value in batches.items() if value is not None}
 
 
 def _pixels_from_env(name: str) -> int | None:
@@ -264,9 +279,7 @@ class CitrusVProcessor:
         batch["sam_image_mask"] = torch.tensor(sam_flags, dtype=torch.bool)
         if return_labels:
             batch["gt_masks"] = gt_masks
-            lesion = lesion_map_batch(rows, int(self.image_processor.merge_size))
-            if lesion is not None:
-                batch["lesion_map_targets"] = lesion
+            batch.update(token_map_batches(rows, int(self.image_processor.merge_size)))
         return batch
 
     def _encode_sample(
@@ -309,9 +322,11 @@ class CitrusVProcessor:
                         f"{width}x{height}: masks must match their image's size"
                     )
         targets = torch.stack([mask_target(b, mask_hw) for b in binary]) if binary else torch.zeros(0, *mask_hw)
-        lesion_targets = None
+        lesion_targets = text_targets = None
         if return_labels and sample.get("lesion_map") is not None and images:
             lesion_targets = self._lesion_map_targets(sample["lesion_map"], images[0].size, grid)
+        if return_labels and sample.get("text_map") is not None and images:
+            text_targets = self._text_map_targets(np.asarray(sample["text_map"]), images[0].size, grid)
         return {
             "input_ids": encoded.input_ids,
             "labels": encoded.labels,
@@ -320,7 +335,25 @@ class CitrusVProcessor:
             "sam_pixel_values": sam_pixel_values(images[0], self.sam_image_size) if images else None,
             "gt_masks": targets,
             "lesion_map_targets": lesion_targets,
+            "text_map_targets": text_targets,
         }
+
+    def _text_map_targets(self, labels: np.ndarray, size: tuple[int, int], grid: torch.Tensor) -> torch.Tensor:
+        """Per merged image token ``[n, merge*merge]``: the first image's patch classes, -1 for other images."""
+        if labels.shape != (size[1], size[0]):
+            raise ProcessorError(
+                f"text_map is {labels.shape[1]}x{labels.shape[0]} but the first image is {size[0]}x{size[1]}: "
+                "the map must have its image's size"
+            )
+        merge = int(self.image_processor.merge_size)
+        parts = []
+        for k, (t, h, w) in enumerate(grid.tolist()):
+            cells = (h // merge, w // merge)
+            if k == 0:
+                parts.append(text_map_target(labels, cells, merge).repeat(t, 1))
+            else:
+                parts.append(torch.full((t * cells[0] * cells[1], merge * merge), IGNORE_TARGET, dtype=torch.long))
+        return torch.cat(parts)
 
     def _lesion_map_targets(self, lesion_map: MaskInput, size: tuple[int, int], grid: torch.Tensor) -> torch.Tensor:
         """Per merged image token of all the sample's images: 1/0 for the first image's cells, -1 for others."""

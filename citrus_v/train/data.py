@@ -17,7 +17,7 @@ from ..data.dataset import RowDataset
 from ..data.rows import DataError, SkipCounter
 from ..data.streaming import StreamingJsonlDataset
 from ..data.validate import ValidationOptions
-from ..processing.processor import CitrusVProcessor
+from ..processing.processor import TOKEN_MAP_KEYS, CitrusVProcessor
 from ..processing.template import IGNORE_INDEX
 
 # Keys the collator adds for bookkeeping; the trainer removes them before the model sees the batch.
@@ -87,8 +87,9 @@ class TrainCollator:
             result = {k: v for k, v in self._fallback.items()}
             result["labels"] = result["labels"].clone().fill_(IGNORE_INDEX)
             result["gt_masks"] = [m[:0] for m in result["gt_masks"]]
-            if "lesion_map_targets" in result:
-                result["lesion_map_targets"] = result["lesion_map_targets"].clone().fill_(-1.0)
+            for key in TOKEN_MAP_KEYS:
+                if key in result:
+                    result[key] = result[key].clone().fill_(-1)
             if "seg_image_index" in result:
                 result["seg_image_index"] = [i[:0] for i in result["seg_image_index"]]
             result["sample_ids"] = []

@@ -19,7 +19,7 @@ from torch import nn
 COMPONENTS: dict[str, tuple[str, ...]] = {
     "vision encoder": ("mllm.model.visual.patch_embed", "mllm.model.visual.blocks", "mllm.model.visual.rotary"),
     # the training-only lesion-map head reads the merger's output, so it trains with the aligner
-    "aligner": ("mllm.model.visual.merger", "lesion_map_head"),
+    "aligner": ("mllm.model.visual.merger", "lesion_map_head", "text_map_head"),
     "llm": ("mllm.model.language_model", "mllm.lm_head"),
     "seg projector": ("seg_projector",),
     "sam image encoder": ("grounding_encoder.vision_encoder", "grounding_encoder.mask_decoder.conv_s"),

@@ -39,7 +39,9 @@ COMPONENT_LOSSES = (
     ("lm_loss", "lm_loss"),
     ("mask_bce_loss", "mask_bce"),
     ("mask_dice_loss", "mask_dice"),
+    ("mask_iou_loss", "mask_iou"),
     ("lesion_map_loss", "lesion_map"),
+    ("text_map_loss", "text_map"),
 )
 
 
