@@ -338,40 +338,37 @@ class CitrusVProcessor:
             "text_map_targets": text_targets,
         }
 
-    def _text_map_targets(self, labels: np.ndarray, size: tuple[int, int], grid: torch.Tensor) -> torch.Tensor:
-        """Per merged image token ``[n, merge*merge]``: the first image's patch classes, -1 for other images."""
-        if labels.shape != (size[1], size[0]):
+    def _token_map_targets(
+        self, name: str, array: np.ndarray, size: tuple[int, int], grid: torch.Tensor, target_of
+    ) -> torch.Tensor:
+        """Per merged image token of all the sample's images: ``target_of(array, cells, merge)`` for the first
+        image's cells (``[n]`` or ``[n, ...]``), -1 for the other images' tokens."""
+        if array.shape != (size[1], size[0]):
             raise ProcessorError(
-                f"text_map is {labels.shape[1]}x{labels.shape[0]} but the first image is {size[0]}x{size[1]}: "
+                f"{name} is {array.shape[1]}x{array.shape[0]} but the first image is {size[0]}x{size[1]}: "
                 "the map must have its image's size"
             )
         merge = int(self.image_processor.merge_size)
         parts = []
         for k, (t, h, w) in enumerate(grid.tolist()):
             cells = (h // merge, w // merge)
+            first = target_of(array, cells, merge)
             if k == 0:
-                parts.append(text_map_target(labels, cells, merge).repeat(t, 1))
+                parts.append(first.repeat(t, *[1] * (first.dim() - 1)))
             else:
-                parts.append(torch.full((t * cells[0] * cells[1], merge * merge), IGNORE_TARGET, dtype=torch.long))
+                shape = (t * cells[0] * cells[1], *first.shape[1:])
+                parts.append(torch.full(shape, IGNORE_TARGET, dtype=first.dtype))
         return torch.cat(parts)
 
     def _lesion_map_targets(self, lesion_map: MaskInput, size: tuple[int, int], grid: torch.Tensor) -> torch.Tensor:
-        """Per merged image token of all the sample's images: 1/0 for the first image's cells, -1 for others."""
-        binary = load_mask(lesion_map)
-        if binary.shape != (size[1], size[0]):
-            raise ProcessorError(
-                f"lesion_map is {binary.shape[1]}x{binary.shape[0]} but the first image is {size[0]}x{size[1]}: "
-                "the map must have its image's size"
-            )
-        merge = int(self.image_processor.merge_size)
-        parts = []
-        for k, (t, h, w) in enumerate(grid.tolist()):
-            cells = (h // merge, w // merge)
-            if k == 0:
-                parts.append(lesion_map_target(binary, cells).repeat(t))
-            else:
-                parts.append(torch.full((t * cells[0] * cells[1],), IGNORE_TARGET))
-        return torch.cat(parts)
+        """``[n]``: 1/0 per cell of the first image (lesion or not), -1 for other images."""
+        return self._token_map_targets(
+            "lesion_map", load_mask(lesion_map), size, grid, lambda a, cells, _: lesion_map_target(a, cells)
+        )
+
+    def _text_map_targets(self, labels: np.ndarray, size: tuple[int, int], grid: torch.Tensor) -> torch.Tensor:
+        """``[n, merge*merge]``: the first image's character class per patch, -1 for other images."""
+        return self._token_map_targets("text_map", labels, size, grid, text_map_target)
 
     def _pad(self, ids: list[list[int]], labels: list[list[int]], side: str) -> dict[str, torch.Tensor]:
         pad_id = self.tokenizer.pad_token_id
