@@ -200,6 +200,27 @@ def write_overlays(eval_dir: Path, out: Path, per_task: int = 3) -> list[Path]:
     return written
 
 
+def write_montage(pictures: list[Path], out: Path, columns: int = 4, cell: int = 224) -> Path | None:
+    """One contact sheet of ``pictures`` (each scaled to ``cell`` pixels high), ``columns`` to a row."""
+    if not pictures:
+        return None
+    tiles = []
+    for path in pictures:
+        with Image.open(path) as image:
+            width = round(image.width * cell / image.height)
+            tiles.append(image.convert("RGB").resize((width, cell), Image.Resampling.LANCZOS))
+    rows = [tiles[i : i + columns] for i in range(0, len(tiles), columns)]
+    width = max(sum(t.width for t in row) + 4 * (len(row) - 1) for row in rows)
+    sheet = Image.new("RGB", (width, len(rows) * cell + 4 * (len(rows) - 1)), (255, 255, 255))
+    for r, row in enumerate(rows):
+        x = 0
+        for tile in row:
+            sheet.paste(tile, (x, r * (cell + 4)))
+            x += tile.width + 4
+    sheet.save(out)
+    return out
+
+
 def headline_numbers(tasks: dict[str, Any], control: dict[str, Any] | None, predictions: Path) -> dict:
     """The numbers the quality bar is about, from the eval summaries and ``predictions.jsonl``."""
 
@@ -328,6 +349,7 @@ def run_demo(
         if log.is_file():
             curves[stage] = plot_loss_curves(log, out / f"loss_{stage}.png")
     overlays = write_overlays(out / "eval", out / "overlays")
+    write_montage([p for p in overlays if p.stem.startswith(("seg_", "det_"))], out / "overlays.png")
     numbers = headline_numbers(result.tasks, control, out / "eval" / "predictions.jsonl")
     per_target = dice_per_target(out / "eval" / "predictions.jsonl")
     lap("report", t)
@@ -387,5 +409,12 @@ def _report(numbers, per_target, control, timings, overlays, curves, plan, out: 
         if path:
             lines.append(f"![{stage} losses]({path.relative_to(out)})")
     lines.append("")
+    if (out / "overlays.png").is_file():
+        lines += [
+            "Segmentation (prediction red, truth green, overlap yellow); detection (truth green, prediction red):",
+            "",
+            "![overlays](overlays.png)",
+            "",
+        ]
     lines += [f"![{p.stem}]({p.relative_to(out)})" for p in overlays]
     return "\n".join(lines) + "\n"

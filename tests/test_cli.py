@@ -52,6 +52,12 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "## Quality bar" in report and "Dice per target" in report
     for task in ("seg", "det", "vqa", "report"):
         assert (out / "overlays" / f"{task}_0.png").stat().st_size > 0
+    # one contact sheet of the segmentation and detection pictures, shown in the report
+    from PIL import Image
+
+    with Image.open(out / "overlays.png") as sheet:
+        assert sheet.height >= 224 and sheet.width >= 448
+    assert "![overlays](overlays.png)" in report
     assert (out / "checkpoint" / "model.safetensors").is_file()
     assert (out / "loss_stage3.png").is_file() and (out / "loss_stage4.png").is_file()
 
