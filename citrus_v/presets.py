@@ -125,7 +125,9 @@ def build_tiny(seed: int = 0) -> tuple[CitrusV, CitrusVProcessor]:
         lesion_map_loss_weight=1.0,
         # nor does its vision tower learn to read documents (see citrus_v.modeling.text_map)
         text_map_loss_weight=1.0,
-        # SAM 2 is random here: train it as SAM is trained (see CitrusVConfig.multimask_min_loss)
+        # SAM 2 is random here: one mask per prompt, and its IoU head trained to score it
+        # (see CitrusVConfig.multimask_output and multimask_min_loss)
+        multimask_output=False,
         multimask_min_loss=True,
     )
     model = CitrusV(config)

@@ -1,4 +1,5 @@
-"""SAM's own objective for a random-init SAM 2: the best of its candidates trains, the IoU head learns to rank."""
+"""SAM's own objective for a random-init SAM 2 (the best of its candidates trains, the IoU head learns each
+candidate's IoU) and the single-mask output the tiny preset uses."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ def test_loss_goes_to_the_best_candidate_and_the_iou_head(tiny):
     model, processor = tiny
     model = copy.deepcopy(model).train()
     assert model.config.multimask_min_loss
+    model.config.multimask_output = True  # upstream's three candidates
     batch = _batch(processor)
     out = model(**batch)
     with torch.no_grad():
@@ -27,7 +29,7 @@ def test_loss_goes_to_the_best_candidate_and_the_iou_head(tiny):
     count = sum(m.shape[0] for m in batch["gt_masks"])
     for i, target in enumerate(batch["gt_masks"]):
         with torch.no_grad():
-            decoded = model.grounding_encoder.decode(features.select(i), out.seg_embeddings[i])
+            decoded = model.grounding_encoder.decode(features.select(i), out.seg_embeddings[i], True)
         assert decoded.candidates.shape[:2] == (target.shape[0], 3)
         for k in range(target.shape[0]):
             costs = [
@@ -50,6 +52,7 @@ def test_upstream_objective_is_unchanged_when_off(tiny):
     model, processor = tiny
     model = copy.deepcopy(model).train()
     model.config.multimask_min_loss = False
+    model.config.multimask_output = True
     batch = _batch(processor)
     out = model(**batch)
     assert out.mask_iou_loss is None
@@ -79,3 +82,19 @@ def test_iou_head_learns_to_rank_the_candidates(tiny):
         out.mask_iou_loss.backward()
         optimizer.step()
     assert iou_error() < 0.5 * before
+
+
+def test_single_mask_output_gives_one_candidate_the_preset_trains_and_serves(tiny):
+    """The tiny preset asks SAM for its single-mask output: one candidate, no selection to get wrong."""
+    model, processor = tiny
+    assert model.config.multimask_output is False
+    batch = _batch(processor, seeds=(5,))
+    with torch.no_grad():
+        out = model(**batch)
+        features = model.grounding_encoder.image_features(batch["sam_pixel_values"])
+        decoded = model.grounding_encoder.decode(features, out.seg_embeddings[0], False)
+        three = model.grounding_encoder.decode(features, out.seg_embeddings[0], True)
+    assert decoded.candidates.shape[1] == 1 and three.candidates.shape[1] == 3
+    torch.testing.assert_close(out.pred_masks[0], decoded.logits)
+    assert not torch.allclose(decoded.logits, three.logits)
+    # the predictor decodes the same way: test_predictor compares its masks with this forward pass

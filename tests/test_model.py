@@ -55,7 +55,9 @@ def test_one_mask_per_seg_token_in_order(tiny, num_seg):
         with torch.no_grad():
             features = model.grounding_encoder.image_features(batch["sam_pixel_values"][:1])
             for k in range(num_seg):
-                single = model.grounding_encoder.decode(features, out.seg_embeddings[0][k : k + 1])
+                single = model.grounding_encoder.decode(
+                    features, out.seg_embeddings[0][k : k + 1], model.config.multimask_output
+                )
                 torch.testing.assert_close(single.logits[0], out.pred_masks[0][k], rtol=1e-4, atol=1e-4)
     if num_seg == 3:
         # the three [SEG] tokens sit at different positions, so their embeddings differ

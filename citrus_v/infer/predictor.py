@@ -244,7 +244,7 @@ class CitrusVPredictor:
         with torch.no_grad():
             embeddings = self.model.seg_projector(hidden)
             features = self.model.grounding_encoder.image_features(batch["sam_pixel_values"][row : row + 1])
-            decoded = self.model.grounding_encoder.decode(features, embeddings)
+            decoded = self.model.grounding_encoder.decode(features, embeddings, self.model.config.multimask_output)
         width, height = images[0].size
         logits = F.interpolate(decoded.logits[:, None].float(), size=(height, width), mode="bilinear")
         masks = (logits[:, 0].sigmoid() > self.mask_threshold).cpu().numpy()

@@ -37,6 +37,10 @@ class CitrusVConfig(Qwen2_5_VLConfig):
             loss goes to the candidate the IoU head picks, which is right for a pretrained SAM 2 whose IoU
             head already ranks well); on for random-init presets, whose IoU head ranks at random.
         iou_loss_weight: weight of that IoU-head MSE.
+        multimask_output: SAM 2 gives three candidate masks and the one with the highest predicted IoU is kept
+            (upstream, True); False uses SAM's single-mask output. A random-init SAM trained with three
+            candidates specialises them, and a barely trained IoU head then picks the wrong one (a tiny
+            base's heart prompts: best candidate Dice 0.75, kept candidate 0.00); the tiny preset uses one.
     """
 
     model_type = "citrus_v"
@@ -52,6 +56,7 @@ class CitrusVConfig(Qwen2_5_VLConfig):
     text_map_loss_weight: float = 0.0
     multimask_min_loss: bool = False
     iou_loss_weight: float = 1.0
+    multimask_output: bool = True
 
     # --- derived views -------------------------------------------------------------------------------
     def sam2_config(self) -> Sam2Config:

@@ -6,7 +6,8 @@ adds the two calls Citrus-V needs:
 - ``image_features``: the image encoder's multi-level features **with gradients** (SAM 2's own
   ``get_image_embeddings`` runs under ``torch.no_grad()`` and would leave the image encoder untrained);
 - ``decode``: one mask per language embedding, the embedding appended to the sparse prompt after SAM's
-  "not a point" padding, multimask output, the mask with the highest predicted IoU kept.
+  "not a point" padding, multimask output, the mask with the highest predicted IoU kept (or SAM's
+  single-mask output, for a config that asks for it).
 """
 
 from __future__ import annotations
@@ -68,8 +69,14 @@ class GroundingEncoder(Sam2Model):
         ]
         return SamImageFeatures(levels)
 
-    def decode(self, features: SamImageFeatures, prompt_embeddings: torch.Tensor) -> DecodedMasks:
-        """Decode one mask per row of ``prompt_embeddings`` ``[K, D]`` for a single image's ``features``."""
+    def decode(
+        self, features: SamImageFeatures, prompt_embeddings: torch.Tensor, multimask_output: bool = True
+    ) -> DecodedMasks:
+        """Decode one mask per row of ``prompt_embeddings`` ``[K, D]`` for a single image's ``features``.
+
+        ``multimask_output`` (upstream): three candidates, the highest predicted IoU kept; otherwise SAM's
+        single-mask output (one candidate).
+        """
         if features.levels[-1].shape[0] != 1:
             raise ValueError("decode() takes the features of one image; use SamImageFeatures.select(i)")
         num_prompts = prompt_embeddings.shape[0]
@@ -88,10 +95,10 @@ class GroundingEncoder(Sam2Model):
             image_positional_embeddings=self.get_image_wide_positional_embeddings().to(dtype),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
-            multimask_output=True,
+            multimask_output=multimask_output,
             high_resolution_features=features.levels[:-1],
         )
-        # masks [1, K, 3, h, w], iou [1, K, 3]: keep the candidate with the highest predicted IoU
+        # masks [1, K, C, h, w], iou [1, K, C]: keep the candidate with the highest predicted IoU
         best = iou[0].argmax(dim=-1)
         rows = torch.arange(num_prompts, device=best.device)
         return DecodedMasks(

@@ -278,7 +278,9 @@ class CitrusV(CitrusVPreTrainedModel):
             row_candidate_iou: list[torch.Tensor | None] = [None] * emb.shape[0]
             for image in sorted(set(index.tolist())):
                 chosen = (index == image).nonzero()[:, 0]
-                decoded = self.grounding_encoder.decode(features.select(needed.index(image)), emb[chosen])
+                decoded = self.grounding_encoder.decode(
+                    features.select(needed.index(image)), emb[chosen], self.config.multimask_output
+                )
                 for slot, k in enumerate(chosen.tolist()):
                     row_masks[k] = decoded.logits[slot]
                     row_scores[k] = decoded.iou_scores[slot]
