@@ -279,6 +279,8 @@ def upstream_config_dict(config: CitrusVConfig, dtype_name: str) -> dict:
             out[key] = getattr(config, key)
     if config.use_res_seg_projector:
         out["use_res_seg_projector"] = True
+    if not config.multimask_output:  # upstream code always takes three candidates; ours reads this field
+        out["multimask_output"] = False
     return out
 
 
