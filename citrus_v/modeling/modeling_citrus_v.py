@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, PreTrainedModel, Qwen2_5_VLForConditionalGeneration
 from transformers.utils import ModelOutput
@@ -26,7 +25,7 @@ from .configuration_citrus_v import CitrusVConfig
 from .grounding import GroundingEncoder, SamImageFeatures
 from .hook_grad import hook_grad
 from .lesion_map import LesionMapHead
-from .losses import dice_loss_sum, mask_bce_sum
+from .losses import dice_loss_each, dice_loss_sum, mask_bce_each, mask_bce_sum
 from .seg_projector import ResidualSegProjector, SegProjector, build_seg_projector
 from .text_map import TextMapHead
 from .upstream_checkpoint import (
@@ -447,13 +446,10 @@ class CitrusV(CitrusVPreTrainedModel):
             with torch.no_grad():
                 flat = logits.float().flatten(2)  # [K, C, hw]
                 goal = target.flatten(1)[:, None, :].expand_as(flat)
-                per_pixel = F.binary_cross_entropy_with_logits(flat, goal, reduction="none").mean(-1)
-                probs = flat.sigmoid()
-                soft_dice = 1 - (2 * (probs * goal).sum(-1) + self.config.dice_eps) / (
-                    probs.sum(-1) + goal.sum(-1) + self.config.dice_eps
-                )
-                cost = self.config.mask_loss_weight * per_pixel + self.config.dice_loss_weight * soft_dice
-                best = cost.argmin(dim=1)
+                pairs, goals = flat.flatten(0, 1), goal.flatten(0, 1)  # one row per (mask, candidate)
+                cost = self.config.mask_loss_weight * mask_bce_each(pairs, goals)
+                cost = cost + self.config.dice_loss_weight * dice_loss_each(pairs, goals, self.config.dice_eps)
+                best = cost.view(flat.shape[:2]).argmin(dim=1)
                 hard = flat > 0
                 inter = (hard & (goal > 0.5)).sum(-1).float()
                 union = (hard | (goal > 0.5)).sum(-1).float()
