@@ -88,10 +88,14 @@ def test_bad_lines_are_counted_not_lost(tmp_path, tiny):
     _, processor = tiny
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     path = tmp_path / "s.jsonl"
-    path.write_text("\n".join([json.dumps(good), "{broken", json.dumps({"messages": "x"}), json.dumps(good)]) + "\n")
+    lines = [json.dumps(good), "{broken", json.dumps({"messages": "x"}), json.dumps(good)]
+    # a Latin-1 line (not UTF-8) is one bad row, not the end of the shard
+    path.write_bytes("\n".join(lines).encode() + b'\n{"messages": "caf\xe9"}\n' + json.dumps(good).encode() + b"\n")
     dataset = StreamingJsonlDataset([path], shuffle_buffer=0)
     collator = CitrusVCollator(processor)
     batch = collator(list(dataset))
-    assert batch.num_samples == 2 and len(batch.stream_positions) == 4
-    assert collator.skips.counts == {"invalid_json": 1, "schema": 1}
-    assert {(i.line, i.reason) for i in batch.skipped} == {(2, "invalid_json"), (3, "schema")}
+    assert batch.num_samples == 3 and len(batch.stream_positions) == 6
+    assert collator.skips.counts == {"invalid_json": 1, "schema": 1, "invalid_encoding": 1}
+    assert {(i.line, i.reason) for i in batch.skipped} == {(2, "invalid_json"), (3, "schema"), (5, "invalid_encoding")}
+    assert all(i.file == str(path) for i in batch.skipped)
+

@@ -16,7 +16,6 @@ number of workers must be the same when resuming.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .dataset import SkippedRow, load_item
-from .rows import RowIssue, RowProblem, RowRecord, check_schema
+from .rows import RowIssue, RowProblem, RowRecord, check_schema, read_jsonl
 from .validate import ValidationOptions
 
 
@@ -117,31 +116,25 @@ class StreamingJsonlDataset(IterableDataset):
         self.consumed = {int(k): int(v) for k, v in state["consumed"].items()}
 
     # --- iteration -----------------------------------------------------------------------------------------
-    def _lines(self) -> Iterator[tuple[Path, int, str]]:
+    def _rows(self) -> Iterator[RowRecord | RowIssue]:
+        # read_jsonl reads bytes: a line that is not UTF-8 (or not JSON) is one counted bad row, not a crash
         order = np.random.default_rng([self.seed, self.epoch, 0]).permutation(len(self.shards))
         for index in order:
-            shard = self.shards[int(index)]
-            with open(shard, encoding="utf-8") as handle:
-                for number, line in enumerate(handle, start=1):
-                    if line.strip():
-                        yield shard, number, line
+            yield from read_jsonl(self.shards[int(index)])
 
     def _mine(self, consumer: int, consumers: int) -> Iterator[RowRecord | SkippedRow]:
-        for global_index, (shard, number, line) in enumerate(self._lines()):
+        for global_index, item in enumerate(self._rows()):
             if global_index % consumers != consumer:
                 continue
+            if isinstance(item, RowIssue):
+                yield SkippedRow(item)
+                continue
             try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise RowProblem("schema", f"a row must be a JSON object, got {type(row).__name__}")
-                check_schema(row)
-            except json.JSONDecodeError as err:
-                yield SkippedRow(RowIssue(str(shard), number, "invalid_json", f"invalid JSON: {err.msg}"))
-                continue
+                check_schema(item.row)
             except RowProblem as problem:
-                yield SkippedRow(RowIssue(str(shard), number, problem.reason, str(problem)))
+                yield SkippedRow(RowIssue(str(item.file), item.line, problem.reason, str(problem)))
                 continue
-            yield RowRecord(shard, number, row)
+            yield item
 
     def _shuffled(self, stream: Iterator[Any], consumer: int) -> Iterator[Any]:
         if self.shuffle_buffer <= 1:
