@@ -169,13 +169,9 @@ def main() -> None:
     from test_serve_support import deployed_server, free_port
 
     with tempfile.TemporaryDirectory(prefix="citrus-v-fuzz-model-") as scratch:
-        model_dir = Path(args.model) if args.model else Path(scratch) / "tiny"
-        if not args.model:
-            from citrus_v.presets import build_tiny
+        from citrus_v.presets import build_preset
 
-            model, processor = build_tiny(seed=0)
-            model.save_pretrained(model_dir)
-            processor.save_pretrained(model_dir)
+        model_dir = Path(args.model) if args.model else build_preset("tiny", Path(scratch) / "tiny")
         port = free_port()
         with deployed_server(model_dir, port, [*DEPLOY_FLAGS, "--log_level", "info"]) as (_, log):
             result = run_fuzz(

@@ -253,13 +253,9 @@ def main() -> None:
     parser.add_argument("--json", help="also write the report to this file")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="citrus-v-soak-") as scratch:
-        model_dir = Path(args.model) if args.model else Path(scratch) / "tiny"
-        if not args.model:
-            from citrus_v.presets import build_tiny
+        from citrus_v.presets import build_preset
 
-            model, processor = build_tiny(seed=0)
-            model.save_pretrained(model_dir)
-            processor.save_pretrained(model_dir)
+        model_dir = Path(args.model) if args.model else build_preset("tiny", Path(scratch) / "tiny")
         report = run_soak(model_dir, args.seconds, args.clients, args.rss_every, args.max_rss_growth_mb)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPU(s), {platform.python_version()}")
     print(report.table())
