@@ -35,18 +35,22 @@ KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_tok
 def seg_rows(path: Path, limit: int | None) -> tuple[Path, list[str]]:
     """The segmentation rows with a ``[SEG]`` answer, written beside ``path`` (relative media stay valid),
     and the target each one names."""
+    from citrus_v.data.rows import RowIssue, read_jsonl
     from citrus_v.demo import target_of
 
     rows, targets = [], []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if '"segmentation"' not in line or "[SEG]" not in line:
-                continue
-            row = json.loads(line)
-            rows.append(json.dumps(row) + "\n")
-            targets.append(target_of(next(m["content"] for m in row["messages"] if m["role"] == "user")))
-            if limit and len(rows) == limit:
-                break
+    for record in read_jsonl(path):
+        if isinstance(record, RowIssue):
+            print(f"skipped {record}", file=sys.stderr)
+            continue
+        row = record.row
+        answer = " ".join(m["content"] for m in row.get("messages", []) if m.get("role") == "assistant")
+        if row.get("task") != "segmentation" or "[SEG]" not in answer:
+            continue
+        rows.append(json.dumps(row) + "\n")
+        targets.append(target_of(next(m["content"] for m in row["messages"] if m["role"] == "user")))
+        if limit and len(rows) == limit:
+            break
     if not rows:
         raise SystemExit(f"{path}: no segmentation rows with a [SEG] answer")
     out = path.with_name(f".seg_probe_{path.stem}.jsonl")
@@ -59,6 +63,7 @@ def run(model, processor, path: Path, targets: list[str], batch_size: int, mean:
     """Teacher-forced pass: per ``[SEG]`` its target, Dice, hidden state and projected embedding."""
     from citrus_v.data.collator import CitrusVCollator
     from citrus_v.data.dataset import RowDataset
+    from citrus_v.eval.seg_metrics import dice
 
     dataset = RowDataset.from_jsonl([str(path)], processor)
     if len(dataset) != len(targets):
@@ -81,8 +86,7 @@ def run(model, processor, path: Path, targets: list[str], batch_size: int, mean:
             out = model(**{k: batch[k] for k in KEYS if k in batch})
             for j, (pred, truth) in enumerate(zip(out.pred_masks, batch["gt_masks"], strict=True)):
                 for k in range(pred.shape[0]):
-                    p, t = pred[k] > 0, truth[k] > 0.5
-                    dices.append(float(2 * (p & t).sum() / (p.sum() + t.sum()).clamp(min=1)))
+                    dices.append(dice(pred[k].numpy() > 0, truth[k].numpy() > 0.5))
                     labels.append(targets[start + j])
     finally:
         hook.remove()
