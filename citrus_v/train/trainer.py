@@ -42,6 +42,7 @@ COMPONENT_LOSSES = (
     ("mask_iou_loss", "mask_iou"),
     ("lesion_map_loss", "lesion_map"),
     ("text_map_loss", "text_map"),
+    ("point_loss", "point"),
 )
 
 
@@ -165,6 +166,7 @@ class CitrusVTrainer(Trainer):
         self._running: dict[str, float] = {}
         self._last_log_time = time.perf_counter()
         self.skipped_rows: list[str] = []  # "file:line reason" of rows dropped while training
+        self._rng_checkpoint: str | None = None  # a streaming resume restores the RNG at its first step
 
     @property
     def streaming(self) -> bool:
@@ -185,6 +187,11 @@ class CitrusVTrainer(Trainer):
     # --- batching -----------------------------------------------------------------------------------------
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self._rng_checkpoint is not None:
+            # Trainer restores the RNG only where it skips batches itself, which a streaming run does not;
+            # here, right before the first resumed step, the draws (point prompts) continue as they would have
+            self._load_rng_state(self._rng_checkpoint)
+            self._rng_checkpoint = None
         for batch in batch_samples:
             self.skipped_rows += batch.get("skipped_rows", [])
             if self.streaming and batch.get("stream_positions"):
@@ -322,6 +329,7 @@ class CitrusVTrainer(Trainer):
             if not state_file.is_file():
                 raise FileNotFoundError(f"{state_file} is missing: the checkpoint holds no streaming position")
             self.train_dataset.load_state_dict(json.loads(state_file.read_text()))
+            self._rng_checkpoint = resume_from_checkpoint
 
     def _barrier(self) -> None:
         if dist.is_available() and dist.is_initialized():
