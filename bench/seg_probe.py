@@ -59,7 +59,7 @@ def seg_rows(path: Path, limit: int | None) -> tuple[Path, list[str]]:
 
 
 @torch.no_grad()
-def run(model, processor, path: Path, targets: list[str], batch_size: int, mean: torch.Tensor | None = None):
+def run(model, processor, path: Path, targets: list[str], batch_size: int, label: str = "probe"):
     """Teacher-forced pass: per ``[SEG]`` its target, Dice, hidden state and projected embedding."""
     from citrus_v.data.collator import CitrusVCollator
     from citrus_v.data.dataset import RowDataset
@@ -75,12 +75,10 @@ def run(model, processor, path: Path, targets: list[str], batch_size: int, mean:
     def keep(module, inputs, output):
         hidden.append(inputs[0].detach())
         projected.append(output.detach())
-        return None if mean is None else mean.expand_as(output).clone()
 
     hook = model.seg_projector.register_forward_hook(keep)
     labels, dices = [], []
     try:
-        label = "probe" if mean is None else "control"
         for start in tqdm(range(0, len(dataset), batch_size), desc=f"seg probe ({label})", unit="batch"):
             batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
             out = model(**{k: batch[k] for k in KEYS if k in batch})
@@ -120,6 +118,7 @@ def linear_probe(train_x, train_y, test_x, test_y, steps: int = 500) -> tuple[fl
 def main() -> int:
     from demo_quality import machine
 
+    from citrus_v.demo import MeanSegEmbedding
     from citrus_v.infer.predictor import CitrusVPredictor
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -134,8 +133,14 @@ def main() -> int:
     predictor = CitrusVPredictor.from_pretrained(args.model)
     model, processor = predictor.model.eval(), predictor.processor
     data, targets = seg_rows(Path(args.data), args.limit)
-    labels, dice, hidden, projected = run(model, processor, data, targets, args.batch_size)
-    control_labels, control, _, _ = run(model, processor, data, targets, args.batch_size, projected.mean(0))
+    # the control: what the [SEG] heads give SAM replaced by its mean over this pass
+    control_hook = MeanSegEmbedding(model)
+    try:
+        labels, dice, hidden, projected = run(model, processor, data, targets, args.batch_size)
+        control_hook.freeze()
+        control_labels, control, _, _ = run(model, processor, data, targets, args.batch_size, "control")
+    finally:
+        control_hook.remove()
     assert control_labels == labels
 
     result: dict = {"model": args.model, "data": args.data, "masks": len(labels), "machine": machine()}

@@ -94,29 +94,36 @@ def dice_per_target(predictions: Path) -> dict[str, dict[str, float]]:
 
 
 class MeanSegEmbedding:
-    """Records the projected ``[SEG]`` embeddings of a run, then replaces each by their mean (the control)."""
+    """Records what the ``[SEG]`` heads hand SAM 2 — the projected embedding, and the point head's output when
+    the model has one — then replaces each by its mean over the run (the control)."""
 
-    def __init__(self, projector: torch.nn.Module) -> None:
-        self.projector = projector
-        self.seen: list[torch.Tensor] = []
-        self.mean: torch.Tensor | None = None
-        self.handle = projector.register_forward_hook(self._hook)
+    def __init__(self, model: torch.nn.Module) -> None:
+        heads = [model.seg_projector, getattr(model, "seg_point_head", None)]
+        self.heads = [head for head in heads if head is not None]
+        self.seen: list[list[torch.Tensor]] = [[] for _ in self.heads]
+        self.means: list[torch.Tensor] | None = None
+        self.handles = [head.register_forward_hook(self._hook(i)) for i, head in enumerate(self.heads)]
 
-    def _hook(self, module, args, output):
-        if self.mean is None:
-            self.seen.append(output.detach().reshape(-1, output.shape[-1]))
-            return output
-        return self.mean.to(output.dtype).expand_as(output).clone()
+    def _hook(self, index: int):
+        def replace(module, args, output):
+            if self.means is None:
+                self.seen[index].append(output.detach().reshape(-1, output.shape[-1]))
+                return output
+            return self.means[index].to(output.dtype).expand_as(output).clone()
+
+        return replace
 
     def freeze(self) -> int:
-        if not self.seen:
+        """Switch from recording to replacing; returns how many ``[SEG]`` embeddings the mean is over."""
+        if not self.seen[0]:
             raise RuntimeError("no [SEG] embedding was produced, so there is no mean to use for the control")
-        stacked = torch.cat(self.seen)
-        self.mean = stacked.mean(dim=0)
-        return stacked.shape[0]
+        stacked = [torch.cat(seen) for seen in self.seen]
+        self.means = [s.mean(dim=0) for s in stacked]
+        return stacked[0].shape[0]
 
     def remove(self) -> None:
-        self.handle.remove()
+        for handle in self.handles:
+            handle.remove()
 
 
 def _overlay_seg(record: dict, image: Image.Image, truth: np.ndarray, out: Path) -> None:
@@ -312,7 +319,7 @@ def run_demo(
     _say("[5/6] evaluating on the held-out test split")
     predictor = CitrusVPredictor.from_pretrained(checkpoint)
     backend = InProcessBackend(predictor, batch_size=8, name=str(checkpoint))
-    control_hook = MeanSegEmbedding(predictor.model.seg_projector)
+    control_hook = MeanSegEmbedding(predictor.model)
     test = str(out / "data" / "test.jsonl")
     result = run_eval(
         EvalConfig(

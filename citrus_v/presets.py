@@ -129,6 +129,11 @@ def build_tiny(seed: int = 0) -> tuple[CitrusV, CitrusVProcessor]:
         # (see CitrusVConfig.multimask_output and multimask_min_loss)
         multimask_output=False,
         multimask_min_loss=True,
+        # nor can a random SAM tell targets apart by position from words alone (left from right lung): it
+        # learns points as SAM does, and each [SEG] gives it one (see CitrusVConfig.point_prompt_probability
+        # and citrus_v.modeling.point_head)
+        point_prompt_probability=0.5,
+        seg_point_head=True,
     )
     model = CitrusV(config)
     sam = model.grounding_encoder

@@ -12,7 +12,11 @@ new to it), builds the tiny preset and runs two ``citrus-v sft`` stages on it:
 1. stage 2 — the whole MLLM — on every task, mixed by ``FILE#N`` per task (more detection, closed
    questions and documents than the corpus holds), with the training-only lesion-map loss;
 2. stage 4 — seg projector and SAM 2 — on the segmentation rows: SAM is random in the tiny preset, so this
-   stands in for loading Meta's pretrained SAM 2 weights.
+   stands in for loading Meta's pretrained SAM 2 weights. It runs in two parts, as SAM itself learns
+   prompts before it learns language: first every training mask also gets a positive point inside its
+   target (``--point_prompt_probability 1``), so SAM's decoder learns to select by position; then a fifth
+   of them do, and the rest get the point the ``[SEG]`` point head predicts
+   (:mod:`citrus_v.modeling.point_head`), as inference does.
 
 Each stage's ``logging.jsonl`` and loss curves stay next to the checkpoint (``recipe/``).
 """
@@ -55,7 +59,10 @@ class BaseRecipe:
     # SAM and the projector are frozen and random in stage 2: keep their mask losses from pulling on the LLM
     stage2_hook_grad_factor: float = 0.001
     save_steps: int = 750
-    stage4_steps: int = 3000
+    # stage 4: first with a real point on every mask, then on this share of them (the rest: predicted points)
+    stage4_point_steps: int = 1500
+    stage4_steps: int = 1500
+    stage4_point_prompt_probability: float = 0.2
     stage4_learning_rate: float = 1e-3
     warmup_steps: int = 100
     mix: dict[str, float] = field(default_factory=lambda: dict(STAGE2_MIX))
@@ -97,6 +104,7 @@ def run_stage(
     log_every: int,
     save_steps: int | None = None,
     hook_grad_factor: float | None = None,
+    point_prompt_probability: float | None = None,
 ) -> Path:
     """One ``citrus-v sft --stage N`` run as the demo and the base recipe use it (cosine decay, no weight decay,
     one loader worker); checkpoints every ``save_steps`` (the last two kept), none when None."""
@@ -119,6 +127,7 @@ def run_stage(
         save_steps=save_steps or 500,
         save_total_limit=2,
         hook_grad_factor=hook_grad_factor,
+        point_prompt_probability=point_prompt_probability,
         logging_steps=max(1, steps // log_every),
         dataloader_num_workers=1,  # decode DICOM/NIfTI and encode the next batch while this one trains
         report_to=["none"],
@@ -130,19 +139,45 @@ def run_stage(
 
 def _stage(
     model: Path, dataset: list[str], out: Path, stage: int, steps: int, lr: float, recipe: BaseRecipe,
-    hook_grad_factor: float | None = None,
+    hook_grad_factor: float | None = None, point_prompt_probability: float | None = None,
 ) -> Path:
     return run_stage(
         model, dataset, out, stage, steps, lr, recipe.batch_size, recipe.seed, recipe.warmup_steps, 100,
         save_steps=recipe.save_steps, hook_grad_factor=hook_grad_factor,
+        point_prompt_probability=point_prompt_probability,
     )
+
+
+def write_base(out: Path, stages: dict[str, Path], recipe: BaseRecipe, timings: dict[str, float]) -> None:
+    """Write the base folder ``out``: the model and processor files of the last of ``stages`` (name -> run
+    folder, in order), and in ``out/recipe`` each stage's log and loss curves, the recipe and the timings."""
+    import torch
+
+    from .train.callbacks import plot_loss_curves
+
+    last = list(stages.values())[-1]
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for item in last.iterdir():
+        # the model and processor files; the run's own records go to recipe/
+        if item.is_file() and item.name not in RUN_RECORDS:
+            shutil.copy2(item, out / item.name)
+    notes = out / "recipe"
+    notes.mkdir()
+    for stage, folder in stages.items():
+        log = folder / "logging.jsonl"
+        if log.is_file():
+            shutil.copy2(log, notes / f"{stage}_logging.jsonl")
+            plot_loss_curves(log, notes / f"loss_{stage}.png")
+    record = {"recipe": asdict(recipe), "timings_s": timings, "torch_threads": torch.get_num_threads()}
+    (notes / "recipe.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 def make_base(out: str | Path, work: str | Path | None = None, recipe: BaseRecipe | None = None) -> Path:
     """Run the recipe and write the tiny base checkpoint to ``out`` (with its curves in ``out/recipe``)."""
     from .data.corpus import CorpusOptions, write_corpus
     from .presets import build_preset
-    from .train.callbacks import plot_loss_curves
 
     recipe = recipe or BaseRecipe()
     out = Path(out)
@@ -167,29 +202,20 @@ def make_base(out: str | Path, work: str | Path | None = None, recipe: BaseRecip
     )
     timings["stage2"] = round(time.monotonic() - t, 1)
     t = time.monotonic()
-    print(f"[4/4] stage 4: seg projector + SAM 2, {recipe.stage4_steps} steps", flush=True)
+    steps = recipe.stage4_point_steps + recipe.stage4_steps
+    print(f"[4/4] stage 4: seg projector + SAM 2, {steps} steps ({recipe.stage4_point_steps} with points)", flush=True)
     seg = [str(files["segmentation"])]
-    stage4 = _stage(stage2, seg, work / "stage4", 4, recipe.stage4_steps, recipe.stage4_learning_rate, recipe)
+    points = _stage(
+        stage2, seg, work / "stage4-points", 4, recipe.stage4_point_steps, recipe.stage4_learning_rate, recipe,
+        point_prompt_probability=1.0,
+    )
+    stage4 = _stage(
+        points, seg, work / "stage4", 4, recipe.stage4_steps, recipe.stage4_learning_rate, recipe,
+        point_prompt_probability=recipe.stage4_point_prompt_probability,
+    )
     timings["stage4"] = round(time.monotonic() - t, 1)
 
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    for item in stage4.iterdir():
-        # the model and processor files; the run's own records go to recipe/
-        if item.is_file() and item.name not in RUN_RECORDS:
-            shutil.copy2(item, out / item.name)
-    notes = out / "recipe"
-    notes.mkdir()
-    for stage, folder in (("stage2", stage2), ("stage4", stage4)):
-        log = folder / "logging.jsonl"
-        if log.is_file():
-            shutil.copy2(log, notes / f"{stage}_logging.jsonl")
-            plot_loss_curves(log, notes / f"loss_{stage}.png")
     timings["total"] = round(time.monotonic() - started, 1)
-    import torch
-
-    record = {"recipe": asdict(recipe), "timings_s": timings, "torch_threads": torch.get_num_threads()}
-    (notes / "recipe.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_base(out, {"stage2": stage2, "stage4_points": points, "stage4": stage4}, recipe, timings)
     print(f"wrote the tiny base checkpoint to {out} in {timings['total']:.0f} s", flush=True)
     return out

@@ -16,11 +16,17 @@ def _batch(processor, seeds=(1, 2, 3)):
     return processor([seg_sample(2, seed=s) for s in seeds])
 
 
+def _points(out, i: int):
+    """Sample ``i``'s predicted ``[SEG]`` points (None for a model without the point head)."""
+    return None if out.seg_points is None else out.seg_points[i]
+
+
 def test_loss_goes_to_the_best_candidate_and_the_iou_head(tiny):
     model, processor = tiny
     model = copy.deepcopy(model).train()
     assert model.config.multimask_min_loss
     model.config.multimask_output = True  # upstream's three candidates
+    model.config.point_prompt_probability = 0.0  # no random points: the decode below must match
     batch = _batch(processor)
     out = model(**batch)
     with torch.no_grad():
@@ -29,7 +35,9 @@ def test_loss_goes_to_the_best_candidate_and_the_iou_head(tiny):
     count = sum(m.shape[0] for m in batch["gt_masks"])
     for i, target in enumerate(batch["gt_masks"]):
         with torch.no_grad():
-            decoded = model.grounding_encoder.decode(features.select(i), out.seg_embeddings[i], True)
+            decoded = model.grounding_encoder.decode(
+                features.select(i), out.seg_embeddings[i], True, points=_points(out, i)
+            )
         assert decoded.candidates.shape[:2] == (target.shape[0], 3)
         for k in range(target.shape[0]):
             costs = [
@@ -60,7 +68,8 @@ def test_upstream_objective_is_unchanged_when_off(tiny):
     chosen = torch.cat(out.pred_masks)
     torch.testing.assert_close(out.mask_bce_loss, mask_bce_sum(chosen, target) / target.shape[0])
     torch.testing.assert_close(out.loss, out.lm_loss + 2.0 * out.mask_bce_loss + out.mask_dice_loss
-                               + model.config.lesion_map_loss_weight * (out.lesion_map_loss or 0.0))
+                               + model.config.lesion_map_loss_weight * (out.lesion_map_loss or 0.0)
+                               + model.config.point_loss_weight * (out.point_loss or 0.0))
 
 
 def test_iou_head_learns_to_rank_the_candidates(tiny):
@@ -92,8 +101,9 @@ def test_single_mask_output_gives_one_candidate_the_preset_trains_and_serves(tin
     with torch.no_grad():
         out = model(**batch)
         features = model.grounding_encoder.image_features(batch["sam_pixel_values"])
-        decoded = model.grounding_encoder.decode(features, out.seg_embeddings[0], False)
-        three = model.grounding_encoder.decode(features, out.seg_embeddings[0], True)
+        points = _points(out, 0)
+        decoded = model.grounding_encoder.decode(features, out.seg_embeddings[0], False, points=points)
+        three = model.grounding_encoder.decode(features, out.seg_embeddings[0], True, points=points)
     assert decoded.candidates.shape[1] == 1 and three.candidates.shape[1] == 3
     torch.testing.assert_close(out.pred_masks[0], decoded.logits)
     assert not torch.allclose(decoded.logits, three.logits)

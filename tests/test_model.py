@@ -26,12 +26,15 @@ def test_forward_backward_all_losses_finite(tiny):
     expected = out.lm_loss + 2.0 * out.mask_bce_loss + 1.0 * out.mask_dice_loss
     if model.config.multimask_min_loss:  # the tiny preset trains SAM's IoU head too
         expected = expected + model.config.iou_loss_weight * out.mask_iou_loss
+    if model.config.seg_point_head:  # and the [SEG] point head's
+        expected = expected + model.config.point_loss_weight * out.point_loss
     torch.testing.assert_close(out.loss, expected)
     out.loss.backward()
     grads = {
         "vision tower": model.mllm.model.visual.blocks[0].attn.qkv.weight.grad,
         "language model": model.mllm.model.language_model.layers[0].mlp.up_proj.weight.grad,
         "seg projector": model.seg_projector[0].weight.grad,
+        "seg point head": model.seg_point_head.mlp[0].weight.grad,
         # SAM's image encoder must train: get_image_embeddings() would run it without gradients
         "SAM image encoder": model.grounding_encoder.vision_encoder.backbone.patch_embed.projection.weight.grad,
         "SAM mask decoder": model.grounding_encoder.mask_decoder.iou_token.weight.grad,
@@ -54,9 +57,13 @@ def test_one_mask_per_seg_token_in_order(tiny, num_seg):
         # mask k is the decoding of embedding k alone: order is kept and prompts do not mix
         with torch.no_grad():
             features = model.grounding_encoder.image_features(batch["sam_pixel_values"][:1])
+            points = out.seg_points
             for k in range(num_seg):
                 single = model.grounding_encoder.decode(
-                    features, out.seg_embeddings[0][k : k + 1], model.config.multimask_output
+                    features,
+                    out.seg_embeddings[0][k : k + 1],
+                    model.config.multimask_output,
+                    points=None if points is None else points[0][k : k + 1],
                 )
                 torch.testing.assert_close(single.logits[0], out.pred_masks[0][k], rtol=1e-4, atol=1e-4)
     if num_seg == 3:
@@ -92,6 +99,8 @@ def _mask_only_grads(model: CitrusV, batch: dict, factor: float) -> dict[str, to
 def test_hook_grad_scales_projector_and_llm_not_sam(tiny):
     model, processor = tiny
     model = copy.deepcopy(model).train()
+    model.config.point_prompt_probability = 0.0  # the two passes must prompt SAM alike:
+    model.seg_point_head.eval()  # no random points, and the point head's statistics held still
     batch = processor([seg_sample(2, seed=5)])
     full = _mask_only_grads(model, batch, 1.0)
     scaled = _mask_only_grads(model, batch, 0.001)
@@ -148,10 +157,12 @@ def test_loss_weights_are_configurable(tiny):
     model.config.loss_mask_config = {"loss_weight": 1.0}
     model.config.loss_dice_config = {"loss_weight": 0.5, "eps": 1.0}
     model.config.iou_loss_weight = 0.25
+    model.config.point_loss_weight = 3.0
     with torch.no_grad():
         out = model(**processor(seg_sample(1, seed=8)))
     torch.testing.assert_close(
-        out.loss, out.lm_loss + out.mask_bce_loss + 0.5 * out.mask_dice_loss + 0.25 * out.mask_iou_loss
+        out.loss,
+        out.lm_loss + out.mask_bce_loss + 0.5 * out.mask_dice_loss + 0.25 * out.mask_iou_loss + 3.0 * out.point_loss,
     )
 
 

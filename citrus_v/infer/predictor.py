@@ -242,9 +242,11 @@ class CitrusVPredictor:
             return []
         hidden = torch.stack(states)
         with torch.no_grad():
-            embeddings = self.model.seg_projector(hidden)
+            embeddings, points = self.model.seg_prompts(hidden)
             features = self.model.grounding_encoder.image_features(batch["sam_pixel_values"][row : row + 1])
-            decoded = self.model.grounding_encoder.decode(features, embeddings, self.model.config.multimask_output)
+            decoded = self.model.grounding_encoder.decode(
+                features, embeddings, self.model.config.multimask_output, points=points
+            )
         width, height = images[0].size
         logits = F.interpolate(decoded.logits[:, None].float(), size=(height, width), mode="bilinear")
         masks = (logits[:, 0].sigmoid() > self.mask_threshold).cpu().numpy()

@@ -41,6 +41,16 @@ class CitrusVConfig(Qwen2_5_VLConfig):
             (upstream, True); False uses SAM's single-mask output. A random-init SAM trained with three
             candidates specialises them, and a barely trained IoU head then picks the wrong one (a tiny
             base's heart prompts: best candidate Dice 0.75, kept candidate 0.00); the tiny preset uses one.
+        point_prompt_probability: in training, the chance that a mask's prompt gets one positive point drawn
+            inside its target (in place of the point head's), next to the ``[SEG]`` embedding, as SAM itself
+            is trained. 0.0 (upstream) for a pretrained SAM 2. A random-init SAM taught by language alone
+            separates targets that look different but not those told apart only by position (left from
+            right lung); points teach its decoder to select by position.
+        seg_point_head: build a head on each ``[SEG]`` hidden state that predicts where its target is (the
+            target's innermost pixel, see :mod:`.point_head`); SAM 2 gets that point as a positive point
+            prompt next to the ``[SEG]`` embedding, in training and inference. Off (upstream); on in the tiny
+            preset, whose random-init SAM otherwise cannot tell left from right lung.
+        point_loss_weight: weight of the point head's L1 loss.
     """
 
     model_type = "citrus_v"
@@ -57,6 +67,9 @@ class CitrusVConfig(Qwen2_5_VLConfig):
     multimask_min_loss: bool = False
     iou_loss_weight: float = 1.0
     multimask_output: bool = True
+    point_prompt_probability: float = 0.0
+    seg_point_head: bool = False
+    point_loss_weight: float = 1.0
 
     # --- derived views -------------------------------------------------------------------------------
     def sam2_config(self) -> Sam2Config:

@@ -70,12 +70,18 @@ class GroundingEncoder(Sam2Model):
         return SamImageFeatures(levels)
 
     def decode(
-        self, features: SamImageFeatures, prompt_embeddings: torch.Tensor, multimask_output: bool = True
+        self,
+        features: SamImageFeatures,
+        prompt_embeddings: torch.Tensor,
+        multimask_output: bool = True,
+        points: torch.Tensor | None = None,
     ) -> DecodedMasks:
         """Decode one mask per row of ``prompt_embeddings`` ``[K, D]`` for a single image's ``features``.
 
         ``multimask_output`` (upstream): three candidates, the highest predicted IoU kept; otherwise SAM's
-        single-mask output (one candidate).
+        single-mask output (one candidate). ``points`` ``[K, 2]`` (x, y in SAM input pixels; NaN for none)
+        adds one positive point to a prompt: the ``[SEG]`` point head's (see :mod:`.point_head`), or in
+        training a real one (``CitrusVConfig.point_prompt_probability``).
         """
         if features.levels[-1].shape[0] != 1:
             raise ValueError("decode() takes the features of one image; use SamImageFeatures.select(i)")
@@ -83,10 +89,14 @@ class GroundingEncoder(Sam2Model):
         image_embedding = features.levels[-1]
         device, dtype = image_embedding.device, image_embedding.dtype
         # one "not a point" (label -1) per prompt; the prompt encoder pads it as SAM 2 does without boxes
-        points = torch.zeros(1, num_prompts, 1, 2, device=device, dtype=dtype)
+        coords = torch.zeros(1, num_prompts, 1, 2, device=device, dtype=dtype)
         labels = -torch.ones(1, num_prompts, 1, device=device, dtype=torch.int32)
+        if points is not None:
+            given = ~torch.isnan(points).any(dim=-1)
+            coords[0, given, 0] = points[given].to(device=device, dtype=dtype)
+            labels[0, given, 0] = 1
         sparse, dense = self.prompt_encoder(
-            input_points=points, input_labels=labels, input_boxes=None, input_masks=None
+            input_points=coords, input_labels=labels, input_boxes=None, input_masks=None
         )
         language = prompt_embeddings.to(sparse.dtype).view(1, num_prompts, 1, -1)
         sparse = torch.cat([sparse, language], dim=2)

@@ -26,6 +26,7 @@ from .grounding import GroundingEncoder, SamImageFeatures
 from .hook_grad import hook_grad
 from .lesion_map import LesionMapHead
 from .losses import dice_loss_each, dice_loss_sum, mask_bce_each, mask_bce_sum
+from .point_head import PointHead, interior_points, point_loss
 from .seg_projector import ResidualSegProjector, SegProjector, build_seg_projector
 from .text_map import TextMapHead
 from .upstream_checkpoint import (
@@ -60,11 +61,13 @@ class CitrusVOutput(ModelOutput):
     mask_dice_loss: torch.Tensor | None = None
     mask_iou_loss: torch.Tensor | None = None
     lesion_map_loss: torch.Tensor | None = None
+    point_loss: torch.Tensor | None = None
     text_map_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     pred_masks: list[torch.Tensor] | None = None
     iou_scores: list[torch.Tensor] | None = None
     seg_embeddings: list[torch.Tensor] | None = None
+    seg_points: list[torch.Tensor] | None = None
     last_hidden_state: torch.Tensor | None = None
 
 
@@ -83,6 +86,10 @@ class CitrusVPreTrainedModel(PreTrainedModel):
             for layer in module.modules():
                 if isinstance(layer, nn.Linear):
                     layer.reset_parameters()
+        elif isinstance(module, PointHead):
+            with torch.no_grad():
+                module.running_mean.zero_()
+                module.running_var.fill_(1.0)
         else:
             super()._init_weights(module)
 
@@ -100,6 +107,8 @@ class CitrusV(CitrusVPreTrainedModel):
             config.seg_projector_dropout,
             residual=config.use_res_seg_projector,
         )
+        # the [SEG] point head (see point_head.py): (x, y) logits; not in upstream checkpoints
+        self.seg_point_head = PointHead(config.text_config.hidden_size) if config.seg_point_head else None
         # training-only: built when the config gives the auxiliary loss a weight
         self.lesion_map_head = (
             LesionMapHead(config.vision_config.out_hidden_size) if config.lesion_map_loss_weight > 0 else None
@@ -139,8 +148,9 @@ class CitrusV(CitrusVPreTrainedModel):
                 raise CheckpointError(f"{path / 'config.json'}: {err}") from err
         with torch.device("meta"):
             skeleton = cls(config)
-        # a training-only head switched on in the config of a checkpoint saved without it starts fresh
-        check_weights(skeleton, files, may_be_missing=TRAINING_ONLY)
+        # a training-only head (or the point head) switched on in the config of a checkpoint saved without
+        # it starts fresh
+        check_weights(skeleton, files, may_be_missing=(*TRAINING_ONLY, "seg_point_head."))
         kwargs["config"] = config
         model = super().from_pretrained(path, *args, **kwargs)
         setattr(model, UNUSED_ATTRIBUTE, read_unused(path))
@@ -201,14 +211,32 @@ class CitrusV(CitrusVPreTrainedModel):
 
     def seg_embeddings(self, input_ids: torch.Tensor, hidden_states: torch.Tensor) -> list[torch.Tensor]:
         """Projected prompt embeddings of every ``[SEG]`` token, per sample, in order (``[K_i, d_sam]``)."""
+        return self._seg_prompts(input_ids, hidden_states)[0]
+
+    def seg_prompts(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """SAM 2 prompts of ``[K, hidden]`` ``[SEG]`` hidden states: the projected embeddings ``[K, d_sam]``
+        and, with ``config.seg_point_head``, the predicted points ``[K, 2]`` (x, y in SAM input pixels;
+        else None)."""
+        projected = hook_grad(self.seg_projector(hidden), self.config.hook_grad_factor)
+        if self.seg_point_head is None:
+            return projected, None
+        fraction = hook_grad(self.seg_point_head(hidden), self.config.hook_grad_factor).float().sigmoid()
+        # a fraction f of the side is SAM pixel f*S - 0.5 (the prompt encoder adds the half pixel back)
+        return projected, (fraction * self.grounding_encoder.image_size - 0.5).to(projected.dtype)
+
+    def _seg_prompts(
+        self, input_ids: torch.Tensor, hidden_states: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """``seg_prompts`` of every ``[SEG]`` token, split per sample in order."""
         seg_positions = input_ids == self.seg_token_idx
         counts = seg_positions.sum(dim=1).tolist()
         if sum(counts) == 0:
             empty = hidden_states.new_zeros(0, self.seg_projector.prompt_dim)
-            return [empty for _ in counts]
-        projected = self.seg_projector(hidden_states[seg_positions])
-        projected = hook_grad(projected, self.config.hook_grad_factor)
-        return list(projected.split(counts, dim=0))
+            no_points = [hidden_states.new_zeros(0, 2) for _ in counts]
+            return [empty for _ in counts], None if self.seg_point_head is None else no_points
+        projected, points = self.seg_prompts(hidden_states[seg_positions])
+        split = list(projected.split(counts, dim=0))
+        return split, None if points is None else list(points.split(counts, dim=0))
 
     def predict_masks(
         self,
@@ -217,6 +245,7 @@ class CitrusV(CitrusVPreTrainedModel):
         sam_image_mask: torch.Tensor | None = None,
         strict: bool = True,
         seg_image_index: list[torch.Tensor] | None = None,
+        seg_points: list[torch.Tensor] | None = None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor] | None]]:
         """Run SAM 2 once per image that has ``[SEG]`` tokens; one low-res mask per embedding.
 
@@ -225,7 +254,9 @@ class CitrusV(CitrusVPreTrainedModel):
 
         Each ``[SEG]`` of sample ``i`` uses ``sam_pixel_values[i]``, or — for packed rows holding several
         samples — ``sam_pixel_values[seg_image_index[i][k]]`` for its ``k``-th ``[SEG]``. A ``[SEG]`` with no
-        image is an error when ``strict`` (training), otherwise a warning and no mask for it.
+        image is an error when ``strict`` (training), otherwise a warning and no mask for it. ``seg_points``:
+        per sample ``[K_i, 2]`` positive points in SAM input pixels (the point head's, or real ones in
+        training), NaN where none.
         """
         height, width = self.mask_size
         ref = seg_embeddings[0] if seg_embeddings else None
@@ -265,7 +296,7 @@ class CitrusV(CitrusVPreTrainedModel):
         features: SamImageFeatures | None = None
         if needed:
             features = self.grounding_encoder.image_features(sam_pixel_values[needed])
-        for emb, index in zip(seg_embeddings, image_of, strict=True):
+        for sample, (emb, index) in enumerate(zip(seg_embeddings, image_of, strict=True)):
             if index is None:
                 masks.append(ref.new_zeros(0, height, width) if ref is not None else torch.zeros(0, height, width))
                 scores.append(ref.new_zeros(0) if ref is not None else torch.zeros(0))
@@ -278,7 +309,10 @@ class CitrusV(CitrusVPreTrainedModel):
             for image in sorted(set(index.tolist())):
                 chosen = (index == image).nonzero()[:, 0]
                 decoded = self.grounding_encoder.decode(
-                    features.select(needed.index(image)), emb[chosen], self.config.multimask_output
+                    features.select(needed.index(image)),
+                    emb[chosen],
+                    self.config.multimask_output,
+                    points=None if seg_points is None else seg_points[sample][chosen],
                 )
                 for slot, k in enumerate(chosen.tolist()):
                     row_masks[k] = decoded.logits[slot]
@@ -373,10 +407,26 @@ class CitrusV(CitrusVPreTrainedModel):
                 **targets,
             )
 
-        seg_embeddings = self.seg_embeddings(input_ids, hidden_states)
+        seg_embeddings, predicted_points = self._seg_prompts(input_ids, hidden_states)
         training_targets = labels is not None or gt_masks is not None
+        seg_points = predicted_points
+        if self.training and gt_masks is not None and self.config.point_prompt_probability > 0:
+            seg_points = [self._sample_points(target) for target in gt_masks]
+            if predicted_points is not None:
+                # a real point where one was drawn, the head's (detached: it learns from point_loss) elsewhere
+                seg_points = [
+                    torch.where(torch.isnan(real), guess.detach().to(real.dtype), real)
+                    for real, guess in zip(seg_points, predicted_points, strict=True)
+                ]
+        elif seg_points is not None:
+            seg_points = [guess.detach() for guess in seg_points]
         pred_masks, iou_scores, candidates = self.predict_masks(
-            seg_embeddings, sam_pixel_values, sam_image_mask, strict=training_targets, seg_image_index=seg_image_index
+            seg_embeddings,
+            sam_pixel_values,
+            sam_image_mask,
+            strict=training_targets,
+            seg_image_index=seg_image_index,
+            seg_points=seg_points,
         )
 
         bce = dice = iou_loss = None
@@ -387,6 +437,9 @@ class CitrusV(CitrusVPreTrainedModel):
             else:
                 pred_masks_for_loss = pred_masks
             bce, dice = self._mask_losses(pred_masks_for_loss, gt_masks, num_masks_in_batch)
+        located = None
+        if predicted_points is not None and gt_masks is not None:
+            located = self._point_loss(predicted_points, gt_masks, num_masks_in_batch)
 
         lesion_loss = None
         if use_lesion_map and image_tokens:
@@ -396,7 +449,7 @@ class CitrusV(CitrusVPreTrainedModel):
             text_loss = self.text_map_head.loss(torch.cat(image_tokens), text_map_targets)
 
         loss = None
-        if lm_loss is not None or bce is not None or lesion_loss is not None or text_loss is not None:
+        if any(part is not None for part in (lm_loss, bce, lesion_loss, text_loss, located)):
             loss = lm_loss if lm_loss is not None else logits.new_zeros(())
             if bce is not None:
                 loss = loss + self.config.mask_loss_weight * bce + self.config.dice_loss_weight * dice
@@ -406,6 +459,8 @@ class CitrusV(CitrusVPreTrainedModel):
                 loss = loss + self.config.lesion_map_loss_weight * lesion_loss
             if text_loss is not None:
                 loss = loss + self.config.text_map_loss_weight * text_loss
+            if located is not None:
+                loss = loss + self.config.point_loss_weight * located
 
         return CitrusVOutput(
             loss=loss,
@@ -414,11 +469,13 @@ class CitrusV(CitrusVPreTrainedModel):
             mask_dice_loss=dice,
             mask_iou_loss=iou_loss,
             lesion_map_loss=lesion_loss,
+            point_loss=located,
             text_map_loss=text_loss,
             logits=logits,
             pred_masks=pred_masks,
             iou_scores=iou_scores,
             seg_embeddings=seg_embeddings,
+            seg_points=predicted_points,
             last_hidden_state=hidden_states,
         )
 
@@ -461,6 +518,48 @@ class CitrusV(CitrusVPreTrainedModel):
         count = num_masks_in_batch if num_masks_in_batch is not None else sum(c.shape[0] for c in chosen)
         count = torch.as_tensor(count, dtype=torch.float32, device=squared[0].device).clamp(min=1)
         return chosen, torch.cat(squared).sum() / count
+
+    def _point_loss(
+        self,
+        predicted_points: list[torch.Tensor],
+        gt_masks: list[torch.Tensor],
+        num_masks_in_batch: int | torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """The point head's L1 distance to each target's innermost pixel, both as fractions of the side."""
+        points = torch.cat(predicted_points)
+        if points.shape[0] == 0:
+            return None
+        masks = torch.cat([m.to(points.device) for m in gt_masks])
+        if masks.shape[0] != points.shape[0]:
+            raise SegTargetError(f"{masks.shape[0]} ground-truth mask(s) for {points.shape[0]} [SEG] token(s)")
+        size = self.grounding_encoder.image_size
+        with torch.no_grad():
+            target = (interior_points(masks) + 0.5) / masks.shape[-1]
+        count = num_masks_in_batch if num_masks_in_batch is not None else points.shape[0]
+        return point_loss((points + 0.5) / size, target, count)
+
+    def _to_sam_pixels(self, xy: torch.Tensor, mask_width: int) -> torch.Tensor:
+        """Low-res mask pixel indices (x, y) -> the SAM input pixel index of the pixel's centre (the prompt
+        encoder adds the 0.5)."""
+        scale = self.grounding_encoder.image_size / mask_width
+        return (xy + 0.5) * scale - 0.5
+
+    def _sample_points(self, target: torch.Tensor) -> torch.Tensor:
+        """One positive point per mask of ``target`` ``[K, h, w]`` with probability
+        ``point_prompt_probability``, uniform over the mask's pixels, in SAM input pixels ``[K, 2]`` (x, y);
+        NaN for masks left without a point (and for empty masks)."""
+        points = torch.full((target.shape[0], 2), float("nan"), device=target.device)
+        if target.shape[0] == 0:
+            return points
+        width = target.shape[-1]
+        flat = (target.reshape(target.shape[0], -1) > 0.5).float()
+        chosen = (torch.rand(target.shape[0], device=target.device) < self.config.point_prompt_probability)
+        chosen &= flat.sum(dim=1) > 0
+        if chosen.any():
+            pixel = torch.multinomial(flat[chosen], 1)[:, 0]
+            xy = torch.stack([pixel % width, pixel // width], dim=1).to(points.dtype)
+            points[chosen] = self._to_sam_pixels(xy, width)
+        return points
 
     def _mask_losses(
         self,

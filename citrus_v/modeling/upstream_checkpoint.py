@@ -49,7 +49,8 @@ logger = logging.getLogger(__name__)
 
 META_PREFIX = "grounding_encoder.sam2_model."
 SAM_PREFIX = "grounding_encoder."
-PASS_THROUGH = ("mllm.", "seg_projector.")
+# seg_point_head (the [SEG] point head) is ours: it travels next to the projector, and only Citrus-V reads it
+PASS_THROUGH = ("mllm.", "seg_projector.", "seg_point_head.")
 # training-only parts upstream has no module for: left out of the upstream layout (and its config)
 TRAINING_ONLY = ("lesion_map_head.", "text_map_head.")
 UNUSED_FILE = "upstream_unused.safetensors"
@@ -281,6 +282,12 @@ def upstream_config_dict(config: CitrusVConfig, dtype_name: str) -> dict:
         out["use_res_seg_projector"] = True
     if not config.multimask_output:  # upstream code always takes three candidates; ours reads this field
         out["multimask_output"] = False
+    if config.seg_point_head:
+        out["seg_point_head"] = True
+        logger.warning(
+            "this model prompts SAM 2 with a point from each [SEG] (seg_point_head): the head travels in the "
+            "upstream files, but only Citrus-V uses it; upstream's code ignores it and its masks will differ"
+        )
     return out
 
 
@@ -290,7 +297,7 @@ def _renamed_names(reader: Mapping[str, torch.Tensor], directory: Path) -> tuple
     foreign = [n for n in reader if not n.startswith(PASS_THROUGH) and not n.startswith(META_PREFIX)]
     if foreign:
         raise CheckpointError(
-            f"{directory}: {len(foreign)} tensor(s) belong to no part of Citrus-V (mllm., seg_projector., "
+            f"{directory}: {len(foreign)} tensor(s) belong to no part of Citrus-V ({', '.join(PASS_THROUGH)}, "
             f"{META_PREFIX}): {', '.join(sorted(foreign)[:8])}. Fix: remove them, or restore the original weights"
         )
     try:

@@ -84,6 +84,10 @@ class SftArguments:
     strict: bool = field(default=False, metadata={"help": "stop at the first bad dataset row"})
     mask_loss_weight: float | None = None
     dice_loss_weight: float | None = None
+    point_prompt_probability: float | None = field(
+        default=None,
+        metadata={"help": "share of training masks that also get a positive point inside the target (0-1)"},
+    )
 
     @property
     def dtype(self) -> torch.dtype:

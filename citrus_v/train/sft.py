@@ -144,6 +144,10 @@ def load_model(args: SftArguments) -> tuple[CitrusV, CitrusVProcessor]:
         model.config.loss_mask_config = {**(model.config.loss_mask_config or {}), "loss_weight": args.mask_loss_weight}
     if args.dice_loss_weight is not None:
         model.config.loss_dice_config = {**(model.config.loss_dice_config or {}), "loss_weight": args.dice_loss_weight}
+    if args.point_prompt_probability is not None:
+        if not 0.0 <= args.point_prompt_probability <= 1.0:
+            raise ValueError(f"--point_prompt_probability must be within 0 and 1, got {args.point_prompt_probability}")
+        model.config.point_prompt_probability = args.point_prompt_probability
     return model, processor
 
 

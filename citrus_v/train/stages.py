@@ -21,7 +21,7 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     # the training-only lesion-map head reads the merger's output, so it trains with the aligner
     "aligner": ("mllm.model.visual.merger", "lesion_map_head", "text_map_head"),
     "llm": ("mllm.model.language_model", "mllm.lm_head"),
-    "seg projector": ("seg_projector",),
+    "seg projector": ("seg_projector", "seg_point_head"),
     "sam image encoder": ("grounding_encoder.vision_encoder", "grounding_encoder.mask_decoder.conv_s"),
     "sam prompt encoder": ("grounding_encoder.prompt_encoder", "grounding_encoder.shared_image_embedding"),
     "sam mask decoder": ("grounding_encoder.mask_decoder", "grounding_encoder.no_memory_embedding"),
