@@ -254,12 +254,13 @@ def scan_rows(
         # two prompts naming different targets in the same image
         organ = organ_names[int(rng.integers(0, len(organ_names)))]
         rows.append(
-            _row("segmentation", meta, image, f"Please segment the {organ} in this image.", "Sure, it is [SEG].",
-                 masks=[mask_ref(organ, organs[organ])])
+            # the answer names its target: the [SEG] state then carries which one (see modeling/point_head.py)
+            _row("segmentation", meta, image, f"Please segment the {organ} in this image.",
+                 f"Sure, here is the {organ} [SEG].", masks=[mask_ref(organ, organs[organ])])
         )
         if len(lesions) == 1:
             rows.append(
-                _row("segmentation", meta, image, "Segment the lesion.", "Sure, it is [SEG].",
+                _row("segmentation", meta, image, "Segment the lesion.", "Sure, here is the lesion [SEG].",
                      masks=[mask_ref("lesion_1", lesions[0][1])])
             )
         elif len(lesions) > 1:
