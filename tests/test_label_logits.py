@@ -14,6 +14,9 @@ from .conftest import seg_sample
 def model_and_batch(tiny):
     model, processor = tiny
     model = copy.deepcopy(model).train()
+    # every pass must prompt SAM alike: no random training points, the point head's statistics held still
+    model.config.point_prompt_probability = 0.0
+    model.seg_point_head.eval()
     # two samples of different lengths (padding in the batch), one with [SEG] and its mask
     batch = processor([seg_sample(1, seed=0), seg_sample(0, seed=1)])
     return model, batch

@@ -259,6 +259,17 @@ def test_stage_presets_and_flag_overrides():
         FreezePlan(stage=4).apply(torch.nn.Module())
 
 
+def test_point_prompt_probability_flag_sets_the_run_and_is_checked(tiny_dir):
+    from citrus_v.train.sft import load_model
+
+    model, _ = load_model(SftArguments(model=str(tiny_dir), dataset=["d"], point_prompt_probability=1.0))
+    assert model.config.point_prompt_probability == 1.0
+    kept, _ = load_model(SftArguments(model=str(tiny_dir), dataset=["d"]))
+    assert kept.config.point_prompt_probability == 0.5  # the tiny preset's own share
+    with pytest.raises(ValueError, match="--point_prompt_probability must be within 0 and 1, got 1.5"):
+        load_model(SftArguments(model=str(tiny_dir), dataset=["d"], point_prompt_probability=1.5))
+
+
 def test_machine_fallbacks_are_one_line_each(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
     args = SftArguments(
