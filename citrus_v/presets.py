@@ -24,7 +24,7 @@ PRESETS = ("tiny",)
 
 # Tiny image bounds: 224×224 inputs give 16×16 patches -> 64 merged image tokens.
 TINY_PIXELS = 224 * 224
-# documents are rendered at twice the scan size so their text stays legible: allow up to 448 x 448
+# lab reports are 896 x 224 slips, one character per merged token (citrus_v.data.documents): 4x a scan
 TINY_MAX_PIXELS = 4 * TINY_PIXELS
 
 
@@ -125,6 +125,9 @@ def build_tiny(seed: int = 0) -> tuple[CitrusV, CitrusVProcessor]:
         lesion_map_loss_weight=1.0,
         # nor does its vision tower learn to read documents (see citrus_v.modeling.text_map)
         text_map_loss_weight=1.0,
+        # and its language model, reading characters, learns to copy them only when one head is shown where
+        # each copied character is (see citrus_v.modeling.copy_attention)
+        copy_attention_loss_weight=1.0,
         # SAM 2 is random here: one mask per prompt, and its IoU head trained to score it
         # (see CitrusVConfig.multimask_output and multimask_min_loss)
         multimask_output=False,

@@ -137,12 +137,16 @@ def test_corpus_rows_carry_lesion_maps_and_number_lesions_left_to_right(corpus):
     assert report.rejected == 0
 
 
-def test_documents_are_rendered_at_twice_the_scan_size(corpus):
+def test_documents_are_slips_of_one_character_per_merged_token(corpus, tiny):
     from PIL import Image
 
+    _, processor = tiny
     docs = [r for r in _rows(corpus / "train.jsonl") if r["task"] == "document"]
     assert docs
-    assert Image.open(corpus / docs[0]["images"][0]).size == (448, 448)
+    size = Image.open(corpus / docs[0]["images"][0]).size
+    assert size == (896, 224)
+    # the tiny processor keeps that size: 32 x 8 merged tokens of 28 px, one per printed character
+    assert size[0] * size[1] <= processor.image_processor.max_pixels
 
 
 def test_file_hash_n_repeats_a_file_to_set_the_task_mix(corpus, tiny_dir, tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-from itertools import groupby
 from pathlib import Path
 
 import numpy as np
@@ -43,27 +42,34 @@ def test_targets_follow_the_patch_order_of_merged_tokens():
     assert torch.equal(target, expected)
 
 
-def test_lab_report_map_marks_each_printed_character_over_its_glyph():
-    report = make_lab_report(np.random.default_rng(5), size=448)
+def test_lab_report_prints_one_character_per_cell_and_the_map_names_each():
+    report = make_lab_report(np.random.default_rng(5), cell=28)
+    assert report.image.size == (32 * 28, 8 * 28)
     ink = np.asarray(report.image.convert("L")) < 128
     labelled = report.text_map > 0
     assert labelled.any() and report.text_map.max() < TEXT_MAP_CLASSES
     # nearly all ink lies under a label (the rule under the header is the exception), and each label box has ink
-    assert (ink & ~labelled).sum() < 0.05 * ink.sum() + 448 * 2
+    assert (ink & ~labelled).sum() < 0.05 * ink.sum() + report.image.size[0] * 2
     assert (labelled & ink).sum() > 0.3 * ink.sum()
-    # reading the map's pixel rows left to right gives every printed value (glyph runs; spaces and repeated
-    # neighbours, whose boxes touch, collapse)
-    readings = set()
-    for line in report.text_map:
-        runs = [int(v) for k, v in enumerate(line) if v and (k == 0 or line[k - 1] != v)]
-        readings.add("".join(class_char(v) for v in runs))
-    for result in report.results:
-        expected = "".join(char for char, _ in groupby(result.text.replace(" ", "")))
-        assert any(expected in reading for reading in readings), (result.text, readings)
+    # reading one character per cell gives the printed lines exactly, spaces included
+    cells = report.text_map[14::28, 14::28]
+    lines = ["".join(class_char(int(v)) or " " for v in row) for row in cells]
+    assert lines[1].strip() == f"Patient {report.patient_id} Date {report.date}"
+    for line, result in zip(lines[2:], report.results, strict=False):
+        assert line[1 : 1 + len(result.name)] == result.name
+        assert line[12 : 12 + len(result.text)] == result.text
+    # every cell is one colour: a merged image token of the tiny preset covers exactly one character
+    blocks = report.text_map.reshape(8, 28, 32, 28)
+    assert (blocks == blocks[:, :1, :, :1]).all()
+
+
+def test_lab_report_rejects_cells_too_small_to_print():
+    with pytest.raises(ValueError, match="cell must be at least 8"):
+        make_lab_report(np.random.default_rng(0), cell=4)
 
 
 def _doc_sample(seed: int, with_map: bool = True) -> dict:
-    report = make_lab_report(np.random.default_rng(seed), size=448)
+    report = make_lab_report(np.random.default_rng(seed))
     sample = {
         "messages": [
             {"role": "user", "content": "<image>What is the patient ID?"},
@@ -97,7 +103,7 @@ def test_processor_lines_targets_up_with_image_tokens(tiny):
     assert "text_map_targets" not in processor([_scan_sample()])
     wrong = _doc_sample(2)
     wrong["text_map"] = np.zeros((10, 10), dtype=np.int64)
-    with pytest.raises(ProcessorError, match="text_map is 10x10 but the first image is 448x448"):
+    with pytest.raises(ProcessorError, match="text_map is 10x10 but the first image is 896x224"):
         processor(wrong)
 
 
@@ -151,7 +157,7 @@ def test_document_rows_carry_text_maps_that_load_and_validate(corpus, tiny):
     dataset = RowDataset.from_jsonl([corpus / "train.jsonl"], processor)
     item = next(dataset[i] for i in range(len(dataset)) if dataset.records[i].row["task"] == "document")
     labels = item["sample"]["text_map"]
-    assert labels.shape == (448, 448) and labels.max() > 1
+    assert labels.shape == (224, 896) and labels.max() > 1
 
 
 def test_a_text_map_that_is_not_a_label_image_is_named(corpus, tiny, tmp_path):
@@ -159,7 +165,7 @@ def test_a_text_map_that_is_not_a_label_image_is_named(corpus, tiny, tmp_path):
     row = next(
         json.loads(line) for line in (corpus / "train.jsonl").read_text().splitlines() if '"document"' in line
     )
-    Image.new("RGB", (448, 448)).save(tmp_path / "colour.png")
+    Image.new("RGB", (896, 224)).save(tmp_path / "colour.png")
     row["images"] = [str(corpus / row["images"][0])]
     row["text_map"] = str(tmp_path / "colour.png")
     (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n")

@@ -52,8 +52,9 @@ class CorpusOptions:
         documents: fraction of the images that are lab reports.
         volume_depth: slices per NIfTI volume; slices_per_volume: how many of them get rows.
         rle_fraction: fraction of image-file masks written inline as COCO RLE instead of PNG files.
-        document_scale: lab reports are rendered at ``size * document_scale`` pixels, so their text stays
-            legible to the vision tower (2 -> 448 px, 256 image tokens with the tiny preset).
+        document_cell: pixels per printed character of a lab report (see
+            :func:`~citrus_v.data.documents.make_lab_report`): 28, one merged image token of Qwen2.5-VL, gives
+            an 896 x 224 slip (256 image tokens).
     """
 
     n: int = 200
@@ -64,7 +65,7 @@ class CorpusOptions:
     volume_depth: int = 8
     slices_per_volume: int = 3
     rle_fraction: float = 0.25
-    document_scale: int = 2
+    document_cell: int = 28
 
 
 @dataclass
@@ -391,7 +392,7 @@ def _scan_case(writer: _CaseWriter, fmt: str) -> tuple[list[dict], int]:
 
 def _document_case(writer: _CaseWriter) -> list[dict]:
     rng = writer.rng
-    report = make_lab_report(rng, writer.options.size * writer.options.document_scale)
+    report = make_lab_report(rng, writer.options.document_cell)
     path = writer.image_dir / f"{writer.case}.png"
     report.image.save(path)
     image = writer.rel(path)

@@ -44,7 +44,7 @@ class LabResult:
 
 @dataclass
 class LabReport:
-    """A rendered report; ``text_map`` holds each printed character's class over its glyph box (0 elsewhere),
+    """A rendered report; ``text_map`` holds each printed character's class over its cell (0 elsewhere),
     the target of the training-only text-map loss (:mod:`citrus_v.modeling.text_map`)."""
 
     patient_id: str
@@ -54,10 +54,26 @@ class LabReport:
     text_map: np.ndarray
 
 
-def make_lab_report(rng: np.random.Generator, size: int = 224, num_tests: int = 5) -> LabReport:
-    """Render a lab report (patient id, date, ``num_tests`` results with flags) as a ``size``-pixel image."""
+# the printed slip: LINE_COLUMNS characters per line, LINES lines, one character per cell
+LINE_COLUMNS, LINES = 32, 8
+NAME_COLUMN, VALUE_COLUMN, FLAG_COLUMN = 1, 12, 24
+
+
+def make_lab_report(rng: np.random.Generator, cell: int = 28, num_tests: int = 5) -> LabReport:
+    """Render a lab report (patient id, date, ``num_tests`` results with flags) as a printed slip.
+
+    The slip is a fixed-pitch print: every character sits centred in its own ``cell``-pixel square, on a
+    grid of ``LINE_COLUMNS x LINES`` cells (``32 * cell`` by ``8 * cell`` pixels). With ``cell`` equal to
+    one merged image token (patch 14 x merge 2 = 28 px, the default) each token shows exactly one
+    character, so the text map names it completely and the copy-attention targets
+    (:mod:`citrus_v.processing.copy_targets`) can point each answer character at its token.
+    """
+    if cell < 8:
+        raise ValueError(f"cell must be at least 8 pixels to print legibly, got {cell}")
     names = list(LAB_TESTS)
     chosen = [names[i] for i in sorted(rng.choice(len(names), size=min(num_tests, len(names)), replace=False))]
+    if len(chosen) > LINES - 2:
+        raise ValueError(f"a slip holds at most {LINES - 2} results, got num_tests={num_tests}")
     results = []
     for name in chosen:
         unit, low, high, decimals = LAB_TESTS[name]
@@ -66,33 +82,27 @@ def make_lab_report(rng: np.random.Generator, size: int = 224, num_tests: int = 
         results.append(LabResult(name, max(value, 0.0), unit, low, high, decimals))
     patient_id = f"P-{int(rng.integers(1000, 9999))}"
     date = f"2024-{int(rng.integers(1, 13)):02d}-{int(rng.integers(1, 29)):02d}"
-    scale = size / 224
-    font = ImageFont.load_default(size=max(8, round(11 * scale)))
-    image = Image.new("L", (size, size), 255)
+    width, height = LINE_COLUMNS * cell, LINES * cell
+    font = ImageFont.load_default(size=round(0.85 * cell))
+    image = Image.new("L", (width, height), 255)
     draw = ImageDraw.Draw(image)
-    text_map = np.zeros((size, size), dtype=np.uint8)
+    text_map = np.zeros((height, width), dtype=np.uint8)
     _, top, _, bottom = font.getbbox("Hg")
 
-    def write(x: int, y: int, text: str, fill: int) -> None:
-        draw.text((x, y), text, fill=fill, font=font)
+    def write(column: int, line: int, text: str, fill: int = 0) -> None:
+        if column + len(text) > LINE_COLUMNS:
+            raise ValueError(f"{text!r} at column {column} does not fit a {LINE_COLUMNS}-column line")
+        y = line * cell + (cell - (bottom - top)) // 2 - top
         for k, char in enumerate(text):
-            label = char_class(char)
-            if label:
-                left, right = round(x + font.getlength(text[:k])), round(x + font.getlength(text[: k + 1]))
-                text_map[max(0, y + top) : min(size, y + bottom), max(0, left) : min(size, right)] = label
+            x = (column + k) * cell
+            draw.text((x + (cell - font.getlength(char)) / 2, y), char, fill=fill, font=font)
+            text_map[line * cell : (line + 1) * cell, x : x + cell] = char_class(char)
 
-    line = round(15 * scale)
-    x0, y = round(8 * scale), round(8 * scale)
-    write(x0, y, "LABORATORY REPORT", 0)
-    y += line
-    write(x0, y, f"Patient: {patient_id}   Date: {date}", 30)
-    y += line
-    draw.line((x0, y, size - x0, y), fill=90, width=1)
-    y += round(5 * scale)
-    for result in results:
-        mark = {"high": "H", "low": "L", "normal": ""}[result.flag]
-        write(x0, y, result.name, 0)
-        write(x0 + round(80 * scale), y, result.text, 0)
-        write(size - x0 - round(14 * scale), y, mark, 0)
-        y += line
+    write(NAME_COLUMN, 0, "LABORATORY REPORT")
+    write(NAME_COLUMN, 1, f"Patient {patient_id} Date {date}", 30)
+    draw.line((cell // 2, 2 * cell, width - cell // 2, 2 * cell), fill=90, width=1)
+    for line, result in enumerate(results, start=2):
+        write(NAME_COLUMN, line, result.name)
+        write(VALUE_COLUMN, line, result.text)
+        write(FLAG_COLUMN, line, {"high": "H", "low": "L", "normal": ""}[result.flag])
     return LabReport(patient_id, date, results, image.convert("RGB"), text_map)

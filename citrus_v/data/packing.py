@@ -130,18 +130,20 @@ def pack_encoded(
     max_seg_samples: int = 1,
 ) -> dict[str, Any]:
     """Build a packed CitrusV batch from encoded samples and a pack plan (see the module docstring)."""
-    rows_ids, rows_labels, rows_pos, rows_text_pos = [], [], [], []
+    rows_ids, rows_labels, rows_pos, rows_text_pos, rows_copy = [], [], [], [], []
     pixel_values, grids, sam_inputs, sam_flags, gt_masks = [], [], [], [], []
     per_seg_images: list[torch.Tensor] = []
     seg_image_index: list[torch.Tensor] = []
     for pack in packs:
-        ids, labels, pos, text_pos, masks, image_index = [], [], [], [], [], []
+        ids, labels, pos, text_pos, masks, image_index, copy = [], [], [], [], [], [], []
         sam = None
         for index in pack:
             sample = encoded[index]
             sample_ids = torch.as_tensor(sample["input_ids"], dtype=torch.long)
             ids.append(sample_ids)
             labels.append(torch.as_tensor(sample["labels"], dtype=torch.long))
+            offsets = sample.get("copy_offsets")  # distances back: unchanged by packing
+            copy.append(torch.zeros_like(sample_ids) if offsets is None else torch.as_tensor(offsets, dtype=torch.long))
             grid = sample.get("image_grid_thw")
             pos.append(rope_positions(sample_ids, image_token_id, grid, spatial_merge_size))
             text_pos.append(torch.arange(len(sample_ids)))
@@ -158,6 +160,7 @@ def pack_encoded(
                 per_seg_images.append(sam)
         rows_ids.append(torch.cat(ids))
         rows_labels.append(torch.cat(labels))
+        rows_copy.append(torch.cat(copy))
         rows_pos.append(torch.cat(pos, dim=1))
         rows_text_pos.append(torch.cat(text_pos))
         sam_flags.append(sam is not None)
@@ -173,10 +176,12 @@ def pack_encoded(
     input_ids = torch.full((batch_size, width), pad_token_id, dtype=torch.long)
     label_ids = torch.full((batch_size, width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((4, batch_size, width), dtype=torch.long)
+    copy_offsets = torch.zeros((batch_size, width), dtype=torch.long)
     for row in range(batch_size):
         length = len(rows_ids[row])
         input_ids[row, :length] = rows_ids[row]
         label_ids[row, :length] = rows_labels[row]
+        copy_offsets[row, :length] = rows_copy[row]
         position_ids[0, row, :length] = rows_text_pos[row]
         position_ids[1:, row, :length] = rows_pos[row]
         # padding is its own pseudo-sample: positions restart, so it attends only to itself
@@ -189,6 +194,8 @@ def pack_encoded(
     }
     if return_labels:
         batch["labels"] = label_ids
+        if any(encoded[i].get("copy_offsets") is not None for pack in packs for i in pack):
+            batch["copy_offsets"] = copy_offsets
     if pixel_values:
         batch["pixel_values"] = torch.cat(pixel_values)
         batch["image_grid_thw"] = torch.cat(grids)

@@ -31,6 +31,11 @@ class CitrusVConfig(Qwen2_5_VLConfig):
             image tokens (0.0, the default, builds no head; see :mod:`.lesion_map`).
         text_map_loss_weight: weight of the training-only text-map (character per patch) loss on the same
             tokens (0.0, the default, builds no head; see :mod:`.text_map`).
+        copy_attention_loss_weight: weight of the training-only copy-attention loss: where the next answer
+            character is read off the image, one attention head is told which image token shows it (0.0, the
+            default, computes nothing; see :mod:`.copy_attention`). Its targets come with text maps.
+        copy_attention_layer: the language-model layer of that head (negative counts from the last).
+        copy_attention_head: the query head it supervises.
         multimask_min_loss: train SAM as SAM itself is trained: the mask losses go to the best of its three
             candidate masks, and its IoU head learns each candidate's real IoU (weight ``iou_loss_weight``),
             so that inference's "keep the highest predicted IoU" picks a trained mask. Off (upstream: the
@@ -64,6 +69,9 @@ class CitrusVConfig(Qwen2_5_VLConfig):
     hook_grad_factor: float = 1.0
     lesion_map_loss_weight: float = 0.0
     text_map_loss_weight: float = 0.0
+    copy_attention_loss_weight: float = 0.0
+    copy_attention_layer: int = -1
+    copy_attention_head: int = 0
     multimask_min_loss: bool = False
     iou_loss_weight: float = 1.0
     multimask_output: bool = True

@@ -11,6 +11,7 @@ and appended to SAM 2's sparse prompt; each ``[SEG]`` gives one mask, in order.
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from transformers.utils import ModelOutput
 from ..processing.template import IGNORE_INDEX
 from .checkpoint import CheckpointError, check_weights, read_config_dict, weight_files
 from .configuration_citrus_v import CitrusVConfig
+from .copy_attention import capture_attention_input, copy_attention_loss
 from .grounding import GroundingEncoder, SamImageFeatures
 from .hook_grad import hook_grad
 from .lesion_map import LesionMapHead
@@ -63,6 +65,7 @@ class CitrusVOutput(ModelOutput):
     lesion_map_loss: torch.Tensor | None = None
     point_loss: torch.Tensor | None = None
     text_map_loss: torch.Tensor | None = None
+    copy_attention_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     pred_masks: list[torch.Tensor] | None = None
     iou_scores: list[torch.Tensor] | None = None
@@ -120,6 +123,17 @@ class CitrusV(CitrusVPreTrainedModel):
             else None
         )
         self.post_init()
+
+    def _copy_attention(self) -> nn.Module:
+        """The language-model attention module the copy-attention loss supervises."""
+        layers = self.mllm.model.language_model.layers
+        index = self.config.copy_attention_layer
+        if not -len(layers) <= index < len(layers):
+            raise ValueError(f"copy_attention_layer is {index} but the language model has {len(layers)} layers")
+        heads = self.config.text_config.num_attention_heads
+        if not 0 <= self.config.copy_attention_head < heads:
+            raise ValueError(f"copy_attention_head is {self.config.copy_attention_head} but layers have {heads} heads")
+        return layers[index].self_attn
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args, **kwargs) -> CitrusV:
@@ -342,6 +356,7 @@ class CitrusV(CitrusVPreTrainedModel):
         num_masks_in_batch: int | torch.Tensor | None = None,
         lesion_map_targets: torch.Tensor | None = None,
         text_map_targets: torch.Tensor | None = None,
+        copy_offsets: torch.Tensor | None = None,
         label_logits_only: bool = False,
         **kwargs,
     ) -> CitrusVOutput:
@@ -361,6 +376,8 @@ class CitrusV(CitrusVPreTrainedModel):
                 training-only lesion-map loss when the config weights it (ignored otherwise).
             text_map_targets: ``[N, merge*merge]`` per merged image token the character class of each patch, or
                 -1 (no map); gives the training-only text-map loss when the config weights it.
+            copy_offsets: ``[B, L]`` per position the distance back to the image token its next token is read
+                from (0: none); gives the training-only copy-attention loss when the config weights it.
             label_logits_only: with ``labels``, run the LM head only where the next token is a target and
                 return those logits as ``[N, vocab]``. Training needs nothing else, and prompt, image and
                 padding positions are most of a sequence: with a 150k-token vocabulary the head is the
@@ -374,20 +391,26 @@ class CitrusV(CitrusVPreTrainedModel):
             if use_lesion_map or use_text_map
             else None
         )
+        use_copy = copy_offsets is not None and self.config.copy_attention_loss_weight > 0
+        copy_attention = self._copy_attention() if use_copy else None
         try:
-            outputs = self.mllm.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                pixel_values=pixel_values,
-                image_grid_thw=image_grid_thw,
-                mm_token_type_ids=mm_token_type_ids,
-                use_cache=False,
-                **kwargs,
-            )
+            with capture_attention_input(copy_attention) if use_copy else nullcontext({}) as seen:
+                outputs = self.mllm.model(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    pixel_values=pixel_values,
+                    image_grid_thw=image_grid_thw,
+                    mm_token_type_ids=mm_token_type_ids,
+                    use_cache=False,
+                    **kwargs,
+                )
         finally:
             if handle is not None:
                 handle.remove()
+        copy_loss = None
+        if use_copy and seen:
+            copy_loss = copy_attention_loss(copy_attention, seen, copy_offsets, self.config.copy_attention_head)
         hidden_states = outputs.last_hidden_state
         targets: dict[str, torch.Tensor | None] = {"labels": labels}
         if labels is not None and label_logits_only:
@@ -449,7 +472,7 @@ class CitrusV(CitrusVPreTrainedModel):
             text_loss = self.text_map_head.loss(torch.cat(image_tokens), text_map_targets)
 
         loss = None
-        if any(part is not None for part in (lm_loss, bce, lesion_loss, text_loss, located)):
+        if any(part is not None for part in (lm_loss, bce, lesion_loss, text_loss, located, copy_loss)):
             loss = lm_loss if lm_loss is not None else logits.new_zeros(())
             if bce is not None:
                 loss = loss + self.config.mask_loss_weight * bce + self.config.dice_loss_weight * dice
@@ -461,6 +484,8 @@ class CitrusV(CitrusVPreTrainedModel):
                 loss = loss + self.config.text_map_loss_weight * text_loss
             if located is not None:
                 loss = loss + self.config.point_loss_weight * located
+            if copy_loss is not None:
+                loss = loss + self.config.copy_attention_loss_weight * copy_loss
 
         return CitrusVOutput(
             loss=loss,
@@ -471,6 +496,7 @@ class CitrusV(CitrusVPreTrainedModel):
             lesion_map_loss=lesion_loss,
             point_loss=located,
             text_map_loss=text_loss,
+            copy_attention_loss=copy_loss,
             logits=logits,
             pred_masks=pred_masks,
             iou_scores=iou_scores,

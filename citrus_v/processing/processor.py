@@ -20,6 +20,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.image_utils import SizeDict
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from .copy_targets import copy_offsets, read_lines
 from .images import (
     IGNORE_TARGET,
     ImageInput,
@@ -128,6 +129,7 @@ class CitrusVProcessor:
                 "with `citrus-v build`, which adds it"
             )
         self.tokenizer = tokenizer
+        self._token_texts: dict[int, str] = {}  # token id -> text, for copy-attention targets
         self.image_processor = image_processor
         self.sam_image_size = int(sam_image_size)
         self.mask_size = int(mask_size)
@@ -268,6 +270,16 @@ class CitrusVProcessor:
         batch = self._pad([r["input_ids"] for r in rows], [r["labels"] for r in rows], padding_side)
         if not return_labels:
             batch.pop("labels")
+        if return_labels and any(r.get("copy_offsets") is not None for r in rows):
+            # distances, not positions: the same on either padding side
+            copy = torch.zeros_like(batch["input_ids"])
+            width = copy.shape[1]
+            for row, encoded in enumerate(rows):
+                if encoded.get("copy_offsets") is not None:
+                    n = len(encoded["copy_offsets"])
+                    span = slice(width - n, width) if padding_side == "left" else slice(0, n)
+                    copy[row, span] = torch.tensor(encoded["copy_offsets"], dtype=torch.long)
+            batch["copy_offsets"] = copy
         batch["mm_token_type_ids"] = (batch["input_ids"] == self.image_token_id).int()
         if pixel_values:
             batch["pixel_values"] = torch.cat(pixel_values)
@@ -325,8 +337,10 @@ class CitrusVProcessor:
         lesion_targets = text_targets = None
         if return_labels and sample.get("lesion_map") is not None and images:
             lesion_targets = self._lesion_map_targets(sample["lesion_map"], images[0].size, grid)
+        copy = None
         if return_labels and sample.get("text_map") is not None and images:
             text_targets = self._text_map_targets(np.asarray(sample["text_map"]), images[0].size, grid)
+            copy = self._copy_offsets(encoded.input_ids, encoded.labels, text_targets, grid)
         return {
             "input_ids": encoded.input_ids,
             "labels": encoded.labels,
@@ -336,6 +350,7 @@ class CitrusVProcessor:
             "gt_masks": targets,
             "lesion_map_targets": lesion_targets,
             "text_map_targets": text_targets,
+            "copy_offsets": copy,
         }
 
     def _token_map_targets(
@@ -369,6 +384,23 @@ class CitrusVProcessor:
     def _text_map_targets(self, labels: np.ndarray, size: tuple[int, int], grid: torch.Tensor) -> torch.Tensor:
         """``[n, merge*merge]``: the first image's character class per patch, -1 for other images."""
         return self._token_map_targets("text_map", labels, size, grid, text_map_target)
+
+    def _copy_offsets(
+        self, input_ids: list[int], labels: list[int], text_targets: torch.Tensor, grid: torch.Tensor
+    ) -> list[int]:
+        """Copy-attention targets of one sample (:mod:`citrus_v.processing.copy_targets`), from its first image."""
+        merge = int(self.image_processor.merge_size)
+        _, h, w = grid[0].tolist()
+        rows, cols = h // merge, w // merge
+        positions = [p for p, token in enumerate(input_ids) if token == self.image_token_id][: rows * cols]
+        lines = read_lines(text_targets, rows, cols)
+        return copy_offsets(input_ids, labels, positions, lines, self._token_text)
+
+    def _token_text(self, token_id: int) -> str:
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
 
     def _pad(self, ids: list[list[int]], labels: list[list[int]], side: str) -> dict[str, torch.Tensor]:
         pad_id = self.tokenizer.pad_token_id

@@ -90,6 +90,8 @@ class TrainCollator:
             for key in TOKEN_MAP_KEYS:
                 if key in result:
                     result[key] = result[key].clone().fill_(-1)
+            if "copy_offsets" in result:
+                result["copy_offsets"] = result["copy_offsets"].clone().zero_()
             if "seg_image_index" in result:
                 result["seg_image_index"] = [i[:0] for i in result["seg_image_index"]]
             result["sample_ids"] = []

@@ -43,6 +43,7 @@ COMPONENT_LOSSES = (
     ("lesion_map_loss", "lesion_map"),
     ("text_map_loss", "text_map"),
     ("point_loss", "point"),
+    ("copy_attention_loss", "copy"),
 )
 
 
