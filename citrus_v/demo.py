@@ -154,6 +154,7 @@ def _overlay_boxes(record: dict, image: Image.Image, out: Path) -> None:
 def _text_card(record: dict, image: Image.Image, out: Path) -> None:
     """The image with the question, the reference and the model's answer under it."""
     width = max(image.width, 448)
+    chars = width // 7  # the default font is about 6 px a character
     lines = [
         f"Q: {record.get('prompt', '')}",
         f"truth: {record.get('reference_text', '')}",
@@ -161,7 +162,7 @@ def _text_card(record: dict, image: Image.Image, out: Path) -> None:
     ]
     wrapped = []
     for line in lines:
-        wrapped += [line[i : i + 70] for i in range(0, min(len(line), 420), 70)] or [""]
+        wrapped += [line[i : i + chars] for i in range(0, min(len(line), 6 * chars), chars)] or [""]
     card = Image.new("RGB", (width, image.height + 14 * len(wrapped) + 8), (20, 20, 20))
     card.paste(image.convert("RGB"), (0, 0))
     draw = ImageDraw.Draw(card)

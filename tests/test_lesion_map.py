@@ -143,10 +143,11 @@ def test_documents_are_slips_of_one_character_per_merged_token(corpus, tiny):
     _, processor = tiny
     docs = [r for r in _rows(corpus / "train.jsonl") if r["task"] == "document"]
     assert docs
-    size = Image.open(corpus / docs[0]["images"][0]).size
-    assert size == (896, 224)
-    # the tiny processor keeps that size: 32 x 8 merged tokens of 28 px, one per printed character
-    assert size[0] * size[1] <= processor.image_processor.max_pixels
+    image = Image.open(corpus / docs[0]["images"][0])
+    assert image.size == (896, 224)
+    # the tiny processor keeps that size: 8 x 32 merged tokens of 28 px, one per printed character
+    grid = processor.image_processor(images=[image.convert("RGB")], return_tensors="pt")["image_grid_thw"]
+    assert grid.tolist() == [[1, 16, 64]]
 
 
 def test_file_hash_n_repeats_a_file_to_set_the_task_mix(corpus, tiny_dir, tmp_path):

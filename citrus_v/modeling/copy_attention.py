@@ -61,10 +61,11 @@ def copy_attention_loss(
     head_dim = attention.head_dim
     kv_head = head // (attention.config.num_attention_heads // attention.config.num_key_value_heads)
     q = attention.q_proj(hidden[rows, queries])[:, head * head_dim : (head + 1) * head_dim]
-    k = attention.k_proj(hidden[rows])[..., kv_head * head_dim : (kv_head + 1) * head_dim]
     q = q * cos[rows, queries] + _rotate_half(q) * sin[rows, queries]
-    k = k * cos[rows] + _rotate_half(k) * sin[rows]
-    logits = torch.einsum("nd,nkd->nk", q, k).float() * attention.scaling
+    # keys once per sequence, not once per target: a report answer has dozens of targets
+    k = attention.k_proj(hidden)[..., kv_head * head_dim : (kv_head + 1) * head_dim]
+    k = k * cos + _rotate_half(k) * sin
+    logits = torch.einsum("nd,nkd->nk", q, k[rows]).float() * attention.scaling
     future = torch.arange(logits.shape[1], device=logits.device)[None, :] > queries[:, None]
     logits = logits.masked_fill(future, float("-inf"))
     keys = queries - offsets[rows, queries].to(queries.device)

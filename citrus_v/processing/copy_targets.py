@@ -33,25 +33,22 @@ def read_lines(text_targets: torch.Tensor, rows: int, cols: int) -> list[str]:
 
 def _find_runs(answer: str, lines: Sequence[str], min_run: int) -> dict[int, tuple[int, int]]:
     """Answer character index -> (line, column) for the characters inside uniquely found runs."""
+    page = "\n".join(lines)  # a run never spans two lines
+    width = len(lines[0]) + 1 if lines else 1
     where: dict[int, tuple[int, int]] = {}
     i = 0
     while i < len(answer):
-        found = None
-        for j in range(len(answer), i + min_run - 1, -1):
-            piece = answer[i:j]
-            count = sum(line.count(piece) for line in lines)
-            if count:
-                if count == 1:
-                    row = next(r for r, line in enumerate(lines) if piece in line)
-                    found = (j, row, lines[row].index(piece))
-                break
-        if found is None:
-            i += 1
+        # the longest piece from i that is on the page (every prefix of a found piece is found too)
+        j = i
+        while j < len(answer) and answer[i : j + 1] in page:
+            j += 1
+        start = page.find(answer[i:j]) if j - i >= min_run else -1
+        if start < 0 or page.find(answer[i:j], start + 1) >= 0:
+            i += 1  # too short, or printed more than once: which one is meant is unknown
             continue
-        j, row, column = found
         for k in range(i, j):
             if not answer[k].isspace():
-                where[k] = (row, column + k - i)
+                where[k] = divmod(start + k - i, width)
         i = j
     return where
 
