@@ -11,7 +11,6 @@ import torch
 
 from citrus_v.data.collator import CitrusVCollator
 from citrus_v.data.documents import make_lab_report
-from citrus_v.modeling.modeling_citrus_v import CitrusV
 from citrus_v.modeling.text_map import class_char
 from citrus_v.processing.copy_targets import copy_offsets, read_lines
 
@@ -76,8 +75,8 @@ def test_text_that_is_not_on_the_page_gets_no_target(tiny):
 def _targets(answer: str, lines: list[str]) -> dict[str, int]:
     """Answer character -> image position its target names, for a toy page of 8-column lines."""
     ids = [100] * 20 + list(range(len(answer)))  # 16 image tokens at positions 0-15, the answer from 20 on
-    offsets = copy_offsets(ids, ids[:20] and [-100] * 20 + ids[20:], list(range(16)), lines,
-                           lambda t: answer[t] if t < len(answer) else "?")
+    labels = [-100] * 20 + ids[20:]
+    offsets = copy_offsets(ids, labels, list(range(16)), lines, lambda t: answer[t] if t < len(answer) else "?")
     return {answer[ids[p + 1]]: p - o for p, o in enumerate(offsets) if o}
 
 
@@ -189,4 +188,3 @@ def test_a_head_that_does_not_exist_is_named(tiny):
     model.config.copy_attention_layer = 9
     with pytest.raises(ValueError, match="copy_attention_layer is 9 but the language model has 4 layers"):
         model(**processor([_sample(0)]))
-    assert isinstance(model, CitrusV)
