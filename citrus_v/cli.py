@@ -88,7 +88,7 @@ def make_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--make-base",
         metavar="DIR",
-        help="instead of the demo, train the tiny stage-1/2 base checkpoint into DIR (about an hour on 2 cores)",
+        help="instead of the demo, train the tiny stage-1/2 base checkpoint into DIR (about 50 minutes on 2 cores)",
     )
     demo.set_defaults(func=_demo)
 

@@ -9,9 +9,13 @@ the package, made by one command::
 which synthesises its own corpus (a different seed from the demo's, so the demo's held-out images are
 new to it), builds the tiny preset and runs two ``citrus-v sft`` stages on it:
 
-1. stage 2 — the whole MLLM — on every task, mixed by ``FILE#N`` per task (more detection, closed
-   questions and documents than the corpus holds), with the training-only lesion-map, text-map and
-   copy-attention losses (the last two teach the lab reports' reading: :mod:`citrus_v.modeling.copy_attention`);
+1. stage 2 — the whole MLLM — in two parts, each mixed by ``FILE#N`` per task (more detection and closed
+   questions than the corpus holds), with the training-only lesion-map loss (:mod:`citrus_v.modeling.lesion_map`):
+   first the scans' tasks alone (:data:`SCAN_MIX`), then every task with half of the samples lab reports
+   (:data:`READING_MIX`), where the text-map and copy-attention losses teach the reading
+   (:mod:`citrus_v.modeling.copy_attention`). Reading comes second because learning it from the start cost
+   the tiny model its eye for lesions: with reports in the mix from step 0, "segment the lesion" was
+   answered right on 0.59 of held-out images instead of 0.97 (BENCHMARKS.md, issue-8 item 4);
 2. stage 4 — seg projector and SAM 2 — on the segmentation rows: SAM is random in the tiny preset, so this
    stands in for loading Meta's pretrained SAM 2 weights. It runs in two parts, as SAM itself learns
    prompts before it learns language: first every training mask also gets a positive point inside its
@@ -34,16 +38,27 @@ PACKAGED_BASE = Path(__file__).parent / "weights" / "tiny-base"
 # files of a training run's folder that are not part of the checkpoint
 RUN_RECORDS = ("training_args.bin", "logging.jsonl", "loss_curves.png", "sft_args.json")
 
-# share of each task in stage 2's samples (corpus task names)
-STAGE2_MIX: dict[str, float] = {
+# share of each task in the first part of stage 2 (corpus task names): the scans only
+SCAN_MIX: dict[str, float] = {
     "detection": 0.30,
     "vqa-closed": 0.20,
-    "document": 0.25,
     "segmentation": 0.12,
     "report": 0.08,
     "cot": 0.08,
     "vqa-open": 0.07,
 }
+
+
+def with_documents(mix: dict[str, float], share: float) -> dict[str, float]:
+    """``mix`` scaled to ``1 - share``, with lab reports (task ``document``) as the remaining ``share``."""
+    if not 0 <= share < 1:
+        raise ValueError(f"the documents' share must be in [0, 1), got {share}")
+    total = sum(mix.values())
+    return {**{task: value / total * (1 - share) for task, value in mix.items()}, "document": share}
+
+
+# the second part of stage 2, where reading is learnt: every task, half of the samples lab reports
+READING_MIX: dict[str, float] = with_documents(SCAN_MIX, 0.5)
 
 
 @dataclass
@@ -56,7 +71,9 @@ class BaseRecipe:
     corpus_seed: int = 1001
     seed: int = 0
     batch_size: int = 8
-    stage2_steps: int = 3500
+    # stage 2: the scans' tasks first, then the reading part (each its own cosine schedule)
+    stage2_steps: int = 3000
+    reading_steps: int = 1500
     stage2_learning_rate: float = 1e-3
     # SAM and the projector are frozen and random in stage 2: keep their mask losses from pulling on the LLM
     stage2_hook_grad_factor: float = 0.001
@@ -67,7 +84,8 @@ class BaseRecipe:
     stage4_point_prompt_probability: float = 0.2
     stage4_learning_rate: float = 1e-3
     warmup_steps: int = 100
-    mix: dict[str, float] = field(default_factory=lambda: dict(STAGE2_MIX))
+    mix: dict[str, float] = field(default_factory=lambda: dict(SCAN_MIX))
+    reading_mix: dict[str, float] = field(default_factory=lambda: dict(READING_MIX))
 
 
 def split_by_task(train: Path) -> dict[str, Path]:
@@ -189,23 +207,31 @@ def make_base(out: str | Path, work: str | Path | None = None, recipe: BaseRecip
     work.mkdir(parents=True)
     timings: dict[str, float] = {}
     started = time.monotonic()
-    print(f"[1/4] synthesising {recipe.images} images (seed {recipe.corpus_seed})", flush=True)
+    print(f"[1/5] synthesising {recipe.images} images (seed {recipe.corpus_seed})", flush=True)
     write_corpus(work / "data", CorpusOptions(n=recipe.images, seed=recipe.corpus_seed, documents=recipe.documents))
     files = split_by_task(work / "data" / "train.jsonl")
     timings["data"] = round(time.monotonic() - started, 1)
-    print("[2/4] building the tiny preset", flush=True)
+    print("[2/5] building the tiny preset", flush=True)
     base = build_preset("tiny", work / "preset", seed=recipe.seed)
     t = time.monotonic()
-    print(f"[3/4] stage 2: the whole MLLM, {recipe.stage2_steps} steps", flush=True)
+    print(f"[3/5] stage 2, the scans: the whole MLLM, {recipe.stage2_steps} steps", flush=True)
     dataset = mixed_dataset(files, recipe.mix, recipe.stage2_steps * recipe.batch_size)
-    stage2 = _stage(
+    scans = _stage(
         base, dataset, work / "stage2", 2, recipe.stage2_steps, recipe.stage2_learning_rate, recipe,
         hook_grad_factor=recipe.stage2_hook_grad_factor,
     )
     timings["stage2"] = round(time.monotonic() - t, 1)
     t = time.monotonic()
+    print(f"[4/5] stage 2, reading: every task with the lab reports, {recipe.reading_steps} steps", flush=True)
+    dataset = mixed_dataset(files, recipe.reading_mix, recipe.reading_steps * recipe.batch_size)
+    stage2 = _stage(
+        scans, dataset, work / "stage2-reading", 2, recipe.reading_steps, recipe.stage2_learning_rate, recipe,
+        hook_grad_factor=recipe.stage2_hook_grad_factor,
+    )
+    timings["stage2_reading"] = round(time.monotonic() - t, 1)
+    t = time.monotonic()
     steps = recipe.stage4_point_steps + recipe.stage4_steps
-    print(f"[4/4] stage 4: seg projector + SAM 2, {steps} steps ({recipe.stage4_point_steps} with points)", flush=True)
+    print(f"[5/5] stage 4: seg projector + SAM 2, {steps} steps ({recipe.stage4_point_steps} with points)", flush=True)
     seg = [str(files["segmentation"])]
     points = _stage(
         stage2, seg, work / "stage4-points", 4, recipe.stage4_point_steps, recipe.stage4_learning_rate, recipe,
@@ -218,6 +244,7 @@ def make_base(out: str | Path, work: str | Path | None = None, recipe: BaseRecip
     timings["stage4"] = round(time.monotonic() - t, 1)
 
     timings["total"] = round(time.monotonic() - started, 1)
-    write_base(out, {"stage2": stage2, "stage4_points": points, "stage4": stage4}, recipe, timings)
+    parts = {"stage2": scans, "stage2_reading": stage2, "stage4_points": points, "stage4": stage4}
+    write_base(out, parts, recipe, timings)
     print(f"wrote the tiny base checkpoint to {out} in {timings['total']:.0f} s", flush=True)
     return out

@@ -18,7 +18,7 @@ def _batch(processor, seeds=(1, 2, 3)):
 
 def _points(out, i: int):
     """Sample ``i``'s predicted ``[SEG]`` points (None for a model without the point head)."""
-    return None if out.seg_points is None else out.seg_points[i]
+    return None if out.predicted_points is None else out.predicted_points[i]
 
 
 def test_loss_goes_to_the_best_candidate_and_the_iou_head(tiny):

@@ -57,7 +57,7 @@ def test_one_mask_per_seg_token_in_order(tiny, num_seg):
         # mask k is the decoding of embedding k alone: order is kept and prompts do not mix
         with torch.no_grad():
             features = model.grounding_encoder.image_features(batch["sam_pixel_values"][:1])
-            points = out.seg_points
+            points = out.predicted_points
             for k in range(num_seg):
                 single = model.grounding_encoder.decode(
                     features,

@@ -155,7 +155,7 @@ def test_the_point_loss_trains_the_head_to_find_the_target(tiny):
     side, size = masks.shape[-1], model.grounding_encoder.image_size
     goal = (interior_points(masks) + 0.5) / side
     # the forward's loss: each predicted point against its target's innermost pixel, as fractions of the side
-    predicted = torch.cat(out.seg_points)
+    predicted = torch.cat(out.predicted_points)
     expected = ((predicted + 0.5) / size - goal).abs().mean(dim=1).sum() / masks.shape[0]
     torch.testing.assert_close(out.point_loss.detach(), expected.detach())
     out.point_loss.backward()
@@ -180,12 +180,12 @@ def test_sam_gets_the_predicted_point_or_in_training_a_real_one(tiny):
     with torch.no_grad():
         out = model.eval()(**batch)
     # inference: the head's points, and the masks are their decoding
-    for given, predicted in zip(seen, out.seg_points, strict=True):
+    for given, predicted in zip(seen, out.predicted_points, strict=True):
         torch.testing.assert_close(given, predicted)
     features = model.grounding_encoder.image_features(batch["sam_pixel_values"])
     with torch.no_grad():
         again = model.grounding_encoder.decode(
-            features.select(0), out.seg_embeddings[0], False, points=out.seg_points[0]
+            features.select(0), out.seg_embeddings[0], False, points=out.predicted_points[0]
         )
     torch.testing.assert_close(again.logits, out.pred_masks[0])
     # training with probability 1: every mask gets a real point inside its target instead

@@ -53,14 +53,21 @@ def test_the_shipped_base_answers_in_every_task_format(fresh_rows):
 def test_make_base_runs_the_recipe_end_to_end(tmp_path):
     """The command that made the shipped base, at a few steps: both stages run and the folder is complete."""
     recipe = BaseRecipe(
-        images=30, stage2_steps=3, stage4_point_steps=2, stage4_steps=2, save_steps=1000, batch_size=2
+        images=30, stage2_steps=3, reading_steps=3, stage4_point_steps=2, stage4_steps=2, save_steps=1000, batch_size=2
     )
     out = make_base(tmp_path / "base", tmp_path / "work", recipe)
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     notes = json.loads((out / "recipe" / "recipe.json").read_text())
-    assert notes["recipe"]["stage2_steps"] == 3 and set(notes["timings_s"]) >= {"stage2", "stage4"}
+    assert notes["recipe"]["stage2_steps"] == 3 and set(notes["timings_s"]) >= {"stage2", "stage2_reading", "stage4"}
     logged = (out / "recipe" / "stage2_logging.jsonl").read_text()
     assert '"lesion_map"' in logged  # the auxiliary loss ran
+    # stage 2 in two parts: the scans alone, then the lab reports join and the reading losses run
+    reports = (tmp_path / "work" / "data" / "train.document.jsonl").as_posix()
+    first = json.loads((tmp_path / "work" / "stage2" / "sft_args.json").read_text())["dataset"]
+    second = json.loads((tmp_path / "work" / "stage2-reading" / "sft_args.json").read_text())["dataset"]
+    assert not any(entry.startswith(reports) for entry in first)
+    assert any(entry.startswith(reports) for entry in second)
+    assert '"copy"' in (out / "recipe" / "stage2_reading_logging.jsonl").read_text()
     # stage 4 in two parts: a real point on every mask, then the recipe's share; the point head learns in both
     points = json.loads((tmp_path / "work" / "stage4-points" / "config.json").read_text())
     assert points["point_prompt_probability"] == 1

@@ -70,7 +70,8 @@ class CitrusVOutput(ModelOutput):
     pred_masks: list[torch.Tensor] | None = None
     iou_scores: list[torch.Tensor] | None = None
     seg_embeddings: list[torch.Tensor] | None = None
-    seg_points: list[torch.Tensor] | None = None
+    # the point head's own guesses (SAM may have been given real points instead: predict_masks(seg_points=...))
+    predicted_points: list[torch.Tensor] | None = None
     last_hidden_state: torch.Tensor | None = None
 
 
@@ -501,7 +502,7 @@ class CitrusV(CitrusVPreTrainedModel):
             pred_masks=pred_masks,
             iou_scores=iou_scores,
             seg_embeddings=seg_embeddings,
-            seg_points=predicted_points,
+            predicted_points=predicted_points,
             last_hidden_state=hidden_states,
         )
 

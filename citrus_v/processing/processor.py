@@ -272,14 +272,8 @@ class CitrusVProcessor:
             batch.pop("labels")
         if return_labels and any(r.get("copy_offsets") is not None for r in rows):
             # distances, not positions: the same on either padding side
-            copy = torch.zeros_like(batch["input_ids"])
-            width = copy.shape[1]
-            for row, encoded in enumerate(rows):
-                if encoded.get("copy_offsets") is not None:
-                    n = len(encoded["copy_offsets"])
-                    span = slice(width - n, width) if padding_side == "left" else slice(0, n)
-                    copy[row, span] = torch.tensor(encoded["copy_offsets"], dtype=torch.long)
-            batch["copy_offsets"] = copy
+            offsets = [r.get("copy_offsets") for r in rows]
+            batch["copy_offsets"] = _pad_rows(offsets, batch["input_ids"].shape[1], 0, padding_side)
         batch["mm_token_type_ids"] = (batch["input_ids"] == self.image_token_id).int()
         if pixel_values:
             batch["pixel_values"] = torch.cat(pixel_values)
@@ -407,19 +401,25 @@ class CitrusVProcessor:
         if pad_id is None:
             raise ProcessorError("the tokenizer has no pad token: set tokenizer.pad_token (Qwen uses <|endoftext|>)")
         length = max(len(row) for row in ids)
-        input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
-        label_ids = torch.full((len(ids), length), IGNORE_INDEX, dtype=torch.long)
-        attention = torch.zeros((len(ids), length), dtype=torch.long)
-        for row, (tokens, targets) in enumerate(zip(ids, labels, strict=True)):
-            span = slice(length - len(tokens), length) if side == "left" else slice(0, len(tokens))
-            input_ids[row, span] = torch.tensor(tokens, dtype=torch.long)
-            label_ids[row, span] = torch.tensor(targets, dtype=torch.long)
-            attention[row, span] = 1
-        return {"input_ids": input_ids, "attention_mask": attention, "labels": label_ids}
+        return {
+            "input_ids": _pad_rows(ids, length, pad_id, side),
+            "attention_mask": _pad_rows([[1] * len(row) for row in ids], length, 0, side),
+            "labels": _pad_rows(labels, length, IGNORE_INDEX, side),
+        }
 
     def decode(self, token_ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
         """Decode ids to text; ``[SEG]`` stays visible unless ``skip_special_tokens``."""
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+
+def _pad_rows(rows: Sequence[Sequence[int] | None], length: int, fill: int, side: str) -> torch.Tensor:
+    """A ``[len(rows), length]`` tensor of ``fill`` with each row written against ``side`` (None: all ``fill``)."""
+    out = torch.full((len(rows), length), fill, dtype=torch.long)
+    for index, row in enumerate(rows):
+        if row is not None:
+            span = slice(length - len(row), length) if side == "left" else slice(0, len(row))
+            out[index, span] = torch.as_tensor(row, dtype=torch.long)
+    return out
 
 
 _WARNED_UPSTREAM: set[str] = set()
