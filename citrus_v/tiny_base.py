@@ -15,7 +15,7 @@ new to it), builds the tiny preset and runs two ``citrus-v sft`` stages on it:
    (:data:`READING_MIX`), where the text-map and copy-attention losses teach the reading
    (:mod:`citrus_v.modeling.copy_attention`). Reading comes second because learning it from the start cost
    the tiny model its eye for lesions: with reports in the mix from step 0, "segment the lesion" was
-   answered right on 0.59 of held-out images instead of 0.97 (BENCHMARKS.md, issue-8 item 4);
+   answered right on 0.59 of held-out images instead of 0.97 (BENCHMARKS.md, demo quality);
 2. stage 4 — seg projector and SAM 2 — on the segmentation rows: SAM is random in the tiny preset, so this
    stands in for loading Meta's pretrained SAM 2 weights. It runs in two parts, as SAM itself learns
    prompts before it learns language: first every training mask also gets a positive point inside its
