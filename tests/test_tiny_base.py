@@ -76,3 +76,13 @@ def test_make_base_runs_the_recipe_end_to_end(tmp_path):
     assert config["seg_point_head"] is True
     for part in ("stage4_points", "stage4"):
         assert '"point"' in (out / "recipe" / f"{part}_logging.jsonl").read_text()
+
+
+def test_with_documents_gives_the_reports_their_share_and_rejects_a_share_outside_0_1():
+    from citrus_v.tiny_base import SCAN_MIX, with_documents
+
+    mix = with_documents(SCAN_MIX, 0.25)
+    assert mix["document"] == 0.25 and sum(mix.values()) == pytest.approx(1.0)
+    assert mix["detection"] / mix["vqa-closed"] == pytest.approx(SCAN_MIX["detection"] / SCAN_MIX["vqa-closed"])
+    with pytest.raises(ValueError, match=r"documents' share must be in \[0, 1\), got 1"):
+        with_documents(SCAN_MIX, 1)
