@@ -75,6 +75,7 @@ class BaseRecipe:
     stage2_steps: int = 3000
     reading_steps: int = 1500
     stage2_learning_rate: float = 1e-3
+    reading_learning_rate: float = 1e-3
     # SAM and the projector are frozen and random in stage 2: keep their mask losses from pulling on the LLM
     stage2_hook_grad_factor: float = 0.001
     save_steps: int = 750
@@ -225,7 +226,7 @@ def make_base(out: str | Path, work: str | Path | None = None, recipe: BaseRecip
     print(f"[4/5] stage 2, reading: every task with the lab reports, {recipe.reading_steps} steps", flush=True)
     dataset = mixed_dataset(files, recipe.reading_mix, recipe.reading_steps * recipe.batch_size)
     stage2 = _stage(
-        scans, dataset, work / "stage2-reading", 2, recipe.reading_steps, recipe.stage2_learning_rate, recipe,
+        scans, dataset, work / "stage2-reading", 2, recipe.reading_steps, recipe.reading_learning_rate, recipe,
         hook_grad_factor=recipe.stage2_hook_grad_factor,
     )
     timings["stage2_reading"] = round(time.monotonic() - t, 1)

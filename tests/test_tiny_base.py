@@ -53,7 +53,8 @@ def test_the_shipped_base_answers_in_every_task_format(fresh_rows):
 def test_make_base_runs_the_recipe_end_to_end(tmp_path):
     """The command that made the shipped base, at a few steps: both stages run and the folder is complete."""
     recipe = BaseRecipe(
-        images=30, stage2_steps=3, reading_steps=3, stage4_point_steps=2, stage4_steps=2, save_steps=1000, batch_size=2
+        images=30, stage2_steps=3, reading_steps=3, stage4_point_steps=2, stage4_steps=2, save_steps=1000, batch_size=2,
+        reading_learning_rate=4e-4,
     )
     out = make_base(tmp_path / "base", tmp_path / "work", recipe)
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
@@ -63,8 +64,12 @@ def test_make_base_runs_the_recipe_end_to_end(tmp_path):
     assert '"lesion_map"' in logged  # the auxiliary loss ran
     # stage 2 in two parts: the scans alone, then the lab reports join and the reading losses run
     reports = (tmp_path / "work" / "data" / "train.document.jsonl").as_posix()
-    first = json.loads((tmp_path / "work" / "stage2" / "sft_args.json").read_text())["dataset"]
-    second = json.loads((tmp_path / "work" / "stage2-reading" / "sft_args.json").read_text())["dataset"]
+    scans_args = json.loads((tmp_path / "work" / "stage2" / "sft_args.json").read_text())
+    reading_args = json.loads((tmp_path / "work" / "stage2-reading" / "sft_args.json").read_text())
+    first, second = scans_args["dataset"], reading_args["dataset"]
+    # each part at its own rate
+    assert scans_args["learning_rate"] == recipe.stage2_learning_rate
+    assert reading_args["learning_rate"] == recipe.reading_learning_rate
     assert not any(entry.startswith(reports) for entry in first)
     assert any(entry.startswith(reports) for entry in second)
     assert '"copy"' in (out / "recipe" / "stage2_reading_logging.jsonl").read_text()
