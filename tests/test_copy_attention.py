@@ -182,6 +182,30 @@ def test_training_on_the_loss_points_the_head_at_the_characters(tiny):
         assert model(**held_out).copy_attention_loss is None
 
 
+def test_the_loss_trains_the_same_under_gradient_checkpointing(tiny):
+    """``citrus-v sft --gradient_checkpointing true`` recomputes each layer in the backward pass; the loss reads
+    the head's input captured in the forward, so its gradient must not change (nor vanish) under it."""
+    model, processor = tiny
+    batch = processor([_sample(s) for s in range(2)])
+
+    def copy_grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+        m = copy.deepcopy(model).train()
+        for p in m.parameters():
+            p.requires_grad_(True)
+        if checkpointing:  # as citrus_v.train.sft enables it
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(0)
+        m(**batch).copy_attention_loss.backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = copy_grads(False), copy_grads(True)
+    q_proj = next(n for n, p in model.named_parameters() if p is model._copy_attention().q_proj.weight)
+    assert plain[q_proj].abs().sum() > 0
+    assert plain.keys() == checkpointed.keys()
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
 def test_a_head_that_does_not_exist_is_named(tiny):
     model, processor = tiny
     model = copy.deepcopy(model)
