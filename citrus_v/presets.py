@@ -123,6 +123,8 @@ def build_tiny(seed: int = 0) -> tuple[CitrusV, CitrusVProcessor]:
         seg_token_idx=tokenizer.convert_tokens_to_ids(SEG_TOKEN),
         # a tiny language model ignores the image without it (see citrus_v.modeling.lesion_map)
         lesion_map_loss_weight=1.0,
+        # nor learns to count lesions from "2" and "3" alone (see citrus_v.modeling.lesion_count)
+        lesion_count_loss_weight=0.5,
         # nor does its vision tower learn to read documents (see citrus_v.modeling.text_map)
         text_map_loss_weight=1.0,
         # and its language model, reading characters, learns to copy them only when one head is shown where

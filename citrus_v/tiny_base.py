@@ -10,7 +10,8 @@ which synthesises its own corpus (a different seed from the demo's, so the demo'
 new to it), builds the tiny preset and runs two ``citrus-v sft`` stages on it:
 
 1. stage 2 — the whole MLLM — in two parts, each mixed by ``FILE#N`` per task (more detection and closed
-   questions than the corpus holds), with the training-only lesion-map loss (:mod:`citrus_v.modeling.lesion_map`):
+   questions than the corpus holds), with the training-only lesion-map and lesion-count losses
+   (:mod:`citrus_v.modeling.lesion_map`, :mod:`citrus_v.modeling.lesion_count`):
    first the scans' tasks alone (:data:`SCAN_MIX`), then every task with half of the samples lab reports
    (:data:`READING_MIX`), where the text-map and copy-attention losses teach the reading
    (:mod:`citrus_v.modeling.copy_attention`). Reading comes second because learning it from the start cost

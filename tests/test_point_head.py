@@ -73,6 +73,14 @@ def test_the_head_reads_standardised_states():
     head.eval()
     head(states + 100.0)
     torch.testing.assert_close(head.running_mean, before)
+    # nor does a training step that freezes the head (stage 2 trains the language model under it)
+    head.train().requires_grad_(False)
+    head(states + 100.0)
+    torch.testing.assert_close(head.running_mean, before)
+    head.requires_grad_(True)
+    head(states + 100.0)
+    assert not torch.allclose(head.running_mean, before)
+    head.eval()
     # the MLP sees each feature at unit scale
     seen = []
     head.mlp.register_forward_hook(lambda module, args, out: seen.append(args[0]))

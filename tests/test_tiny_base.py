@@ -61,7 +61,7 @@ def test_make_base_runs_the_recipe_end_to_end(tmp_path):
     notes = json.loads((out / "recipe" / "recipe.json").read_text())
     assert notes["recipe"]["stage2_steps"] == 3 and set(notes["timings_s"]) >= {"stage2", "stage2_reading", "stage4"}
     logged = (out / "recipe" / "stage2_logging.jsonl").read_text()
-    assert '"lesion_map"' in logged  # the auxiliary loss ran
+    assert '"lesion_map"' in logged and '"lesion_count"' in logged  # the auxiliary losses ran
     # stage 2 in two parts: the scans alone, then the lab reports join and the reading losses run
     reports = (tmp_path / "work" / "data" / "train.document.jsonl").as_posix()
     scans_args = json.loads((tmp_path / "work" / "stage2" / "sft_args.json").read_text())

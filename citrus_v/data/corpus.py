@@ -246,8 +246,14 @@ def scan_rows(
         np.zeros(view.values.shape, dtype=bool)
     )
 
+    # the centre of every lesion the answers count, for the training-only lesion-count loss
+    lesion_points = [[round(float(xs.mean()), 1), round(float(ys.mean()), 1)] for ys, xs in
+                     (np.nonzero(mask) for _, mask in lesions)]
+
     def _row(task: str, meta: dict, image: str, question: str, answer: str, **extra) -> dict:
-        return _task_row(task, meta, image, question, answer, lesion_map=lesion_map, **extra)
+        return _task_row(
+            task, meta, image, question, answer, lesion_map=lesion_map, lesion_points=lesion_points, **extra
+        )
     modality, region = anatomy.modality, anatomy.region
     rows: list[dict] = []
     organ_names = list(organs)

@@ -60,6 +60,8 @@ def load_sample(record: RowRecord, options: ValidationOptions) -> dict[str, Any]
             sample["lesion_map"] = read_mask(row["lesion_map"], base, size=images[0].size)
         except MedicalImageError as err:
             raise RowProblem(err.reason, f"lesion_map: {err}") from err
+    if row.get("lesion_points") is not None and images:
+        sample["lesion_points"] = [list(map(float, point)) for point in row["lesion_points"]]
     if row.get("text_map") is not None and images:
         try:
             labels = read_label_map(row["text_map"], base)

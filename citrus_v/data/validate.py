@@ -115,6 +115,16 @@ def inspect_row(record: RowRecord, options: ValidationOptions) -> RowInfo:
         if not sizes:
             raise RowProblem("seg_without_image", "lesion_map given but the row has no image")
         named.append(("lesion_map", row["lesion_map"]))
+    if row.get("lesion_points") is not None:
+        if not sizes:
+            raise RowProblem("seg_without_image", "lesion_points given but the row has no image")
+        width, height = sizes[0]
+        for k, (x, y) in enumerate(row["lesion_points"]):
+            if not (0 <= x < width and 0 <= y < height):
+                raise RowProblem(
+                    "point_outside",
+                    f"lesion_points[{k}] = [{x}, {y}] lies outside images[0] ({width}x{height}): give its pixels",
+                )
     if row.get("text_map") is not None:
         if not sizes:
             raise RowProblem("seg_without_image", "text_map given but the row has no image")

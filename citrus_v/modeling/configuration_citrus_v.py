@@ -29,6 +29,8 @@ class CitrusVConfig(Qwen2_5_VLConfig):
         hook_grad_factor: HookGrad factor on the projector output; 1.0 disables it, stage 3 uses 0.001.
         lesion_map_loss_weight: weight of the training-only lesion-map loss on the vision tower's merged
             image tokens (0.0, the default, builds no head; see :mod:`.lesion_map`).
+        lesion_count_loss_weight: weight of the training-only lesion-count (centre density) loss on the same
+            tokens (0.0, the default, builds no head; see :mod:`.lesion_count`).
         text_map_loss_weight: weight of the training-only text-map (character per patch) loss on the same
             tokens (0.0, the default, builds no head; see :mod:`.text_map`).
         copy_attention_loss_weight: weight of the training-only copy-attention loss: where the next answer
@@ -68,6 +70,7 @@ class CitrusVConfig(Qwen2_5_VLConfig):
     loss_dice_config: dict | None = None
     hook_grad_factor: float = 1.0
     lesion_map_loss_weight: float = 0.0
+    lesion_count_loss_weight: float = 0.0
     text_map_loss_weight: float = 0.0
     copy_attention_loss_weight: float = 0.0
     copy_attention_layer: int = -1

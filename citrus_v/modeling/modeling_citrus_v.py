@@ -26,6 +26,7 @@ from .configuration_citrus_v import CitrusVConfig
 from .copy_attention import capture_attention_input, copy_attention_loss
 from .grounding import GroundingEncoder, SamImageFeatures
 from .hook_grad import hook_grad
+from .lesion_count import LesionCountHead
 from .lesion_map import LesionMapHead
 from .losses import dice_loss_each, dice_loss_sum, mask_bce_each, mask_bce_sum
 from .point_head import PointHead, interior_points, point_loss
@@ -63,6 +64,7 @@ class CitrusVOutput(ModelOutput):
     mask_dice_loss: torch.Tensor | None = None
     mask_iou_loss: torch.Tensor | None = None
     lesion_map_loss: torch.Tensor | None = None
+    lesion_count_loss: torch.Tensor | None = None
     point_loss: torch.Tensor | None = None
     text_map_loss: torch.Tensor | None = None
     copy_attention_loss: torch.Tensor | None = None
@@ -122,6 +124,9 @@ class CitrusV(CitrusVPreTrainedModel):
             TextMapHead(config.vision_config.out_hidden_size, merge * merge)
             if config.text_map_loss_weight > 0
             else None
+        )
+        self.lesion_count_head = (
+            LesionCountHead(config.vision_config.out_hidden_size) if config.lesion_count_loss_weight > 0 else None
         )
         self.post_init()
 
@@ -356,6 +361,7 @@ class CitrusV(CitrusVPreTrainedModel):
         num_items_in_batch: int | torch.Tensor | None = None,
         num_masks_in_batch: int | torch.Tensor | None = None,
         lesion_map_targets: torch.Tensor | None = None,
+        lesion_count_targets: torch.Tensor | None = None,
         text_map_targets: torch.Tensor | None = None,
         copy_offsets: torch.Tensor | None = None,
         label_logits_only: bool = False,
@@ -375,6 +381,8 @@ class CitrusV(CitrusVPreTrainedModel):
             num_masks_in_batch: number of masks in the accumulated batch (mask loss normaliser).
             lesion_map_targets: ``[N]`` per merged image token 1/0 (lesion or not) or -1 (no map); gives the
                 training-only lesion-map loss when the config weights it (ignored otherwise).
+            lesion_count_targets: ``[N]`` per merged image token the number of lesion centres in its cell, or -1
+                (none given); gives the training-only lesion-count loss when the config weights it.
             text_map_targets: ``[N, merge*merge]`` per merged image token the character class of each patch, or
                 -1 (no map); gives the training-only text-map loss when the config weights it.
             copy_offsets: ``[B, L]`` per position the distance back to the image token its next token is read
@@ -385,11 +393,12 @@ class CitrusV(CitrusVPreTrainedModel):
                 largest matmul of a small model's step. The loss is the same.
         """
         use_lesion_map = self.lesion_map_head is not None and lesion_map_targets is not None
+        use_lesion_count = self.lesion_count_head is not None and lesion_count_targets is not None
         use_text_map = self.text_map_head is not None and text_map_targets is not None
         image_tokens: list[torch.Tensor] = []
         handle = (
             self.mllm.model.visual.register_forward_hook(lambda m, a, out: image_tokens.append(out.pooler_output))
-            if use_lesion_map or use_text_map
+            if use_lesion_map or use_lesion_count or use_text_map
             else None
         )
         use_copy = copy_offsets is not None and self.config.copy_attention_loss_weight > 0
@@ -468,12 +477,18 @@ class CitrusV(CitrusVPreTrainedModel):
         lesion_loss = None
         if use_lesion_map and image_tokens:
             lesion_loss = self.lesion_map_head.loss(torch.cat(image_tokens), lesion_map_targets)
+        count_loss = None
+        if use_lesion_count and image_tokens:
+            merge = int(self.config.vision_config.spatial_merge_size) ** 2
+            per_image = [int(n) // merge for n in image_grid_thw.prod(dim=-1).tolist()]
+            count_loss = self.lesion_count_head.loss(torch.cat(image_tokens), lesion_count_targets, per_image)
         text_loss = None
         if use_text_map and image_tokens:
             text_loss = self.text_map_head.loss(torch.cat(image_tokens), text_map_targets)
 
         loss = None
-        if any(part is not None for part in (lm_loss, bce, lesion_loss, text_loss, located, copy_loss)):
+        parts = (lm_loss, bce, lesion_loss, count_loss, text_loss, located, copy_loss)
+        if any(part is not None for part in parts):
             loss = lm_loss if lm_loss is not None else logits.new_zeros(())
             if bce is not None:
                 loss = loss + self.config.mask_loss_weight * bce + self.config.dice_loss_weight * dice
@@ -481,6 +496,8 @@ class CitrusV(CitrusVPreTrainedModel):
                 loss = loss + self.config.iou_loss_weight * iou_loss
             if lesion_loss is not None:
                 loss = loss + self.config.lesion_map_loss_weight * lesion_loss
+            if count_loss is not None:
+                loss = loss + self.config.lesion_count_loss_weight * count_loss
             if text_loss is not None:
                 loss = loss + self.config.text_map_loss_weight * text_loss
             if located is not None:
@@ -495,6 +512,7 @@ class CitrusV(CitrusVPreTrainedModel):
             mask_dice_loss=dice,
             mask_iou_loss=iou_loss,
             lesion_map_loss=lesion_loss,
+            lesion_count_loss=count_loss,
             point_loss=located,
             text_map_loss=text_loss,
             copy_attention_loss=copy_loss,

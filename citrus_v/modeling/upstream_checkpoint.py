@@ -52,7 +52,7 @@ SAM_PREFIX = "grounding_encoder."
 # seg_point_head (the [SEG] point head) is ours: it travels next to the projector, and only Citrus-V reads it
 PASS_THROUGH = ("mllm.", "seg_projector.", "seg_point_head.")
 # training-only parts upstream has no module for: left out of the upstream layout (and its config)
-TRAINING_ONLY = ("lesion_map_head.", "text_map_head.")
+TRAINING_ONLY = ("lesion_map_head.", "lesion_count_head.", "text_map_head.")
 UNUSED_FILE = "upstream_unused.safetensors"
 UNUSED_ATTRIBUTE = "upstream_unused_tensors"
 DEFAULT_SHARD_SIZE = "5GB"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -126,3 +127,19 @@ def lesion_map_target(mask: MaskInput, cells: tuple[int, int]) -> torch.Tensor:
     rows, cols = cells
     coverage = np.asarray(Image.fromarray(binary).resize((cols, rows), Image.Resampling.BOX))
     return torch.from_numpy((coverage > 0).reshape(-1)).float()
+
+
+def lesion_count_target(
+    points: Sequence[Sequence[float]], size: tuple[int, int], cells: tuple[int, int]
+) -> torch.Tensor:
+    """Lesion-count target ``[rows * cols]`` in merged-token order: how many of ``points`` (each lesion's
+    centre, ``(x, y)`` pixels of an image of ``size`` ``(width, height)``) fall in each cell."""
+    rows, cols = cells
+    width, height = size
+    target = torch.zeros(rows * cols)
+    for x, y in points:
+        row = min(max(int(y * rows / height), 0), rows - 1)
+        col = min(max(int(x * cols / width), 0), cols - 1)
+        target[row * cols + col] += 1
+    return target
+

@@ -25,6 +25,7 @@ from .images import (
     IGNORE_TARGET,
     ImageInput,
     MaskInput,
+    lesion_count_target,
     lesion_map_target,
     load_image,
     load_mask,
@@ -55,15 +56,18 @@ class Sample(TypedDict, total=False):
     masks: list[MaskInput]
     system: str
     lesion_map: MaskInput  # optional, training-only: lesion pixels of the first image
+    lesion_points: list[list[float]]  # optional, training-only: each lesion's centre (x, y) in the first image
     text_map: np.ndarray  # optional, training-only: character classes of the first image's pixels
 
 
-TOKEN_MAP_KEYS = ("lesion_map_targets", "text_map_targets")  # per merged image token, training-only
+# per merged image token, training-only
+TOKEN_MAP_KEYS = ("lesion_map_targets", "lesion_count_targets", "text_map_targets")
 
 
 def token_map_batch(encoded: Sequence[dict[str, Any]], merge: int, key: str) -> torch.Tensor | None:
-    """Concatenate samples' per-token targets ``key`` (``lesion_map_targets`` ``[n]`` or ``text_map_targets``
-    ``[n, merge*merge]``) in ``pixel_values`` order; samples without a map get -1 (ignored).
+    """Concatenate samples' per-token targets ``key`` (``lesion_map_targets`` or ``lesion_count_targets``
+    ``[n]``, ``text_map_targets`` ``[n, merge*merge]``) in ``pixel_values`` order; samples without a map get
+    -1 (ignored).
 
     None when no sample has a map, so batches without maps carry no extra key.
     """
@@ -328,9 +332,11 @@ class CitrusVProcessor:
                         f"{width}x{height}: masks must match their image's size"
                     )
         targets = torch.stack([mask_target(b, mask_hw) for b in binary]) if binary else torch.zeros(0, *mask_hw)
-        lesion_targets = text_targets = None
+        lesion_targets = count_targets = text_targets = None
         if return_labels and sample.get("lesion_map") is not None and images:
             lesion_targets = self._lesion_map_targets(sample["lesion_map"], images[0].size, grid)
+        if return_labels and sample.get("lesion_points") is not None and images:
+            count_targets = self._lesion_count_targets(sample["lesion_points"], images[0].size, grid)
         copy = None
         if return_labels and sample.get("text_map") is not None and images:
             text_targets = self._text_map_targets(np.asarray(sample["text_map"]), images[0].size, grid)
@@ -343,25 +349,19 @@ class CitrusVProcessor:
             "sam_pixel_values": sam_pixel_values(images[0], self.sam_image_size) if images else None,
             "gt_masks": targets,
             "lesion_map_targets": lesion_targets,
+            "lesion_count_targets": count_targets,
             "text_map_targets": text_targets,
             "copy_offsets": copy,
         }
 
-    def _token_map_targets(
-        self, name: str, array: np.ndarray, size: tuple[int, int], grid: torch.Tensor, target_of
-    ) -> torch.Tensor:
-        """Per merged image token of all the sample's images: ``target_of(array, cells, merge)`` for the first
-        image's cells (``[n]`` or ``[n, ...]``), -1 for the other images' tokens."""
-        if array.shape != (size[1], size[0]):
-            raise ProcessorError(
-                f"{name} is {array.shape[1]}x{array.shape[0]} but the first image is {size[0]}x{size[1]}: "
-                "the map must have its image's size"
-            )
+    def _token_map_targets(self, grid: torch.Tensor, target_of) -> torch.Tensor:
+        """Per merged image token of all the sample's images: ``target_of(cells, merge)`` for the first image's
+        cells (``[n]`` or ``[n, ...]``), -1 for the other images' tokens."""
         merge = int(self.image_processor.merge_size)
         parts = []
         for k, (t, h, w) in enumerate(grid.tolist()):
             cells = (h // merge, w // merge)
-            first = target_of(array, cells, merge)
+            first = target_of(cells, merge)
             if k == 0:
                 parts.append(first.repeat(t, *[1] * (first.dim() - 1)))
             else:
@@ -369,15 +369,36 @@ class CitrusVProcessor:
                 parts.append(torch.full(shape, IGNORE_TARGET, dtype=first.dtype))
         return torch.cat(parts)
 
+    @staticmethod
+    def _check_map_size(name: str, array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        if array.shape != (size[1], size[0]):
+            raise ProcessorError(
+                f"{name} is {array.shape[1]}x{array.shape[0]} but the first image is {size[0]}x{size[1]}: "
+                "the map must have its image's size"
+            )
+        return array
+
     def _lesion_map_targets(self, lesion_map: MaskInput, size: tuple[int, int], grid: torch.Tensor) -> torch.Tensor:
         """``[n]``: 1/0 per cell of the first image (lesion or not), -1 for other images."""
-        return self._token_map_targets(
-            "lesion_map", load_mask(lesion_map), size, grid, lambda a, cells, _: lesion_map_target(a, cells)
-        )
+        mask = self._check_map_size("lesion_map", load_mask(lesion_map), size)
+        return self._token_map_targets(grid, lambda cells, _: lesion_map_target(mask, cells))
+
+    def _lesion_count_targets(
+        self, points: Sequence[Sequence[float]], size: tuple[int, int], grid: torch.Tensor
+    ) -> torch.Tensor:
+        """``[n]``: lesion centres per cell of the first image, -1 for other images."""
+        width, height = size
+        outside = [list(p) for p in points if not (0 <= p[0] < width and 0 <= p[1] < height)]
+        if outside:
+            raise ProcessorError(
+                f"lesion_points {outside} lie outside the first image ({width}x{height}): give (x, y) pixels of it"
+            )
+        return self._token_map_targets(grid, lambda cells, _: lesion_count_target(points, size, cells))
 
     def _text_map_targets(self, labels: np.ndarray, size: tuple[int, int], grid: torch.Tensor) -> torch.Tensor:
         """``[n, merge*merge]``: the first image's character class per patch, -1 for other images."""
-        return self._token_map_targets("text_map", labels, size, grid, text_map_target)
+        labels = self._check_map_size("text_map", labels, size)
+        return self._token_map_targets(grid, lambda cells, merge: text_map_target(labels, cells, merge))
 
     def _copy_offsets(
         self, input_ids: list[int], labels: list[int], text_targets: torch.Tensor, grid: torch.Tensor

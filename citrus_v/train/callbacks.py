@@ -7,7 +7,9 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-LOSS_KEYS = ("loss", "lm_loss", "mask_bce", "mask_dice", "mask_iou", "lesion_map", "text_map", "point", "copy")
+LOSS_KEYS = (
+    "loss", "lm_loss", "mask_bce", "mask_dice", "mask_iou", "lesion_map", "lesion_count", "text_map", "point", "copy"
+)
 
 
 class JsonlLoggerCallback(TrainerCallback):

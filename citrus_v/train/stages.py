@@ -18,8 +18,8 @@ from torch import nn
 # Components by parameter-name prefix, in the order the table prints them.
 COMPONENTS: dict[str, tuple[str, ...]] = {
     "vision encoder": ("mllm.model.visual.patch_embed", "mllm.model.visual.blocks", "mllm.model.visual.rotary"),
-    # the training-only lesion-map head reads the merger's output, so it trains with the aligner
-    "aligner": ("mllm.model.visual.merger", "lesion_map_head", "text_map_head"),
+    # the training-only lesion-map and -count heads read the merger's output, so it trains with the aligner
+    "aligner": ("mllm.model.visual.merger", "lesion_map_head", "lesion_count_head", "text_map_head"),
     "llm": ("mllm.model.language_model", "mllm.lm_head"),
     "seg projector": ("seg_projector", "seg_point_head"),
     "sam image encoder": ("grounding_encoder.vision_encoder", "grounding_encoder.mask_decoder.conv_s"),

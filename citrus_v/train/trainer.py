@@ -41,6 +41,7 @@ COMPONENT_LOSSES = (
     ("mask_dice_loss", "mask_dice"),
     ("mask_iou_loss", "mask_iou"),
     ("lesion_map_loss", "lesion_map"),
+    ("lesion_count_loss", "lesion_count"),
     ("text_map_loss", "text_map"),
     ("point_loss", "point"),
     ("copy_attention_loss", "copy"),
