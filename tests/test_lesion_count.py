@@ -63,6 +63,22 @@ def test_corpus_rows_point_at_the_lesions_the_answers_count(corpus):
         assert xs == sorted(xs)  # numbered left to right, as the answers number them
 
 
+def test_corpus_lesions_are_apart_so_the_count_is_in_the_picture(corpus):
+    """Touching lesions read as one blob; every two lesions of a slice keep LESION_GAP between them."""
+    from citrus_v.data.phantoms import LESION_GAP
+
+    several = [r.row for r in _records(corpus) if len(r.row.get("masks", [])) > 1]
+    assert several
+    for row in several:
+        masks = [read_mask(m, corpus) for m in row["masks"]]
+        pixels = [np.argwhere(m).astype(float) for m in masks]
+        side = masks[0].shape[0]
+        for i in range(len(pixels)):
+            for j in range(i + 1, len(pixels)):
+                gaps = np.sqrt(((pixels[i][:, None] - pixels[j][None]) ** 2).sum(-1))
+                assert gaps.min() >= LESION_GAP * side - 1.5  # pixel centres, not edges
+
+
 def test_processor_lines_targets_up_with_image_tokens(corpus, tiny):
     _, processor = tiny
     options = ValidationOptions.for_processor(processor)

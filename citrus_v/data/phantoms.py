@@ -44,6 +44,10 @@ ORGANS = {
     "chest": ("right lung", "left lung", "heart"),
 }
 KINDS = (("CT", "abdomen"), ("CT", "chest"), ("MR", "abdomen"), ("X-ray", "chest"))
+# Least gap between two lesions, as a fraction of the image side (7 px at 224, a quarter of a merged token's
+# cell): touching lesions read as one blob, and "how many lesions?" would have no answer in the picture.
+LESION_GAP = 0.03
+MAX_WOBBLE = 0.15  # the largest wobble amplitude drawn below
 
 
 @dataclass
@@ -148,6 +152,16 @@ class Slice:
         ]
 
 
+def _reach(shape: Ellipsoid, size: int) -> np.ndarray:
+    """Where a lesion of ``shape`` may draw in any slice and with any wobble, padded by half the lesion gap:
+    two lesions whose reaches do not meet are at least :data:`LESION_GAP` apart everywhere."""
+    pad = LESION_GAP / 2
+    grown = Ellipsoid(
+        shape.cx, shape.cy, shape.rx * (1 + MAX_WOBBLE) + pad, shape.ry * (1 + MAX_WOBBLE) + pad, shape.angle
+    )
+    return grown.mask(size)
+
+
 def _xray_projection(values: np.ndarray, body: np.ndarray) -> np.ndarray:
     """A radiograph look: soft edges and a brighter centre line (summed depth), lungs stay dark."""
     blurred = _gaussian_blur(values, 1.2)
@@ -243,10 +257,11 @@ def make_anatomy(
         host_mask = np.zeros((size, size), dtype=bool)
         for piece in anatomy.organs[host]:
             host_mask |= piece.mask(size, zc)
-        # whole lesion inside its organ, and apart from the other lesions
+        # whole lesion inside its organ, and apart from the other lesions in every slice
         if mask.sum() < 20 or (mask & ~host_mask).any():
             continue
-        if any((mask & other.shape.mask(size, zc, other.wobble)).any() for other in anatomy.lesions):
+        reach = _reach(shape, size)
+        if any((reach & _reach(other.shape, size)).any() for other in anatomy.lesions):
             continue
         levels = INTENSITIES[(modality, region)]
         if region == "chest":
@@ -254,6 +269,6 @@ def make_anatomy(
         else:
             magnitude = float(rng.uniform(35, 70)) if modality == "CT" else float(rng.uniform(200, 400))
             contrast = contrast_sign * magnitude * (1 if rng.uniform() < 0.8 else -1)
-        wobble = (float(rng.uniform(0.0, 0.15)), int(rng.integers(2, 6)), float(rng.uniform(0, 2 * np.pi)))
+        wobble = (float(rng.uniform(0.0, MAX_WOBBLE)), int(rng.integers(2, 6)), float(rng.uniform(0, 2 * np.pi)))
         anatomy.lesions.append(Lesion(shape, host, contrast, wobble))
     return anatomy
