@@ -79,3 +79,12 @@ def seg_sample(num_seg: int, seed: int = 0, with_masks: bool = True) -> dict:
     if with_masks:
         sample["masks"] = [p.masks[t] for t in targets[:num_seg]]
     return sample
+
+
+def assert_trains_the_vision_tower_alone(model, loss) -> None:
+    """``loss`` alone (an image-token auxiliary loss) reaches the vision tower's first block and not the LM."""
+    model.zero_grad()
+    loss.backward()
+    grad = model.mllm.model.visual.blocks[0].attn.qkv.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    assert model.mllm.model.language_model.layers[0].mlp.up_proj.weight.grad is None
