@@ -13,6 +13,7 @@ from citrus_v.data.collator import CitrusVCollator
 from citrus_v.data.documents import make_lab_report
 from citrus_v.modeling.text_map import class_char
 from citrus_v.processing.copy_targets import copy_offsets, read_lines
+from citrus_v.train.sft import enable_checkpointing
 
 
 def _extraction(seed: int, answer: str | None = None) -> dict:
@@ -192,8 +193,8 @@ def test_the_loss_trains_the_same_under_gradient_checkpointing(tiny):
         m = copy.deepcopy(model).train()
         for p in m.parameters():
             p.requires_grad_(True)
-        if checkpointing:  # as citrus_v.train.sft enables it
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if checkpointing:
+            enable_checkpointing(m)
         torch.manual_seed(0)
         m(**batch).copy_attention_loss.backward()
         return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}

@@ -151,6 +151,13 @@ def load_model(args: SftArguments) -> tuple[CitrusV, CitrusVProcessor]:
     return model, processor
 
 
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each layer in the backward pass (``--gradient_checkpointing true``), non-reentrant: the
+    copy-attention loss reads an attention input captured in the forward, which a reentrant recompute would
+    cut from the graph."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def run_sft(args: SftArguments) -> Path:
     """Train; return the folder of the final model."""
     for notice in adapt_to_machine(args):
@@ -177,7 +184,7 @@ def run_sft(args: SftArguments) -> Path:
     if args.train_type == "lora":
         model = apply_lora(model, args)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     _say(parameter_table(model))
     _say(f"HookGrad factor: {model.config.hook_grad_factor}")
 
