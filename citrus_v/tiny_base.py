@@ -24,7 +24,10 @@ new to it), builds the tiny preset and runs two ``citrus-v sft`` stages on it:
    of them do, and the rest get the point the ``[SEG]`` point head predicts
    (:mod:`citrus_v.modeling.point_head`), as inference does.
 
-Each stage's ``logging.jsonl`` and loss curves stay next to the checkpoint (``recipe/``).
+Each stage's ``logging.jsonl`` and loss curves stay next to the checkpoint (``recipe/``). The shipped base
+was made before the synthetic lesions kept a gap (:data:`citrus_v.data.phantoms.LESION_GAP`) and before the
+lesion-count loss; this recipe now trains with both, and the base it gave counted worse after its reading
+part than the shipped one (BENCHMARKS.md, demo quality), so the shipped one stays.
 """
 
 from __future__ import annotations
