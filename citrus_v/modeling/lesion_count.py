@@ -6,8 +6,7 @@ them (BENCHMARKS.md, demo quality: every counting error confused 2 and 3). Here 
 merged tokens says which cells hold a lesion's centre (one cell per lesion). The loss asks both that each
 cell is right and that an image's cell probabilities sum to its number of lesions, as density-map counting
 does, so the count becomes a sum over the image tokens: something an attention head that spreads over them
-can read. The head is used only when a batch carries
-``lesion_count_targets``; generation never calls it.
+can read. The head is used only when a batch carries ``lesion_count_targets``; generation never calls it.
 """
 
 from __future__ import annotations
