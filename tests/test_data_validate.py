@@ -72,6 +72,28 @@ def test_splits_share_no_image_and_generation_is_deterministic(corpus, tmp_path)
     assert digest(other) != digest(corpus)
 
 
+def test_extra_test_images_leave_the_training_images_as_they_were(corpus, tmp_path, capsys):
+    """``--test_images`` grows the held-out split alone: train and val stay byte-identical, the old test rows
+    come first, and the new images are new (none shared with any split), lab reports among them."""
+    bigger = tmp_path / "bigger"
+    argv = ["data", "synth", "--out", str(bigger), "--n", "40", "--seed", "3", "--test_images", "30"]
+    assert main(argv) == 0
+    assert "test: " in capsys.readouterr().out
+    for split in ("train", "val"):
+        assert (bigger / f"{split}.jsonl").read_bytes() == (corpus / f"{split}.jsonl").read_bytes()
+    old, new = _rows(corpus / "test.jsonl"), _rows(bigger / "test.jsonl")
+    assert new[: len(old)] == old and len(new) > len(old)
+    added = new[len(old) :]
+    cases = {r["meta"]["case"] for r in added}
+    assert cases == {f"case_{index:05d}" for index in range(40, 70)}
+    seen = {r["images"][0].split("#")[0] for s in ("train", "val", "test") for r in _rows(corpus / f"{s}.jsonl")}
+    assert not seen & {r["images"][0].split("#")[0] for r in added}
+    assert {"document", "segmentation", "vqa-closed"} <= {r["task"] for r in added}
+    assert main(["data", "validate", str(bigger / "test.jsonl")]) == 0
+    with pytest.raises(ValueError, match="--test_images must be 0 or more"):
+        write_corpus(tmp_path / "bad", CorpusOptions(n=10, test_images=-1))
+
+
 def test_masks_match_what_the_rows_say(corpus):
     rows = _rows(corpus / "train.jsonl")
     checked = 0

@@ -77,7 +77,7 @@ def _convert(args: argparse.Namespace) -> int:
 def _synth(args: argparse.Namespace) -> int:
     from .corpus import CorpusOptions, write_corpus
 
-    options = CorpusOptions(n=args.n, seed=args.seed, size=args.size)
+    options = CorpusOptions(n=args.n, seed=args.seed, size=args.size, test_images=args.test_images)
     print(write_corpus(args.out, options).format())
     return 0
 
@@ -122,4 +122,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     synth.add_argument("--n", type=int, default=200, help="number of source images (default 200)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--size", type=int, default=224, help="image side in pixels (default 224)")
+    synth.add_argument(
+        "--test_images",
+        type=int,
+        default=0,
+        help="extra images in the test split only (default 0; the N images keep their splits)",
+    )
     synth.set_defaults(func=_synth)

@@ -1,7 +1,8 @@
 """The synthetic medical corpus: ``citrus-v data synth --out DIR --n N --seed S``.
 
 Writes ``DIR/{train,val,test}.jsonl`` and the files they name: N source images (phantom scans and
-rendered lab reports) split 80/10/10 by image, so no image is shared between splits. Scans are CT
+rendered lab reports) split 80/10/10 by image, so no image is shared between splits (``--test_images M``
+adds M more images to the test split alone, leaving the N and their splits as they were). Scans are CT
 (abdomen, chest), MR (abdomen) and X-ray (chest) phantoms with 0-3 lesions, stored as 8-bit PNG, as real
 DICOM (with Rescale and Window tags; some radiographs MONOCHROME1) or as NIfTI volumes (several slices of
 one volume are used, with a NIfTI label volume for the masks). Masks are PNG files, inline COCO RLE, or
@@ -52,6 +53,8 @@ class CorpusOptions:
         documents: fraction of the images that are lab reports.
         volume_depth: slices per NIfTI volume; slices_per_volume: how many of them get rows.
         rle_fraction: fraction of image-file masks written inline as COCO RLE instead of PNG files.
+        test_images: extra images, all in the test split, after the ``n``: a larger held-out set without
+            changing which images train (the ``n`` images, their content and their splits stay the same).
         document_cell: pixels per printed character of a lab report (see
             :func:`~citrus_v.data.documents.make_lab_report`): 28, one merged image token of Qwen2.5-VL, gives
             an 896 x 224 slip (256 image tokens).
@@ -66,6 +69,7 @@ class CorpusOptions:
     slices_per_volume: int = 3
     rle_fraction: float = 0.25
     document_cell: int = 28
+    test_images: int = 0
 
 
 @dataclass
@@ -425,21 +429,30 @@ def _document_case(writer: _CaseWriter) -> list[dict]:
     return rows
 
 
+def _document_indices(n: int, share: float, seed: list[int]) -> set[int]:
+    """Which of ``n`` images are lab reports: ``share`` of them, drawn with ``seed`` (none below 10 images)."""
+    count = round(share * n) if n >= 10 else 0
+    return set(np.random.default_rng(seed).choice(n, size=count, replace=False).tolist()) if count else set()
+
+
 def write_corpus(out: str | Path, options: CorpusOptions | None = None) -> CorpusSummary:
     """Generate the corpus into ``out`` (created if needed; existing split files are replaced)."""
     options = options or CorpusOptions()
     if options.n < 1:
         raise ValueError("--n must be at least 1")
+    if options.test_images < 0:
+        raise ValueError(f"--test_images must be 0 or more, got {options.test_images}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    splits = split_of(options.n, options.seed)
-    plan = np.random.default_rng([options.seed, 104729])
-    num_docs = round(options.documents * options.n) if options.n >= 10 else 0
-    documents = set(plan.choice(options.n, size=num_docs, replace=False).tolist()) if num_docs else set()
+    splits = split_of(options.n, options.seed) + ["test"] * options.test_images
+    documents = _document_indices(options.n, options.documents, [options.seed, 104729])
+    # the extra test images draw their lab reports apart, so the first n images stay as they were
+    extra = _document_indices(options.test_images, options.documents, [options.seed, 130363])
+    documents |= {options.n + index for index in extra}
     summary = CorpusSummary(out)
     handles = {split: open(out / f"{split}.jsonl", "w", encoding="utf-8") for split in SPLITS}
     try:
-        for index in range(options.n):
+        for index in range(options.n + options.test_images):
             split = splits[index]
             case = f"case_{index:05d}"
             rng = np.random.default_rng([options.seed, index])
