@@ -53,16 +53,19 @@ def test_the_shipped_base_answers_in_every_task_format(fresh_rows):
 def test_make_base_runs_the_recipe_end_to_end(tmp_path):
     """The command that made the shipped base, at a few steps: both stages run and the folder is complete."""
     recipe = BaseRecipe(
-        images=30, stage2_steps=3, reading_steps=3, stage4_point_steps=2, stage4_steps=2, save_steps=1000, batch_size=2,
-        reading_learning_rate=4e-4,
+        images=30, stage2_steps=3, reading_steps=3, refresh_steps=2, stage4_point_steps=2, stage4_steps=2,
+        save_steps=1000, batch_size=2, reading_learning_rate=4e-4, refresh_learning_rate=3e-4,
     )
     out = make_base(tmp_path / "base", tmp_path / "work", recipe)
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     notes = json.loads((out / "recipe" / "recipe.json").read_text())
-    assert notes["recipe"]["stage2_steps"] == 3 and set(notes["timings_s"]) >= {"stage2", "stage2_reading", "stage4"}
+    assert notes["recipe"]["stage2_steps"] == 3 and set(notes["timings_s"]) >= {
+        "stage2", "stage2_reading", "stage2_refresh", "stage4",
+    }
     logged = (out / "recipe" / "stage2_logging.jsonl").read_text()
     assert '"lesion_map"' in logged and '"lesion_count"' in logged  # the auxiliary losses ran
-    # stage 2 in two parts: the scans alone, then the lab reports join and the reading losses run
+    # stage 2 in three parts: the scans alone, then the lab reports join and the reading losses run, then the
+    # scans again with fewer reports
     reports = (tmp_path / "work" / "data" / "train.document.jsonl").as_posix()
     scans_args = json.loads((tmp_path / "work" / "stage2" / "sft_args.json").read_text())
     reading_args = json.loads((tmp_path / "work" / "stage2-reading" / "sft_args.json").read_text())
@@ -73,6 +76,12 @@ def test_make_base_runs_the_recipe_end_to_end(tmp_path):
     assert not any(entry.startswith(reports) for entry in first)
     assert any(entry.startswith(reports) for entry in second)
     assert '"copy"' in (out / "recipe" / "stage2_reading_logging.jsonl").read_text()
+    refresh_args = json.loads((tmp_path / "work" / "stage2-refresh" / "sft_args.json").read_text())
+    assert refresh_args["model"] == str(tmp_path / "work" / "stage2-reading")
+    assert refresh_args["learning_rate"] == recipe.refresh_learning_rate
+    assert any(entry.startswith(reports) for entry in refresh_args["dataset"])
+    stage4_args = json.loads((tmp_path / "work" / "stage4-points" / "sft_args.json").read_text())
+    assert stage4_args["model"] == str(tmp_path / "work" / "stage2-refresh")
     # stage 4 in two parts: a real point on every mask, then the recipe's share; the point head learns in both
     points = json.loads((tmp_path / "work" / "stage4-points" / "config.json").read_text())
     assert points["point_prompt_probability"] == 1
