@@ -240,30 +240,36 @@ def make_base(out: str | Path, work: str | Path | None = None, recipe: BaseRecip
     timings["data"] = round(time.monotonic() - started, 1)
     print("[2/6] building the tiny preset", flush=True)
     base = build_preset("tiny", work / "preset", seed=recipe.seed)
-    t = time.monotonic()
-    print(f"[3/6] stage 2, the scans: the whole MLLM, {recipe.stage2_steps} steps", flush=True)
-    dataset = mixed_dataset(files, recipe.mix, recipe.stage2_steps * recipe.batch_size)
-    scans = _stage(
-        base, dataset, work / "stage2", 2, recipe.stage2_steps, recipe.stage2_learning_rate, recipe,
-        hook_grad_factor=recipe.stage2_hook_grad_factor,
-    )
-    timings["stage2"] = round(time.monotonic() - t, 1)
-    t = time.monotonic()
-    print(f"[4/6] stage 2, reading: every task with the lab reports, {recipe.reading_steps} steps", flush=True)
-    dataset = mixed_dataset(files, recipe.reading_mix, recipe.reading_steps * recipe.batch_size)
-    reading = _stage(
-        scans, dataset, work / "stage2-reading", 2, recipe.reading_steps, recipe.reading_learning_rate, recipe,
-        hook_grad_factor=recipe.stage2_hook_grad_factor,
-    )
-    timings["stage2_reading"] = round(time.monotonic() - t, 1)
-    t = time.monotonic()
-    print(f"[5/6] stage 2, refresh: the scans with a third lab reports, {recipe.refresh_steps} steps", flush=True)
-    dataset = mixed_dataset(files, recipe.refresh_mix, recipe.refresh_steps * recipe.batch_size)
-    stage2 = _stage(
-        reading, dataset, work / "stage2-refresh", 2, recipe.refresh_steps, recipe.refresh_learning_rate, recipe,
-        hook_grad_factor=recipe.stage2_hook_grad_factor,
-    )
-    timings["stage2_refresh"] = round(time.monotonic() - t, 1)
+    # stage 2 in three parts, each from the one before, with its own mix, length and rate
+    stage2_parts = [
+        ("stage2", "the scans: the whole MLLM", recipe.mix, recipe.stage2_steps, recipe.stage2_learning_rate),
+        (
+            "stage2_reading",
+            "reading: every task with the lab reports",
+            recipe.reading_mix,
+            recipe.reading_steps,
+            recipe.reading_learning_rate,
+        ),
+        (
+            "stage2_refresh",
+            "refresh: the scans with a third lab reports",
+            recipe.refresh_mix,
+            recipe.refresh_steps,
+            recipe.refresh_learning_rate,
+        ),
+    ]
+    parts: dict[str, Path] = {}
+    stage2 = base
+    for number, (name, what, mix, steps, lr) in enumerate(stage2_parts, start=3):
+        t = time.monotonic()
+        print(f"[{number}/6] stage 2, {what}, {steps} steps", flush=True)
+        dataset = mixed_dataset(files, mix, steps * recipe.batch_size)
+        stage2 = _stage(
+            stage2, dataset, work / name.replace("_", "-"), 2, steps, lr, recipe,
+            hook_grad_factor=recipe.stage2_hook_grad_factor,
+        )
+        parts[name] = stage2
+        timings[name] = round(time.monotonic() - t, 1)
     t = time.monotonic()
     steps = recipe.stage4_point_steps + recipe.stage4_steps
     print(f"[6/6] stage 4: seg projector + SAM 2, {steps} steps ({recipe.stage4_point_steps} with points)", flush=True)
@@ -279,9 +285,7 @@ def make_base(out: str | Path, work: str | Path | None = None, recipe: BaseRecip
     timings["stage4"] = round(time.monotonic() - t, 1)
 
     timings["total"] = round(time.monotonic() - started, 1)
-    parts = {
-        "stage2": scans, "stage2_reading": reading, "stage2_refresh": stage2, "stage4_points": points, "stage4": stage4,
-    }
+    parts.update(stage4_points=points, stage4=stage4)
     write_base(out, parts, recipe, timings)
     print(f"wrote the tiny base checkpoint to {out} in {timings['total']:.0f} s", flush=True)
     return out
