@@ -52,6 +52,15 @@ def test_interior_point_is_the_innermost_pixel():
     assert torch.isnan(points[2]).all()  # empty mask: no point
 
 
+def test_interior_point_of_a_mask_that_fills_the_image():
+    # nothing around it to erode from: every pixel is as inner as any other, so the one nearest the centroid
+    masks = torch.ones(2, 64, 64)
+    masks[1, :, :8] = 0  # and one with background only on the left: its core is the right edge's middle
+    points = interior_points(masks)
+    assert points[0].tolist() == [31.0, 31.0]  # of the four central pixels, the first nearest one
+    assert points[1].tolist() == [63.0, 31.0]
+
+
 def test_point_loss_skips_masks_without_a_target():
     predicted = torch.tensor([[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]])
     target = torch.tensor([[0.5, 0.5], [0.1, 0.3], [math.nan, math.nan]])

@@ -69,7 +69,9 @@ def interior_points(masks: torch.Tensor) -> torch.Tensor:
             continue
         while True:
             eroded = -F.max_pool2d(-core, 3, stride=1, padding=1)
-            if not bool(eroded.any()):
+            # the image edge does not erode (the pooling pads with -inf): a mask filling the image would
+            # erode to itself for ever, and all its pixels are equally inner
+            if not bool(eroded.any()) or torch.equal(eroded, core):
                 break
             core = eroded
         ys, xs = torch.nonzero(core[0, 0], as_tuple=True)
