@@ -24,32 +24,36 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import Qwen2VLImageProcessorPil
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
 from citrus_v.data.medical_io import read_image
+from citrus_v.data.rows import SkipCounter, iter_rows
 from citrus_v.modeling.lesion_count import LesionCountHead
-from citrus_v.presets import TINY_MAX_PIXELS, TINY_PIXELS, tiny_mllm_config
+from citrus_v.presets import tiny_image_processor, tiny_mllm_config
 from citrus_v.processing.images import lesion_count_target
 from citrus_v.processing.tokenizer_builder import build_tokenizer
 
 
 def scans(corpus: Path, split: str) -> tuple[dict[str, list[list[float]]], int]:
-    """``{image reference: lesion centres}`` of one split, and how many of its image rows had no centres."""
+    """``{image reference: lesion centres}`` of one split, and how many of its image rows had no centres.
+
+    Bad lines and rows are skipped, counted and named (file and line), as training would skip them."""
     path = corpus / f"{split}.jsonl"
     if not path.is_file():
         raise SystemExit(f"{path}: no such split file; write a corpus with `citrus-v data synth --out {corpus}`")
     found: dict[str, list[list[float]]] = {}
     without = 0
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            row = json.loads(line)
-            if not row.get("images"):
-                continue
-            if "lesion_points" not in row:
-                without += 1
-            elif row["images"][0] not in found:
-                found[row["images"][0]] = row["lesion_points"]
+    skips = SkipCounter()
+    for record in iter_rows([path], skips):
+        row = record.row
+        if not row.get("images"):
+            continue
+        if "lesion_points" not in row:
+            without += 1
+        elif row["images"][0] not in found:
+            found[row["images"][0]] = row["lesion_points"]
+    if skips.total:
+        print(f"{path}: {skips.summary()}; first: {skips.issues[0]}")
     return found, without
 
 
@@ -93,7 +97,7 @@ def main() -> None:
         setattr(vision, key, json.loads(value))
     tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(vision)
     head = LesionCountHead(vision.out_hidden_size, count_weight=args.count_weight)
-    processor = Qwen2VLImageProcessorPil(min_pixels=TINY_PIXELS, max_pixels=TINY_MAX_PIXELS)
+    processor = tiny_image_processor()
 
     train_images, train_without = scans(args.train, "train")
     val_images, val_without = scans(args.val or args.train, args.val_split)

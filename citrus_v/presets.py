@@ -112,6 +112,11 @@ def tiny_mllm_config(tokenizer: PreTrainedTokenizerBase) -> Qwen2_5_VLConfig:
     )
 
 
+def tiny_image_processor() -> Qwen2VLImageProcessorPil:
+    """The tiny preset's image processor: 224-pixel images (64 merged tokens), up to four times that."""
+    return Qwen2VLImageProcessorPil(min_pixels=TINY_PIXELS, max_pixels=TINY_MAX_PIXELS)
+
+
 def build_tiny(seed: int = 0) -> tuple[CitrusV, CitrusVProcessor]:
     """A random-init tiny CitrusV and its processor (offline tokenizer, 224-pixel images, SAM at 256)."""
     torch.manual_seed(seed)
@@ -148,10 +153,9 @@ def build_tiny(seed: int = 0) -> tuple[CitrusV, CitrusVProcessor]:
     with torch.no_grad():
         sam.prompt_encoder.shared_embedding.positional_embedding.copy_(sam.shared_image_embedding.positional_embedding)
     model.eval()
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=TINY_PIXELS, max_pixels=TINY_MAX_PIXELS)
     processor = CitrusVProcessor(
         tokenizer,
-        image_processor,
+        tiny_image_processor(),
         sam_image_size=sam2_config.prompt_encoder_config.image_size,
         mask_size=model.mask_size[0],
     )
