@@ -112,9 +112,13 @@ def tiny_mllm_config(tokenizer: PreTrainedTokenizerBase) -> Qwen2_5_VLConfig:
     )
 
 
-def tiny_image_processor() -> Qwen2VLImageProcessorPil:
-    """The tiny preset's image processor: 224-pixel images (64 merged tokens), up to four times that."""
-    return Qwen2VLImageProcessorPil(min_pixels=TINY_PIXELS, max_pixels=TINY_MAX_PIXELS)
+def tiny_image_processor(patch_size: int = 14, merge_size: int = 2) -> Qwen2VLImageProcessorPil:
+    """The tiny preset's image processor: 224-pixel images (64 merged tokens), up to four times that.
+
+    ``patch_size`` and ``merge_size`` must be the vision tower's ``patch_size`` and ``spatial_merge_size``."""
+    return Qwen2VLImageProcessorPil(
+        min_pixels=TINY_PIXELS, max_pixels=TINY_MAX_PIXELS, patch_size=patch_size, merge_size=merge_size
+    )
 
 
 def build_tiny(seed: int = 0) -> tuple[CitrusV, CitrusVProcessor]:

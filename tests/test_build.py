@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 from transformers import Qwen2_5_VLForConditionalGeneration, Sam2Model
 
 from citrus_v import CitrusV, CitrusVProcessor
 from citrus_v.cli import main
 from citrus_v.modeling.checkpoint import CheckpointError
-from citrus_v.presets import tiny_mllm_config, tiny_sam2_config
+from citrus_v.presets import tiny_image_processor, tiny_mllm_config, tiny_sam2_config
 from citrus_v.processing.tokenizer_builder import build_tokenizer
 
 from .conftest import seg_sample
@@ -29,6 +30,18 @@ def test_build_tiny_preset_cli(tmp_path, capsys):
     with torch.no_grad():
         result = model(**processor(seg_sample(1)))
     assert result.pred_masks[0].shape == (1, 64, 64)
+
+
+@pytest.mark.parametrize(("patch_size", "merge_size"), [(14, 2), (7, 4)])
+def test_tiny_image_processor_matches_a_tower_of_other_patch_and_merge_sizes(patch_size, merge_size):
+    """A 224-px scan gives 64 merged tokens (28-px cells) whichever way patch and merge split the cell, and
+    patches of the size the tower embeds."""
+    processor = tiny_image_processor(patch_size, merge_size)
+    batch = processor(images=[Image.new("RGB", (224, 224), 90)], return_tensors="pt")
+    grid = batch["image_grid_thw"][0].tolist()
+    assert grid == [1, 224 // patch_size, 224 // patch_size]
+    assert grid[1] * grid[2] // merge_size**2 == 64
+    assert batch["pixel_values"].shape == (grid[1] * grid[2], 3 * 2 * patch_size**2)
 
 
 @pytest.fixture(scope="module")
