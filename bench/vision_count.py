@@ -74,11 +74,16 @@ def mirrored(image: Image.Image, points: list[list[float]]) -> list[tuple[Image.
 
 class ReferenceCNN(torch.nn.Module):
     """A small plain conv net with the Qwen tower's input and output: the processor's patches in, one
-    ``out_hidden``-wide feature per merged cell out. It has the locality a 14-px linear patch embedding lacks,
-    so it tells whether the counting labels can be learnt from these pixels at all."""
+    ``out_hidden``-wide feature per merged cell out. Convolutions and batch norm learn quickly from few
+    images, so it tells whether the counting labels can be learnt from these pixels at all."""
 
     def __init__(self, patch_size: int, merge: int, out_hidden: int) -> None:
         super().__init__()
+        if patch_size * merge % 4:
+            raise SystemExit(
+                f"--tower cnn: a merged cell of {patch_size * merge} px (patch {patch_size} x merge {merge}) must "
+                "be a multiple of 4 px, for the CNN's two stride-2 stages"
+            )
         self.patch_size, self.merge = patch_size, merge
 
         def block(inputs: int, outputs: int, kernel: int = 3, stride: int = 1) -> torch.nn.Sequential:
