@@ -203,6 +203,7 @@ def main() -> None:
     optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=0.01)
     started = time.monotonic()
     report = max(1, args.steps // 5)
+    right = None  # the last reading's right answers, kept so the breakdown below need not read again
     for step in range(1, args.steps + 1):
         scale = min(1.0, step / 50) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for group in optimizer.param_groups:
@@ -218,7 +219,8 @@ def main() -> None:
             right = read() == n_val
             print(f"step {step}: loss {loss.item():.3f}, count accuracy {right.float().mean():.3f} "
                   f"({int(right.sum())}/{len(right)}), {(time.monotonic() - started) / step:.3f} s/step", flush=True)
-    right = read() == n_val
+    if right is None:  # --steps 0: no reading yet
+        right = read() == n_val
     for count in sorted(set(n_val.tolist())):
         chosen = n_val == count
         print(f"  {count} lesion(s): {right[chosen].float().mean():.3f} of {int(chosen.sum())}")
