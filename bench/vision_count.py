@@ -5,10 +5,17 @@ fresh :class:`~citrus_v.modeling.lesion_count.LesionCountHead` on nothing but th
 corpus's scans (``citrus-v data synth``), then reads the count (the head's cells summed and rounded) on
 another corpus split. It tells in minutes whether a tower or a training signal can count better, before a
 base is built with it (BENCHMARKS.md, demo quality). ``--tower cnn`` trains a small plain conv net on the
-same pixels and targets instead: a reference for how well the counts can be learnt at all.
+same pixels and targets instead: a reference for how well the counts can be learnt at all. With
+``--teacher_steps N`` that CNN trains first and then teaches the tower, as a convnet teacher speeds up a ViT
+that learns from few images (DeiT): the tower learns the CNN's cell features or cell logits next to the
+targets. ``--shift`` moves every training scan by a fresh random offset at each step, ``--target bilinear``
+shares each centre's count between the four cells around it, and ``--readings`` writes what was read on each
+scan, to look at which ones the tower miscounts.
 
     python bench/vision_count.py --train CORPUS [--val CORPUS --val_split val] [--steps 1500]
-        [--vision depth=6 hidden_size=128 ...] [--count_weight 0.25] [--mirror] [--tower qwen|cnn]
+        [--vision depth=6 hidden_size=128 ...] [--count_weight 0.25] [--mirror] [--shift PX] [--tower qwen|cnn]
+        [--teacher_steps 900 --distill feature|logit|both --distill_weight 1.0] [--target cell|bilinear]
+        [--readings FILE]
 
 Each scan image counts once (the first row naming it); images without ``lesion_points`` are left out and
 counted.
@@ -24,6 +31,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 from tqdm import tqdm
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
@@ -72,6 +80,36 @@ def mirrored(image: Image.Image, points: list[list[float]]) -> list[tuple[Image.
     ]
 
 
+def unpatch(pixels: torch.Tensor, grid: list[int], patch: int, merge: int) -> torch.Tensor:
+    """``[n, patches, dim]`` processor patches of ``grid`` ``(t, h, w)`` -> ``[n, 3, h * patch, w * patch]``
+    normalised images: undoes the processor's (rows/m, cols/m, m, m, channel, time, p, p) patch order, frame 0."""
+    _, rows, cols = grid
+    m, p = merge, patch
+    patches = pixels.reshape(len(pixels), rows // m, cols // m, m, m, 3, -1, p, p)[:, :, :, :, :, :, 0]
+    return patches.permute(0, 5, 1, 3, 6, 2, 4, 7).reshape(len(pixels), 3, rows * p, cols * p)
+
+
+def repatch(images: torch.Tensor, patch: int, merge: int, frames: int) -> torch.Tensor:
+    """The inverse of :func:`unpatch`: ``[n, 3, H, W]`` -> the processor's ``[n, patches, dim]``, each
+    image repeated over ``frames`` as the processor repeats a still image."""
+    n, channels, height, width = images.shape
+    m, p = merge, patch
+    grid = images.reshape(n, channels, height // (m * p), m, p, width // (m * p), m, p)
+    grid = grid.permute(0, 2, 5, 3, 6, 1, 4, 7).unsqueeze(6).expand(-1, -1, -1, -1, -1, -1, frames, -1, -1)
+    return grid.reshape(n, (height // p) * (width // p), channels * frames * p * p)
+
+
+def shift(image: torch.Tensor, points: list[list[float]], reach: int, generator: torch.Generator):
+    """``image`` ``[3, H, W]`` moved by a random whole-pixel offset of at most ``reach`` each way (edges
+    repeated) and its lesion centres moved with it; centres pushed off the image are dropped."""
+    dx, dy = (int(v) for v in torch.randint(-reach, reach + 1, (2,), generator=generator))
+    height, width = image.shape[-2:]
+    padded = torch.nn.functional.pad(image[None].float(), (reach,) * 4, mode="replicate")[0]
+    moved = padded[:, reach - dy : reach - dy + height, reach - dx : reach - dx + width]
+    kept = [[x + dx, y + dy] for x, y in points if 0 <= x + dx < width and 0 <= y + dy < height]
+    return moved, kept
+
+
 class ReferenceCNN(torch.nn.Module):
     """A small plain conv net with the Qwen tower's input and output: the processor's patches in, one
     ``out_hidden``-wide feature per merged cell out. Convolutions and batch norm learn quickly from few
@@ -102,19 +140,62 @@ class ReferenceCNN(torch.nn.Module):
 
     def forward(self, pixels: torch.Tensor, grid: list[int]) -> torch.Tensor:
         """``[n, patches, dim]`` processor patches of ``grid`` ``(t, h, w)`` -> ``[n, cells, out_hidden]``."""
-        _, rows, cols = grid
-        m, p = self.merge, self.patch_size
-        # undo the processor's (rows/m, cols/m, m, m, channel, time, p, p) patch order; channel 0, frame 0
-        patches = pixels.float().reshape(len(pixels), rows // m, cols // m, m, m, 3, -1, p, p)[:, :, :, :, :, 0, 0]
-        image = patches.permute(0, 1, 3, 5, 2, 4, 6).reshape(len(pixels), 1, rows * p, cols * p)
+        image = unpatch(pixels.float(), grid, self.patch_size, self.merge)[:, :1]  # channel 0: the scans are grey
         return self.net(image).flatten(2).transpose(1, 2)
 
 
+def bilinear_count_target(points: list[list[float]], size: tuple[int, int], cells: tuple[int, int]) -> torch.Tensor:
+    """Like :func:`lesion_count_target`, but each centre's one count is shared between the (up to) four cells
+    whose centres surround it, by bilinear weights: a centre on a cell boundary counts half in each cell, so
+    the target moves smoothly with the lesion instead of jumping from one cell to the next."""
+    rows, cols = cells
+    width, height = size
+    target = torch.zeros(rows, cols)
+    for x, y in points:
+        # continuous cell coordinates, with cell centres at whole numbers
+        u = min(max(x * cols / width - 0.5, 0.0), cols - 1.0)
+        v = min(max(y * rows / height - 0.5, 0.0), rows - 1.0)
+        c0, r0 = int(u), int(v)
+        fu, fv = u - c0, v - r0
+        c1, r1 = min(c0 + 1, cols - 1), min(r0 + 1, rows - 1)
+        target[r0, c0] += (1 - fu) * (1 - fv)
+        target[r0, c1] += fu * (1 - fv)
+        target[r1, c0] += (1 - fu) * fv
+        target[r1, c1] += fu * fv
+    return target.flatten()
+
+
+class Reader(torch.nn.Module):
+    """A tower and the count head on its merged cells, for one patch ``grid``."""
+
+    def __init__(self, kind: str, tower: torch.nn.Module, head: LesionCountHead, grid: list[int]) -> None:
+        super().__init__()
+        self.kind, self.tower, self.head, self.grid = kind, tower, head, grid
+
+    def tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[n, patches, dim]`` processor patches -> ``[n, cells, out_hidden]`` merged-cell features."""
+        if self.kind == "cnn":
+            return self.tower(pixels, self.grid)
+        flat = pixels.float().reshape(-1, pixels.shape[-1])
+        out = self.tower(flat, grid_thw=torch.tensor([self.grid] * len(pixels))).pooler_output
+        return out.reshape(len(pixels), -1, out.shape[-1])
+
+    def read(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The rounded count the head reads on each scan."""
+        was = self.training
+        self.eval()
+        with torch.no_grad():
+            counts = torch.cat([torch.sigmoid(self.head(self.tokens(pixels[i : i + 64]))).sum(-1)
+                                for i in range(0, len(pixels), 64)])
+        self.train(was)
+        return counts.round()
+
+
 def encode(corpus: Path, images: dict[str, list[list[float]]], processor, merge: int, label: str,
-           mirror: bool = False):
+           mirror: bool = False, target=lesion_count_target):
     """Pixel patches (fp16, to keep thousands of scans in memory), count targets and counts of ``images``;
     with ``mirror``, each image's three mirror images too."""
-    pixels, targets, counts = [], [], []
+    pixels, targets, counts, centres = [], [], [], []
     grid = None
     for reference, original_points in tqdm(images.items(), desc=f"reading {label}", unit="image"):
         original = read_image(reference, base_dir=corpus).convert("RGB")
@@ -126,9 +207,10 @@ def encode(corpus: Path, images: dict[str, list[list[float]]], processor, merge:
                 raise SystemExit(f"{corpus / reference}: a {image.size} image; every scan must have the same size")
             pixels.append(batch["pixel_values"].half())
             cells = (grid[1] // merge, grid[2] // merge)  # the merged-token grid, as the processor builds targets
-            targets.append(lesion_count_target(points, image.size, cells))
+            targets.append(target(points, image.size, cells))
             counts.append(len(points))
-    return torch.stack(pixels), torch.stack(targets), torch.tensor(counts), grid
+            centres.append(points)
+    return torch.stack(pixels), torch.stack(targets), torch.tensor(counts), grid, centres
 
 
 def main() -> None:
@@ -144,9 +226,25 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mirror", action="store_true", help="train on each scan's three mirror images too")
     parser.add_argument(
+        "--shift", type=int, default=0, metavar="PX",
+        help="move each training scan by a fresh random offset of up to PX pixels each way at every step",
+    )
+    parser.add_argument(
         "--tower", choices=["qwen", "cnn"], default="qwen",
         help="the preset's Qwen2.5-VL vision tower, or a small conv net as a reference on the same pixels",
     )
+    parser.add_argument(
+        "--teacher_steps", type=int, default=0,
+        help="first train the reference CNN this many steps, then teach the tower its cells (--distill)",
+    )
+    parser.add_argument("--distill", choices=["feature", "logit", "both"], default="feature",
+                        help="what the tower learns from the CNN: its cell features (through a linear map), "
+                             "its head's cell logits, or both")
+    parser.add_argument("--distill_weight", type=float, default=1.0)
+    parser.add_argument("--target", choices=["cell", "bilinear"], default="cell",
+                        help="each centre counts in its cell (as the base), or shared bilinearly by the four "
+                             "cells around it")
+    parser.add_argument("--readings", type=Path, help="write each read scan's centres and read count here (JSONL)")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
 
@@ -156,74 +254,116 @@ def main() -> None:
         if not hasattr(vision, key):
             raise SystemExit(f"--vision {item}: the vision config has no field {key!r}")
         setattr(vision, key, json.loads(value))
-    if args.tower == "cnn":
-        tower = ReferenceCNN(vision.patch_size, vision.spatial_merge_size, vision.out_hidden_size)
-    else:
-        tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(vision)
-    head = LesionCountHead(vision.out_hidden_size, count_weight=args.count_weight)
-    processor = tiny_image_processor(vision.patch_size, vision.spatial_merge_size)
-
+    patch, merge = vision.patch_size, vision.spatial_merge_size
+    processor = tiny_image_processor(patch, merge)
     train_images, train_without = scans(args.train, "train")
     val_images, val_without = scans(args.val or args.train, args.val_split)
-    merge = vision.spatial_merge_size
-    x_train, t_train, _, grid = encode(args.train, train_images, processor, merge, "train", args.mirror)
-    x_val, _, n_val, val_grid = encode(args.val or args.train, val_images, processor, merge, args.val_split)
+    target = bilinear_count_target if args.target == "bilinear" else lesion_count_target
+    x_train, t_train, _, grid, p_train = encode(
+        args.train, train_images, processor, merge, "train", args.mirror, target
+    )
+    x_val, _, n_val, val_grid, _ = encode(args.val or args.train, val_images, processor, merge, args.val_split)
     if val_grid != grid:
         raise SystemExit(f"the scans to read give a {val_grid} patch grid, the training ones {grid}: use one size")
     tokens = grid[1] * grid[2] // merge**2
-    parameters = [*tower.parameters(), *head.parameters()]
-    described = (
-        "a reference CNN"
-        if args.tower == "cnn"
-        else f"depth {vision.depth}, width {vision.hidden_size}, full attention in {vision.fullatt_block_indexes}"
-    )
+    cells = (grid[1] // merge, grid[2] // merge)
+    frames = x_train.shape[-1] // (3 * patch**2)  # the processor's temporal_patch_size
+    if args.shift:  # the stored patches must come back exactly, or the shifted scans would not be the scans
+        again = repatch(unpatch(x_train[:4], grid, patch, merge), patch, merge, frames)
+        assert torch.equal(again, x_train[:4]), "repatch(unpatch(x)) differs from the processor's patches"
     print(
-        f"tower: {described}, {sum(p.numel() for p in parameters):,} parameters with the head; "
-        f"{len(x_train)} training scans, "
-        f"{len(x_val)} to read (image rows without lesion_points, such as lab reports, left out: "
-        f"{train_without} train, {val_without} read); "
+        f"{len(x_train)} training scans, {len(x_val)} to read (image rows without lesion_points, such as lab "
+        f"reports, left out: {train_without} train, {val_without} read); "
         f"counts to read: {dict(sorted(Counter(n_val.tolist()).items()))}"
     )
 
-    def image_tokens(pixels: torch.Tensor) -> torch.Tensor:
-        if args.tower == "cnn":
-            return tower(pixels, grid)
-        flat = pixels.float().reshape(-1, pixels.shape[-1])
-        out = tower(flat, grid_thw=torch.tensor([grid] * len(pixels))).pooler_output
-        return out.reshape(len(pixels), tokens, -1)
+    def reader(kind: str) -> Reader:
+        tower = (
+            ReferenceCNN(patch, merge, vision.out_hidden_size)
+            if kind == "cnn"
+            else Qwen2_5_VisionTransformerPretrainedModel._from_config(vision)
+        )
+        made = Reader(kind, tower, LesionCountHead(vision.out_hidden_size, count_weight=args.count_weight), grid)
+        described = (
+            "a reference CNN"
+            if kind == "cnn"
+            else f"a Qwen2.5-VL tower: depth {vision.depth}, width {vision.hidden_size}, "
+            f"full attention in {vision.fullatt_block_indexes}"
+        )
+        print(f"{described}, {sum(p.numel() for p in made.parameters()):,} parameters with the head", flush=True)
+        return made
 
-    def read() -> torch.Tensor:
-        tower.eval()
-        with torch.no_grad():
-            counts = torch.cat([torch.sigmoid(head(image_tokens(x_val[i : i + 64]))).sum(-1)
-                                for i in range(0, len(x_val), 64)])
-        tower.train()
-        return counts.round()
+    augment = torch.Generator().manual_seed(args.seed)
 
-    optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=0.01)
-    started = time.monotonic()
-    report = max(1, args.steps // 5)
-    right = None  # the last reading's right answers, kept so the breakdown below need not read again
-    for step in range(1, args.steps + 1):
-        scale = min(1.0, step / 50) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
-        for group in optimizer.param_groups:
-            group["lr"] = args.learning_rate * scale
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        """A random training batch (moved by ``--shift``) and its count targets."""
         chosen = torch.randint(0, len(x_train), (args.batch_size,))
-        found = image_tokens(x_train[chosen])
-        loss = head.loss(found.reshape(-1, found.shape[-1]), t_train[chosen].reshape(-1), [tokens] * len(chosen))
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        if step % report == 0 or step == args.steps:
-            right = read() == n_val
-            print(f"step {step}: loss {loss.item():.3f}, count accuracy {right.float().mean():.3f} "
-                  f"({int(right.sum())}/{len(right)}), {(time.monotonic() - started) / step:.3f} s/step", flush=True)
-    if right is None:  # --steps 0: no reading yet
-        right = read() == n_val
-    for count in sorted(set(n_val.tolist())):
-        chosen = n_val == count
-        print(f"  {count} lesion(s): {right[chosen].float().mean():.3f} of {int(chosen.sum())}")
+        pixels, wanted = x_train[chosen], t_train[chosen]
+        if args.shift:
+            images = unpatch(pixels, grid, patch, merge)
+            moved = [shift(images[i], p_train[j], args.shift, augment) for i, j in enumerate(chosen.tolist())]
+            pixels = repatch(torch.stack([m for m, _ in moved]), patch, merge, frames)
+            size = (images.shape[-1], images.shape[-2])
+            wanted = torch.stack([target(points, size, cells) for _, points in moved])
+        return pixels, wanted
+
+    def fit(student: Reader, steps: int, teacher: Reader | None = None) -> None:
+        """Train ``student`` on the count targets (and, given a ``teacher``, on its cells too) for ``steps``,
+        reading the val scans five times on the way, then print the accuracy by lesion count."""
+        # the student's map onto the teacher's features; drawn only in runs with a teacher (in both of their
+        # fits, as when the figures in BENCHMARKS.md were measured), so runs without one draw as before
+        adapter = torch.nn.Linear(vision.out_hidden_size, vision.out_hidden_size) if args.teacher_steps else None
+        parameters = [*student.parameters(), *(adapter.parameters() if teacher else [])]
+        optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=0.01)
+        standard = None
+        started = time.monotonic()
+        report = max(1, steps // 5)
+        right = None  # the last reading's right answers, kept so the breakdown below need not read again
+        for step in range(1, steps + 1):
+            scale = min(1.0, step / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            for group in optimizer.param_groups:
+                group["lr"] = args.learning_rate * scale
+            pixels, wanted = batch()
+            found = student.tokens(pixels)
+            loss = student.head.loss(found.reshape(-1, found.shape[-1]), wanted.reshape(-1), [tokens] * len(wanted))
+            if teacher is not None:
+                with torch.no_grad():
+                    taught = teacher.tokens(pixels)
+                    if standard is None:  # each teacher feature's mean and spread, from the first batch
+                        standard = taught.mean(dim=(0, 1)), taught.std(dim=(0, 1)).clamp(min=1e-3)
+                if args.distill in ("feature", "both"):
+                    features = (taught - standard[0]) / standard[1]  # standardised: the term starts near 1
+                    loss = loss + args.distill_weight * F.mse_loss(adapter(found), features)
+                if args.distill in ("logit", "both"):
+                    loss = loss + args.distill_weight * F.mse_loss(student.head(found), teacher.head(taught))
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+            optimizer.step()
+            if step % report == 0 or step == steps:
+                right = student.read(x_val) == n_val
+                print(f"{student.kind} step {step}: loss {loss.item():.3f}, count accuracy "
+                      f"{right.float().mean():.3f} ({int(right.sum())}/{len(right)}), "
+                      f"{(time.monotonic() - started) / step:.3f} s/step", flush=True)
+        if right is None:  # no steps: no reading yet
+            right = student.read(x_val) == n_val
+        for count in sorted(set(n_val.tolist())):
+            chosen = n_val == count
+            print(f"  {count} lesion(s): {right[chosen].float().mean():.3f} of {int(chosen.sum())}")
+
+    teacher = None
+    if args.teacher_steps:
+        teacher = reader("cnn")
+        fit(teacher, args.teacher_steps)
+        teacher.eval()
+    student = reader(args.tower)
+    fit(student, args.steps, teacher)
+    if args.readings:  # one line per scan read, to look at which scans the tower miscounts
+        counts = student.read(x_val)
+        with args.readings.open("w", encoding="utf-8") as out:
+            for (reference, points), found in zip(val_images.items(), counts.tolist(), strict=True):
+                out.write(json.dumps({"image": reference, "lesion_points": points, "read": int(found)}) + "\n")
+        print(f"wrote each scan's reading to {args.readings}")
 
 
 if __name__ == "__main__":
