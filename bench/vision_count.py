@@ -307,9 +307,10 @@ def main() -> None:
             wanted = torch.stack([target(points, size, cells) for _, points in moved])
         return pixels, wanted
 
-    def fit(student: Reader, steps: int, teacher: Reader | None = None) -> None:
+    def fit(student: Reader, steps: int, teacher: Reader | None = None) -> torch.Tensor:
         """Train ``student`` on the count targets (and, given a ``teacher``, on its cells too) for ``steps``,
-        reading the val scans five times on the way, then print the accuracy by lesion count."""
+        reading the val scans five times on the way, then print the accuracy by lesion count; returns the
+        last reading's counts."""
         # the student's map onto the teacher's features; drawn only in runs with a teacher (in both of their
         # fits, as when the figures in BENCHMARKS.md were measured), so runs without one draw as before
         adapter = torch.nn.Linear(vision.out_hidden_size, vision.out_hidden_size) if args.teacher_steps else None
@@ -318,7 +319,7 @@ def main() -> None:
         standard = None
         started = time.monotonic()
         report = max(1, steps // 5)
-        right = None  # the last reading's right answers, kept so the breakdown below need not read again
+        counts = None  # the last reading, kept so the breakdown and --readings need not read again
         for step in range(1, steps + 1):
             scale = min(1.0, step / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
             for group in optimizer.param_groups:
@@ -341,15 +342,18 @@ def main() -> None:
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
             optimizer.step()
             if step % report == 0 or step == steps:
-                right = student.read(x_val) == n_val
+                counts = student.read(x_val)
+                right = counts == n_val
                 print(f"{student.kind} step {step}: loss {loss.item():.3f}, count accuracy "
                       f"{right.float().mean():.3f} ({int(right.sum())}/{len(right)}), "
                       f"{(time.monotonic() - started) / step:.3f} s/step", flush=True)
-        if right is None:  # no steps: no reading yet
-            right = student.read(x_val) == n_val
+        if counts is None:  # no steps: no reading yet
+            counts = student.read(x_val)
+        right = counts == n_val
         for count in sorted(set(n_val.tolist())):
             chosen = n_val == count
             print(f"  {count} lesion(s): {right[chosen].float().mean():.3f} of {int(chosen.sum())}")
+        return counts
 
     teacher = None
     if args.teacher_steps:
@@ -357,9 +361,8 @@ def main() -> None:
         fit(teacher, args.teacher_steps)
         teacher.eval()
     student = reader(args.tower)
-    fit(student, args.steps, teacher)
+    counts = fit(student, args.steps, teacher)
     if args.readings:  # one line per scan read, to look at which scans the tower miscounts
-        counts = student.read(x_val)
         with args.readings.open("w", encoding="utf-8") as out:
             for (reference, points), found in zip(val_images.items(), counts.tolist(), strict=True):
                 out.write(json.dumps({"image": reference, "lesion_points": points, "read": int(found)}) + "\n")
