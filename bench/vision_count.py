@@ -3,19 +3,20 @@
 Trains a fresh Qwen2.5-VL vision tower (the tiny preset's, with any of its config fields overridden) and a
 fresh :class:`~citrus_v.modeling.lesion_count.LesionCountHead` on nothing but the lesion-count targets of a
 corpus's scans (``citrus-v data synth``), then reads the count (the head's cells summed and rounded) on
-another corpus split. It tells in minutes whether a tower or a training signal can count better, before a
-base is built with it (BENCHMARKS.md, demo quality). ``--tower cnn`` trains a small plain conv net on the
-same pixels and targets instead: a reference for how well the counts can be learnt at all. With
+another corpus split. It tells in minutes whether a tower or a training signal can count better, before a base
+is built with it (BENCHMARKS.md, demo quality). ``--tower cnn`` trains a small plain conv net on the same
+pixels and targets instead: a reference for how well the counts can be learnt at all. With
 ``--teacher_steps N`` that CNN trains first and then teaches the tower, as a convnet teacher speeds up a ViT
 that learns from few images (DeiT): the tower learns the CNN's cell features or cell logits next to the
-targets. ``--shift`` moves every training scan by a fresh random offset at each step, ``--target bilinear``
-shares each centre's count between the four cells around it, and ``--readings`` writes what was read on each
-scan, to look at which ones the tower miscounts.
+targets. ``--stem conv`` puts a small conv stem in place of the tower's patch embedding. ``--shift`` moves
+every training scan by a fresh random offset at each step, ``--target bilinear`` shares each centre's count
+between the four cells around it, and ``--readings`` writes what was read on each scan, to look at which ones
+the tower miscounts.
 
     python bench/vision_count.py --train CORPUS [--val CORPUS --val_split val] [--steps 1500]
         [--vision depth=6 hidden_size=128 ...] [--count_weight 0.25] [--mirror] [--shift PX] [--tower qwen|cnn]
-        [--teacher_steps 900 --distill feature|logit|both --distill_weight 1.0] [--target cell|bilinear]
-        [--readings FILE]
+        [--stem patch|conv] [--teacher_steps 900 --distill feature|logit|both --distill_weight 1.0]
+        [--target cell|bilinear] [--readings FILE]
 
 Each scan image counts once (the first row naming it); images without ``lesion_points`` are left out and
 counted.
@@ -144,6 +145,41 @@ class ReferenceCNN(torch.nn.Module):
         return self.net(image).flatten(2).transpose(1, 2)
 
 
+class ConvStem(torch.nn.Module):
+    """A small conv stem in place of the Qwen tower's patch embedding (one linear map of each 14-px patch on its
+    own): overlapping 3 x 3 convolutions with batch norm see across patch edges before the transformer blocks
+    do. It takes the flattened patches the tower's ``patch_embed`` takes and gives one feature per patch in
+    the processor's patch order, for scans of one ``grid``."""
+
+    def __init__(self, patch_size: int, merge: int, grid: list[int], hidden: int) -> None:
+        super().__init__()
+        if patch_size % 2:
+            raise SystemExit(f"--stem conv: the patch ({patch_size} px) must be even, for the stem's stride-2 stage")
+        self.patch_size, self.merge, self.grid = patch_size, merge, grid
+
+        def block(inputs: int, outputs: int, kernel: int, stride: int) -> torch.nn.Sequential:
+            return torch.nn.Sequential(
+                torch.nn.Conv2d(inputs, outputs, kernel, stride, kernel // 2 if stride < kernel else 0),
+                torch.nn.BatchNorm2d(outputs),
+                torch.nn.ReLU(),
+            )
+
+        self.net = torch.nn.Sequential(
+            block(1, 16, 3, 2), block(16, 32, 3, 1),
+            torch.nn.Conv2d(32, hidden, patch_size // 2, patch_size // 2),  # one feature per patch
+        )
+
+    def forward(self, flat: torch.Tensor) -> torch.Tensor:
+        """``[n * patches, dim]`` processor patches -> ``[n * patches, hidden]``, in the same order."""
+        _, rows, cols = self.grid
+        m = self.merge
+        pixels = flat.float().reshape(-1, rows * cols, flat.shape[-1])
+        features = self.net(unpatch(pixels, self.grid, self.patch_size, m)[:, :1])  # the scans are grey
+        n, hidden = features.shape[:2]
+        features = features.reshape(n, hidden, rows // m, m, cols // m, m).permute(0, 2, 4, 3, 5, 1)
+        return features.reshape(n * rows * cols, hidden)
+
+
 def bilinear_count_target(points: list[list[float]], size: tuple[int, int], cells: tuple[int, int]) -> torch.Tensor:
     """Like :func:`lesion_count_target`, but each centre's one count is shared between the (up to) four cells
     whose centres surround it, by bilinear weights: a centre on a cell boundary counts half in each cell, so
@@ -234,6 +270,10 @@ def main() -> None:
         help="the preset's Qwen2.5-VL vision tower, or a small conv net as a reference on the same pixels",
     )
     parser.add_argument(
+        "--stem", choices=["patch", "conv"], default="patch",
+        help="the Qwen tower's own patch embedding, or a small conv stem (ConvStem) in its place",
+    )
+    parser.add_argument(
         "--teacher_steps", type=int, default=0,
         help="first train the reference CNN this many steps, then teach the tower its cells (--distill)",
     )
@@ -283,12 +323,14 @@ def main() -> None:
             if kind == "cnn"
             else Qwen2_5_VisionTransformerPretrainedModel._from_config(vision)
         )
+        if kind != "cnn" and args.stem == "conv":
+            tower.patch_embed = ConvStem(patch, merge, grid, vision.hidden_size)
         made = Reader(kind, tower, LesionCountHead(vision.out_hidden_size, count_weight=args.count_weight), grid)
         described = (
             "a reference CNN"
             if kind == "cnn"
             else f"a Qwen2.5-VL tower: depth {vision.depth}, width {vision.hidden_size}, "
-            f"full attention in {vision.fullatt_block_indexes}"
+            f"full attention in {vision.fullatt_block_indexes}, {args.stem} stem"
         )
         print(f"{described}, {sum(p.numel() for p in made.parameters()):,} parameters with the head", flush=True)
         return made
