@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from citrus_v.data.corpus import CorpusOptions, write_corpus
 from citrus_v.demo import shipped_base
@@ -54,13 +55,13 @@ def test_make_base_runs_the_recipe_end_to_end(tmp_path):
     """The command that made the shipped base, at a few steps: both stages run and the folder is complete."""
     recipe = BaseRecipe(
         images=30, stage2_steps=3, reading_steps=3, refresh_steps=2, stage4_point_steps=2, stage4_steps=2,
-        save_steps=1000, batch_size=2, reading_learning_rate=4e-4, refresh_learning_rate=3e-4,
+        save_steps=1000, batch_size=2, reading_learning_rate=4e-4, refresh_learning_rate=3e-4, closed_steps=2,
     )
     out = make_base(tmp_path / "base", tmp_path / "work", recipe)
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     notes = json.loads((out / "recipe" / "recipe.json").read_text())
     assert notes["recipe"]["stage2_steps"] == 3 and set(notes["timings_s"]) >= {
-        "stage2", "stage2_reading", "stage2_refresh", "stage4",
+        "stage2", "stage2_reading", "stage2_refresh", "stage4", "stage2_closed",
     }
     logged = (out / "recipe" / "stage2_logging.jsonl").read_text()
     assert '"lesion_map"' in logged and '"lesion_count"' in logged  # the auxiliary losses ran
@@ -90,6 +91,25 @@ def test_make_base_runs_the_recipe_end_to_end(tmp_path):
     assert config["seg_point_head"] is True
     for part in ("stage4_points", "stage4"):
         assert '"point"' in (out / "recipe" / f"{part}_logging.jsonl").read_text()
+    # last, the closed questions alone with the tower frozen: the shipped weights are that part's, with the
+    # vision tower and the seg modules exactly as stage 4 left them and the language model trained further
+    closed_args = json.loads((tmp_path / "work" / "stage2-closed" / "sft_args.json").read_text())
+    assert closed_args["model"] == str(tmp_path / "work" / "stage4")
+    assert closed_args["dataset"] == [(tmp_path / "work" / "data" / "train.vqa-closed.jsonl").as_posix()]
+    assert closed_args["freeze_vit"] is True and closed_args["stage"] == 2
+    assert closed_args["learning_rate"] == recipe.closed_learning_rate
+    assert (out / "recipe" / "stage2_closed_logging.jsonl").is_file()
+    from safetensors.torch import load_file
+
+    shipped = load_file(out / "model.safetensors")
+    before = load_file(tmp_path / "work" / "stage4" / "model.safetensors")
+    assert shipped.keys() == before.keys()
+    frozen = ("mllm.model.visual.blocks.", "mllm.model.visual.patch_embed.", "grounding_encoder.", "seg_projector.",
+              "seg_point_head.")
+    kept = [k for k in shipped if k.startswith(frozen)]
+    assert kept and all(torch.equal(shipped[k], before[k]) for k in kept)
+    trained = [k for k in shipped if k.startswith("mllm.model.language_model.")]
+    assert trained and any(not torch.equal(shipped[k], before[k]) for k in trained)
 
 
 def test_with_documents_gives_the_reports_their_share_and_rejects_a_share_outside_0_1():
