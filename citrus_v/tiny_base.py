@@ -28,7 +28,7 @@ new to it), builds the tiny preset and runs ``citrus-v sft`` stages on it, in th
 3. stage 2 once more, on the closed questions alone with the vision tower frozen (``--freeze_vit``; the seg
    modules are frozen in stage 2 anyway), so that only the language model and the aligner learn. In the
    mixed parts the counting questions are a few percent of the samples, and the language model read the
-   count on 0.66 of held-out scans where its image tokens hold about 0.80; this part brings it to 0.80
+   count on 0.66 of held-out scans where its image tokens hold about 0.80; this part brings it to 0.76
    (BENCHMARKS.md, demo quality). It comes after stage 4 because it does not touch the tower or SAM 2.
 
 Each stage's ``logging.jsonl`` and loss curves stay next to the checkpoint (``recipe/``).
