@@ -1,7 +1,7 @@
 """How well can the tiny preset's vision tower count lesions on its own?
 
 Trains a fresh Qwen2.5-VL vision tower (the tiny preset's, with any of its config fields overridden) and a
-fresh :class:`~citrus_v.modeling.lesion_count.LesionCountHead` on nothing but the lesion-count targets of a
+fresh :class:`~citrus_v.objectives.lesion_count.LesionCountHead` on nothing but the lesion-count targets of a
 corpus's scans (``citrus-v data synth``), then reads the count (the head's cells summed and rounded) on
 another corpus split. It tells in minutes whether a tower or a training signal can count better, before a base
 is built with it (BENCHMARKS.md, demo quality). ``--tower cnn`` trains a small plain conv net on the same
@@ -37,12 +37,11 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
-from citrus_v.data.medical_io import read_image
 from citrus_v.data.rows import SkipCounter, iter_rows
-from citrus_v.modeling.lesion_count import LesionCountHead
-from citrus_v.presets import tiny_image_processor, tiny_mllm_config
-from citrus_v.processing.images import lesion_count_target
+from citrus_v.media import read_image
+from citrus_v.objectives.lesion_count import LesionCountHead, lesion_count_target
 from citrus_v.processing.tokenizer_builder import build_tokenizer
+from citrus_v.recipes.presets import tiny_image_processor, tiny_mllm_config
 
 
 def scans(corpus: Path, split: str) -> tuple[dict[str, list[list[float]]], int]:

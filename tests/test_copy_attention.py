@@ -1,4 +1,4 @@
-"""The training-only copy-attention loss: targets read from the text map, and the head it supervises."""
+"""The training-only copy-attention loss: targets read from the character map, and the head it supervises."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 
 from citrus_v.data.collator import CitrusVCollator
 from citrus_v.data.documents import make_lab_report
-from citrus_v.modeling.text_map import class_char
-from citrus_v.processing.copy_targets import copy_offsets, read_lines
+from citrus_v.objectives.annotations import class_char
+from citrus_v.objectives.copy_attention import CopyAttention, copy_offsets, read_lines, supervised_attention
 from citrus_v.train.sft import enable_checkpointing
 
 
@@ -25,7 +25,7 @@ def _extraction(seed: int, answer: str | None = None) -> dict:
             {"role": "assistant", "content": answer if answer is not None else f"```json\n{values}\n```"},
         ],
         "images": [report.image],
-        "text_map": report.text_map,
+        "char_map": report.char_map,
         "report": report,
     }
 
@@ -38,14 +38,15 @@ def _sample(seed: int, answer: str | None = None) -> dict:
 
 def _pointed(batch, processor, row: int = 0) -> list[tuple[str, str]]:
     """(next answer token, character of the image token its target names) for each target of ``row``."""
-    ids, offsets = batch["input_ids"][row], batch["copy_offsets"][row]
+    targets = batch["objective_targets"]
+    ids, offsets = batch["input_ids"][row], targets["copy_attention"][row]
     image = (batch["input_ids"] == processor.image_token_id).nonzero()
-    first = int((image[:, 0] < row).sum())  # image tokens of earlier rows come first in text_map_targets
+    first = int((image[:, 0] < row).sum())  # image tokens of earlier rows come first in the text-map targets
     positions = (ids == processor.image_token_id).nonzero().flatten().tolist()
     pairs = []
     for p in (offsets > 0).nonzero().flatten().tolist():
         token = positions.index(p - int(offsets[p]))
-        char = class_char(int(batch["text_map_targets"][first + token, 0]))
+        char = class_char(int(targets["text_map"][first + token, 0]))
         pairs.append((processor.tokenizer.decode([int(ids[p + 1])]), char))
     return pairs
 
@@ -66,11 +67,11 @@ def test_every_value_character_points_at_the_token_that_prints_it(tiny):
 def test_text_that_is_not_on_the_page_gets_no_target(tiny):
     _, processor = tiny
     batch = processor([_sample(3, answer="None; all results are within range.")])
-    assert int((batch["copy_offsets"] > 0).sum()) == 0
-    # a sample without a text map carries no targets, and a batch of them no key
+    assert int((batch["objective_targets"]["copy_attention"] > 0).sum()) == 0
+    # a sample without a character map carries no targets, and a batch of them no key
     plain = _sample(3)
-    plain.pop("text_map")
-    assert "copy_offsets" not in processor([plain])
+    plain.pop("char_map")
+    assert "objective_targets" not in processor([plain])
 
 
 def _targets(answer: str, lines: list[str]) -> dict[str, int]:
@@ -99,8 +100,9 @@ def test_targets_survive_left_padding_and_packing(tiny):
     assert _pointed(right, processor)
     collator = CitrusVCollator(processor, packing=True, max_length=1024)
     packed = collator([{"sample": s, "where": f"test:{i}"} for i, s in enumerate(samples)])
-    assert int((packed["copy_offsets"] > 0).sum()) == int((right["copy_offsets"] > 0).sum())
-    ids, offsets = packed["input_ids"][0], packed["copy_offsets"][0]
+    packed_offsets = packed["objective_targets"]["copy_attention"]
+    assert int((packed_offsets > 0).sum()) == int((right["objective_targets"]["copy_attention"] > 0).sum())
+    ids, offsets = packed["input_ids"][0], packed_offsets[0]
     for p in (offsets > 0).nonzero().flatten().tolist():
         assert int(ids[p - int(offsets[p])]) == processor.image_token_id
 
@@ -113,19 +115,18 @@ def test_the_loss_is_the_real_attention_of_the_chosen_head(tiny):
     model.mllm.config.text_config._attn_implementation = "eager"
     model.mllm.model.language_model.config._attn_implementation = "eager"
     batch = processor([_sample(4), _sample(5)])
-    from citrus_v.modeling.copy_attention import capture_attention_input
-
-    attention = model._copy_attention()
+    offsets = batch["objective_targets"]["copy_attention"]
+    attention = supervised_attention(model)
     weights = {}
     hook = attention.register_forward_hook(lambda m, a, out: weights.update(w=out[1]))
     try:
-        with torch.no_grad(), capture_attention_input(attention) as seen:
+        with torch.no_grad(), CopyAttention().capture(model) as seen:
             model.mllm.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values",
                                                       "image_grid_thw", "mm_token_type_ids")})
     finally:
         hook.remove()
-    rows, queries = (batch["copy_offsets"] > 0).nonzero(as_tuple=True)
-    from citrus_v.modeling import copy_attention as module
+    rows, queries = (offsets > 0).nonzero(as_tuple=True)
+    from citrus_v.objectives import copy_attention as module
 
     captured = {}
 
@@ -136,7 +137,7 @@ def test_the_loss_is_the_real_attention_of_the_chosen_head(tiny):
     original = module.F.cross_entropy
     module.F.cross_entropy = keep
     try:
-        module.copy_attention_loss(attention, seen, batch["copy_offsets"], 3)
+        module.copy_attention_loss(attention, seen, offsets, 3)
     finally:
         module.F.cross_entropy = original
     real = weights["w"][rows, 3, queries]  # [N, L]
@@ -151,23 +152,23 @@ def test_training_on_the_loss_points_the_head_at_the_characters(tiny):
         p.requires_grad_(True)
     batch = processor([_sample(s) for s in range(4)])
     out = model(**batch)
-    assert out.copy_attention_loss is not None and torch.isfinite(out.copy_attention_loss)
+    assert out.aux_losses["copy"] is not None and torch.isfinite(out.aux_losses["copy"])
     model.zero_grad()
-    out.copy_attention_loss.backward()
-    attention = model._copy_attention()
+    out.aux_losses["copy"].backward()
+    attention = supervised_attention(model)
     assert attention.q_proj.weight.grad.abs().sum() > 0 and attention.k_proj.weight.grad.abs().sum() > 0
     assert model.mllm.lm_head.weight.grad is None  # the loss reaches only what feeds that head's scores
     held_out = processor([_sample(s) for s in range(100, 102)])
 
     def held_out_loss() -> float:
         with torch.no_grad():
-            return float(model(**held_out).copy_attention_loss)
+            return float(model(**held_out).aux_losses["copy"])
 
-    before, trained_before = held_out_loss(), float(out.copy_attention_loss)
+    before, trained_before = held_out_loss(), float(out.aux_losses["copy"])
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(20):
         optimizer.zero_grad()
-        trained = model(**batch).copy_attention_loss
+        trained = model(**batch).aux_losses["copy"]
         trained.backward()
         optimizer.step()
     # the head learns to look up the characters it was shown, and that carries over to reports it has not seen
@@ -176,11 +177,11 @@ def test_training_on_the_loss_points_the_head_at_the_characters(tiny):
     # off when the config gives it no weight, and never without targets
     model.config.copy_attention_loss_weight = 0.0
     with torch.no_grad():
-        assert model(**held_out).copy_attention_loss is None
+        assert "copy" not in (model(**held_out).aux_losses or {})
     model.config.copy_attention_loss_weight = 1.0
-    held_out.pop("copy_offsets")
+    held_out["objective_targets"].pop("copy_attention")
     with torch.no_grad():
-        assert model(**held_out).copy_attention_loss is None
+        assert "copy" not in (model(**held_out).aux_losses or {})
 
 
 def test_the_loss_trains_the_same_under_gradient_checkpointing(tiny):
@@ -196,11 +197,11 @@ def test_the_loss_trains_the_same_under_gradient_checkpointing(tiny):
         if checkpointing:
             enable_checkpointing(m)
         torch.manual_seed(0)
-        m(**batch).copy_attention_loss.backward()
+        m(**batch).aux_losses["copy"].backward()
         return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
     plain, checkpointed = copy_grads(False), copy_grads(True)
-    q_proj = next(n for n, p in model.named_parameters() if p is model._copy_attention().q_proj.weight)
+    q_proj = next(n for n, p in model.named_parameters() if p is supervised_attention(model).q_proj.weight)
     assert plain[q_proj].abs().sum() > 0
     assert plain.keys() == checkpointed.keys()
     for name, grad in plain.items():

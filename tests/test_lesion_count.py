@@ -12,10 +12,10 @@ import torch
 
 from citrus_v.data.corpus import CorpusOptions, write_corpus
 from citrus_v.data.dataset import load_sample
-from citrus_v.data.medical_io import read_mask
 from citrus_v.data.rows import RowRecord
 from citrus_v.data.validate import ValidationOptions, validate_files
-from citrus_v.processing.images import lesion_count_target
+from citrus_v.media import read_mask
+from citrus_v.objectives.lesion_count import LesionCountHead, lesion_count_target
 from citrus_v.processing.processor import ProcessorError
 
 from .conftest import assert_trains_the_vision_tower_alone
@@ -58,7 +58,7 @@ def test_corpus_rows_point_at_the_lesions_the_answers_count(corpus):
     assert {len(row["lesion_points"]) for row in counted} >= {0, 1, 2}
     for row in counted:
         assert len(row["lesion_points"]) == int(row["messages"][1]["content"])
-        union = read_mask(row["lesion_map"], corpus)
+        union = read_mask(row["lesion_mask"], corpus)
         for x, y in row["lesion_points"]:
             assert union[int(round(y)), int(round(x))], "a lesion's centre lies in the lesion map"
         xs = [x for x, _ in row["lesion_points"]]
@@ -86,17 +86,17 @@ def test_processor_lines_targets_up_with_image_tokens(corpus, tiny):
     options = ValidationOptions.for_processor(processor)
     record = next(r for r in _records(corpus) if _count_question(r) and len(r.row["lesion_points"]) >= 2)
     sample = load_sample(record, options)
-    plain = {k: v for k, v in sample.items() if k not in ("lesion_points", "lesion_map")}
+    plain = {k: v for k, v in sample.items() if k not in ("lesion_points", "lesion_mask")}
     two_images = {**sample, "images": sample["images"] * 2}
     two_images["messages"] = copy.deepcopy(sample["messages"])
     two_images["messages"][0]["content"] = "<image>" + two_images["messages"][0]["content"]
     batch = processor([sample, plain, two_images])
-    targets = batch["lesion_count_targets"]
+    targets = batch["objective_targets"]["lesion_count"]
     assert targets.shape == (4 * 64,)
     points = len(record.row["lesion_points"])
     assert float(targets[:64].sum()) == points and float(targets[128:192].sum()) == points
     assert (targets[64:128] == -1).all() and (targets[192:] == -1).all()
-    assert "lesion_count_targets" not in processor([plain])
+    assert "objective_targets" not in processor([plain])
     outside = {**sample, "lesion_points": [[10.0, 500.0]]}
     with pytest.raises(ProcessorError, match=r"lesion_points \[\[10.0, 500.0\]\] lie outside the first image"):
         processor(outside)
@@ -122,16 +122,17 @@ def test_loss_trains_the_vision_tower_and_only_when_targets_are_given(corpus, ti
     options = ValidationOptions.for_processor(processor)
     samples = [load_sample(r, options) for r in _records(corpus) if _count_question(r)][:3]
     for sample in samples:
-        sample.pop("lesion_map")
+        sample.pop("lesion_mask")
     batch = processor(samples)
     out = model(**batch)
-    assert out.lesion_count_loss is not None and float(out.lesion_count_loss.detach()) > 0
+    count_loss = out.aux_losses["lesion_count"]
+    assert count_loss is not None and float(count_loss.detach()) > 0
     weight = model.config.lesion_count_loss_weight
-    torch.testing.assert_close(out.loss, out.lm_loss + weight * out.lesion_count_loss)
-    assert_trains_the_vision_tower_alone(model, out.lesion_count_loss)
-    batch.pop("lesion_count_targets")
+    torch.testing.assert_close(out.loss, out.lm_loss + weight * count_loss)
+    assert_trains_the_vision_tower_alone(model, count_loss)
+    batch["objective_targets"].pop("lesion_count")
     with torch.no_grad():
-        assert model(**batch).lesion_count_loss is None
+        assert "lesion_count" not in (model(**batch).aux_losses or {})
 
 
 def test_head_learns_the_counts_of_its_images(corpus, tiny):
@@ -160,16 +161,14 @@ def test_head_learns_the_counts_of_its_images(corpus, tiny):
     before = count_error()
     for _ in range(60):
         optimizer.zero_grad()
-        model(**batch).lesion_count_loss.backward()
+        model(**batch).aux_losses["lesion_count"].backward()
         optimizer.step()
     assert count_error() < 0.3 * before
 
 
 def test_loss_refuses_targets_from_another_processor():
-    from citrus_v.modeling.lesion_count import LesionCountHead
-
     head = LesionCountHead(8)
-    with pytest.raises(ValueError, match="lesion_count_targets has 5 entries but the images gave 4"):
+    with pytest.raises(ValueError, match="lesion_count targets have 5 entries but the images gave 4"):
         head.loss(torch.zeros(4, 8), torch.zeros(5), [4])
     assert head.loss(torch.zeros(4, 8), torch.full((4,), -1.0), [4]) is None
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from citrus_v.data.corpus import CorpusOptions, write_corpus
-from citrus_v.data.medical_io import read_mask
 from citrus_v.data.validate import ValidationOptions, validate_files
-from citrus_v.processing.images import lesion_map_target
+from citrus_v.media import read_mask
+from citrus_v.objectives.lesion_map import lesion_map_target
 from citrus_v.processing.processor import ProcessorError
-from citrus_v.tiny_base import mixed_dataset, split_by_task
+from citrus_v.recipes.tiny_base import mixed_dataset, split_by_task
 
 from .conftest import assert_trains_the_vision_tower_alone, phantom
 
@@ -30,7 +30,7 @@ def _sample(seed: int = 0, with_map: bool = True, images: int = 1) -> dict:
         "images": [p.image] * images,
     }
     if with_map:
-        sample["lesion_map"] = p.masks["lesion"]
+        sample["lesion_mask"] = p.masks["lesion"]
     return sample
 
 
@@ -49,7 +49,7 @@ def test_targets_follow_the_merged_token_grid():
 def test_processor_lines_targets_up_with_image_tokens(tiny):
     _, processor = tiny
     batch = processor([_sample(0), _sample(1, with_map=False), _sample(2, images=2)])
-    targets = batch["lesion_map_targets"]
+    targets = batch["objective_targets"]["lesion_map"]
     merge = processor.image_processor.merge_size
     tokens = int(batch["image_grid_thw"].prod(dim=-1).sum()) // merge**2
     assert targets.shape == (tokens,)
@@ -58,10 +58,10 @@ def test_processor_lines_targets_up_with_image_tokens(tiny):
     assert (targets[64:128] == -1).all() and (targets[256:] == -1).all()
     assert set(targets[:64].tolist()) == {0.0, 1.0}
     # no map anywhere: no key, so plain batches are unchanged
-    assert "lesion_map_targets" not in processor([_sample(0, with_map=False)])
+    assert "objective_targets" not in processor([_sample(0, with_map=False)])
     wrong = _sample(0)
-    wrong["lesion_map"] = np.zeros((10, 10), dtype=bool)
-    with pytest.raises(ProcessorError, match="lesion_map is 10x10 but the first image is 224x224"):
+    wrong["lesion_mask"] = np.zeros((10, 10), dtype=bool)
+    with pytest.raises(ProcessorError, match="lesion_mask is 10x10 but the first image is 224x224"):
         processor(wrong)
 
 
@@ -71,15 +71,16 @@ def test_loss_trains_the_vision_tower_and_only_when_targets_are_given(tiny):
     assert model.config.lesion_map_loss_weight > 0 and model.lesion_map_head is not None
     batch = processor([_sample(0), _sample(3)])
     out = model(**batch)
-    assert out.lesion_map_loss is not None and float(out.lesion_map_loss.detach()) > 0
-    torch.testing.assert_close(out.loss, out.lm_loss + model.config.lesion_map_loss_weight * out.lesion_map_loss)
+    lesion_loss = out.aux_losses["lesion_map"]
+    assert lesion_loss is not None and float(lesion_loss.detach()) > 0
+    torch.testing.assert_close(out.loss, out.lm_loss + model.config.lesion_map_loss_weight * lesion_loss)
     # the map's gradient alone reaches the vision tower's first block
-    assert_trains_the_vision_tower_alone(model, out.lesion_map_loss)
+    assert_trains_the_vision_tower_alone(model, lesion_loss)
     # without targets (inference, or rows without a map) the head is not used
-    batch.pop("lesion_map_targets")
+    batch.pop("objective_targets")
     with torch.no_grad():
         plain = model(**batch)
-    assert plain.lesion_map_loss is None
+    assert "lesion_map" not in (plain.aux_losses or {})
     torch.testing.assert_close(plain.loss, plain.lm_loss)
 
 
@@ -93,12 +94,12 @@ def test_head_learns_where_the_lesion_is(tiny):
 
     def held_out_loss() -> float:
         with torch.no_grad():
-            return float(model(**held_out).lesion_map_loss)
+            return float(model(**held_out).aux_losses["lesion_map"])
 
     before = held_out_loss()
     for _ in range(12):
         optimizer.zero_grad()
-        model(**train).lesion_map_loss.backward()
+        model(**train).aux_losses["lesion_map"].backward()
         optimizer.step()
     assert held_out_loss() < 0.8 * before
 
@@ -117,8 +118,8 @@ def _rows(path: Path) -> list[dict]:
 def test_corpus_rows_carry_lesion_maps_and_number_lesions_left_to_right(corpus):
     rows = [r for s in ("train", "val", "test") for r in _rows(corpus / f"{s}.jsonl")]
     scans = [r for r in rows if r["task"] != "document"]
-    assert scans and all("lesion_map" in r for r in scans)
-    assert all("lesion_map" not in r for r in rows if r["task"] == "document")
+    assert scans and all("lesion_mask" in r for r in scans)
+    assert all("lesion_mask" not in r for r in rows if r["task"] == "document")
     several = [r for r in rows if r["task"] == "segmentation" and len(r.get("masks", [])) > 1]
     assert several, "the corpus should hold 'segment every lesion' rows"
     for row in several:
@@ -127,7 +128,7 @@ def test_corpus_rows_carry_lesion_maps_and_number_lesions_left_to_right(corpus):
         masks = [read_mask(m, base) for m in row["masks"]]
         centres = [float(np.nonzero(m)[1].mean()) for m in masks]
         assert centres == sorted(centres)
-        union = read_mask(row["lesion_map"], base)
+        union = read_mask(row["lesion_mask"], base)
         assert all((m & ~union).sum() == 0 for m in masks)  # every lesion mask lies inside the map
     report = validate_files([corpus / "train.jsonl"], ValidationOptions(decode=True))
     assert report.rejected == 0

@@ -67,9 +67,12 @@ def test_upstream_objective_is_unchanged_when_off(tiny):
     target = torch.cat(batch["gt_masks"])
     chosen = torch.cat(out.pred_masks)
     torch.testing.assert_close(out.mask_bce_loss, mask_bce_sum(chosen, target) / target.shape[0])
+    aux = out.aux_losses or {}
+    assert set(aux) <= {"lesion_map", "point"}
+    weights = {o.log_name: o.weight(model.config) for o in model.objectives}
     torch.testing.assert_close(out.loss, out.lm_loss + 2.0 * out.mask_bce_loss + out.mask_dice_loss
-                               + model.config.lesion_map_loss_weight * (out.lesion_map_loss or 0.0)
-                               + model.config.point_loss_weight * (out.point_loss or 0.0))
+                               + weights["lesion_map"] * aux.get("lesion_map", 0.0)
+                               + weights["point"] * aux.get("point", 0.0))
 
 
 def test_iou_head_learns_to_rank_the_candidates(tiny):

@@ -10,6 +10,7 @@ import torch
 
 from citrus_v.modeling import CitrusV, SegTargetError, hook_grad
 from citrus_v.modeling.losses import dice_loss_sum, mask_bce_sum
+from citrus_v.objectives.point_loss import PointLoss
 
 from .conftest import seg_sample
 
@@ -27,7 +28,7 @@ def test_forward_backward_all_losses_finite(tiny):
     if model.config.multimask_min_loss:  # the tiny preset trains SAM's IoU head too
         expected = expected + model.config.iou_loss_weight * out.mask_iou_loss
     if model.config.seg_point_head:  # and the [SEG] point head's
-        expected = expected + model.config.point_loss_weight * out.point_loss
+        expected = expected + PointLoss().weight(model.config) * out.aux_losses["point"]
     torch.testing.assert_close(out.loss, expected)
     out.loss.backward()
     grads = {
@@ -160,9 +161,10 @@ def test_loss_weights_are_configurable(tiny):
     model.config.point_loss_weight = 3.0
     with torch.no_grad():
         out = model(**processor(seg_sample(1, seed=8)))
+    point = out.aux_losses["point"]
     torch.testing.assert_close(
         out.loss,
-        out.lm_loss + out.mask_bce_loss + 0.5 * out.mask_dice_loss + 0.25 * out.mask_iou_loss + 3.0 * out.point_loss,
+        out.lm_loss + out.mask_bce_loss + 0.5 * out.mask_dice_loss + 0.25 * out.mask_iou_loss + 3.0 * point,
     )
 
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from citrus_v.demo import MeanSegEmbedding
-from citrus_v.modeling.point_head import PointHead, interior_points, point_loss
+from citrus_v.modeling.point_head import PointHead, sample_prompt_points
+from citrus_v.objectives.point_loss import interior_points, point_loss
+from citrus_v.recipes.demo import MeanSegEmbedding
 
 from .conftest import seg_sample
 
@@ -106,22 +107,23 @@ def test_points_fall_inside_their_targets(tiny):
     target[0, 10:20, 30:50] = 1  # a rectangle
     target[1, 7, 41] = 1  # a single pixel
     # target[2] is empty: no point can be drawn
+    probability, sam_size = model.config.point_prompt_probability, model.grounding_encoder.image_size
     torch.manual_seed(0)
     for _ in range(20):
-        points = model._sample_points(target)
+        points = sample_prompt_points(target, probability, sam_size)
         # back from SAM input pixels to the low-res pixel the point was drawn in
         x, y = ((points[:2] + 0.5) / scale - 0.5).round().long().unbind(dim=1)
         assert bool(target[0, y[0], x[0]]) and (int(y[1]), int(x[1])) == (7, 41)
         assert torch.isnan(points[2]).all()
-    model.config.point_prompt_probability = 0.0
-    assert torch.isnan(model._sample_points(target)).all()
+    assert torch.isnan(sample_prompt_points(target, 0.0, sam_size)).all()
 
 
 def test_half_the_masks_get_a_point_at_probability_one_half(tiny):
     model, _ = _model(tiny, 0.5)
     target = torch.ones(4000, 4, 4)
     torch.manual_seed(0)
-    share = float((~torch.isnan(model._sample_points(target)[:, 0])).float().mean())
+    points = sample_prompt_points(target, model.config.point_prompt_probability, model.grounding_encoder.image_size)
+    share = float((~torch.isnan(points[:, 0])).float().mean())
     assert abs(share - 0.5) < 0.03
 
 
@@ -174,8 +176,8 @@ def test_the_point_loss_trains_the_head_to_find_the_target(tiny):
     # the forward's loss: each predicted point against its target's innermost pixel, as fractions of the side
     predicted = torch.cat(out.predicted_points)
     expected = ((predicted + 0.5) / size - goal).abs().mean(dim=1).sum() / masks.shape[0]
-    torch.testing.assert_close(out.point_loss.detach(), expected.detach())
-    out.point_loss.backward()
+    torch.testing.assert_close(out.aux_losses["point"].detach(), expected.detach())
+    out.aux_losses["point"].backward()
     assert model.seg_point_head.mlp[0].weight.grad.abs().sum() > 0
     # minimising it puts every predicted point inside its target
     optimizer = torch.optim.Adam(model.seg_point_head.parameters(), lr=1e-2)

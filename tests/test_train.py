@@ -392,3 +392,36 @@ def test_packing_and_streaming_runs(tiny_dir, dataset, tmp_path, mode):
     a, b = _weights(out), _weights(resumed)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_checkpoint_is_staged_and_rotated_without_touching_the_arguments(tiny_dir, dataset, tmp_path, monkeypatch):
+    """Each checkpoint is written into a staging folder and renamed into place; the run folder keeps the last
+    ``save_total_limit``; the trainer's ``output_dir`` and ``save_total_limit`` read the same throughout."""
+    from transformers import Trainer
+
+    from citrus_v.train.sft import run_sft
+    from citrus_v.train.trainer import STAGING_PREFIX
+
+    out = tmp_path / "run"
+    seen = []
+    save_model = Trainer.save_model
+
+    def recording(self, output_dir=None, _internal_call=False):
+        seen.append((output_dir, self.args.output_dir, self.args.save_total_limit))
+        return save_model(self, output_dir, _internal_call)
+
+    monkeypatch.setattr(Trainer, "save_model", recording)
+    args = SftArguments(
+        model=str(tiny_dir), dataset=[str(dataset)], output_dir=str(out), stage=3, max_steps=3,
+        per_device_train_batch_size=2, save_strategy="steps", save_steps=1, save_total_limit=2, logging_steps=1,
+        max_length=1024, report_to=["none"], dataloader_num_workers=0,
+    )
+    run_sft(args)
+    checkpoints = [path for path, *_ in seen if path is not None and "checkpoint-" in path]
+    assert [Path(p).relative_to(out).parts for p in checkpoints] == [
+        (f"{STAGING_PREFIX}{step}", f"checkpoint-{step}") for step in (1, 2, 3)
+    ]
+    assert {(output_dir, limit) for _, output_dir, limit in seen} == {(str(out), 2)}
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert not list(out.glob(f"{STAGING_PREFIX}*"))
+    assert json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3

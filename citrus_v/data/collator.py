@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ..media import MedicalImageError
 from ..processing.processor import CitrusVProcessor, ProcessorError
 from ..processing.template import SampleTooLongError, TemplateError
 from .dataset import SkippedRow
-from .medical_io import MedicalImageError
 from .packing import PackStats, pack_encoded, plan_packs
 from .rows import RowIssue, SkipCounter
 

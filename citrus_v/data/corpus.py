@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..media import WINDOW_PRESETS, Window, apply_window, from_display, mask_to_rle
 from ..processing.boxes import DETECTION_PROMPT
 from .documents import make_lab_report
-from .medical_io import WINDOW_PRESETS, Window, apply_window, from_display, mask_to_rle
 from .phantoms import KINDS, ORGANS, Anatomy, Slice, make_anatomy
 
 SPLITS = ("train", "val", "test")
@@ -245,107 +245,136 @@ def scan_rows(
     organs = {name: mask for name, mask in view.organs.items() if mask.sum() >= 60}
     # numbered from left to right (by centre column), so "lesion 2" names one lesion, as the answers say
     lesions = sorted(view.visible_lesions(), key=lambda item: float(np.nonzero(item[1])[1].mean()))
-    # every lesion pixel of the image, for the training-only lesion-map loss
-    lesion_map = mask_to_rle(np.any(np.stack(view.lesions), axis=0)) if view.lesions else mask_to_rle(
+    # every lesion pixel of the image: an annotation for training-only objectives
+    lesion_mask = mask_to_rle(np.any(np.stack(view.lesions), axis=0)) if view.lesions else mask_to_rle(
         np.zeros(view.values.shape, dtype=bool)
     )
 
-    # the centre of every lesion the answers count, for the training-only lesion-count loss
+    # the centre of every lesion the answers count: an annotation for training-only objectives
     lesion_points = [[round(float(xs.mean()), 1), round(float(ys.mean()), 1)] for ys, xs in
                      (np.nonzero(mask) for _, mask in lesions)]
 
-    def _row(task: str, meta: dict, image: str, question: str, answer: str, **extra) -> dict:
+    def _row(task: str, question: str, answer: str, **extra) -> dict:
         return _task_row(
-            task, meta, image, question, answer, lesion_map=lesion_map, lesion_points=lesion_points, **extra
+            task, meta, image, question, answer, lesion_mask=lesion_mask, lesion_points=lesion_points, **extra
         )
-    modality, region = anatomy.modality, anatomy.region
+
+    # one task after the other, in this order: each draws from ``rng``, so the order decides the corpus
     rows: list[dict] = []
-    organ_names = list(organs)
-    if "segmentation" in tasks and organ_names:
-        # two prompts naming different targets in the same image
-        organ = organ_names[int(rng.integers(0, len(organ_names)))]
-        rows.append(
-            # the answer names its target: the [SEG] state then carries which one (see modeling/point_head.py)
-            _row("segmentation", meta, image, f"Please segment the {organ} in this image.",
-                 f"Sure, here is the {organ} [SEG].", masks=[mask_ref(organ, organs[organ])])
-        )
-        if len(lesions) == 1:
-            rows.append(
-                _row("segmentation", meta, image, "Segment the lesion.", "Sure, here is the lesion [SEG].",
-                     masks=[mask_ref("lesion_1", lesions[0][1])])
-            )
-        elif len(lesions) > 1:
-            parts = ", ".join(f"lesion {k + 1} [SEG]" for k in range(len(lesions)))
-            rows.append(
-                _row("segmentation", meta, image, "Segment every lesion.",
-                     f"There are {len(lesions)} lesions, from left to right: {parts}.",
-                     masks=[mask_ref(f"lesion_{k + 1}", m) for k, (_, m) in enumerate(lesions)])
-            )
-        else:
-            rows.append(_row("segmentation", meta, image, "Segment the lesion.", "There is no lesion in this image."))
+    if "segmentation" in tasks and organs:
+        rows += _segmentation_rows(_row, rng, organs, lesions, mask_ref)
     if "detection" in tasks:
-        if lesions and rng.uniform() < 0.6:
-            target, boxes = "lesion", [_bbox(m) for _, m in lesions]
-        elif organ_names:
-            target = organ_names[int(rng.integers(0, len(organ_names)))]
-            boxes = [_bbox(organs[target])]
-        else:
-            target, boxes = "", []
-        if boxes:
-            answer = "```json\n[\n" + ",\n".join([DETECTION_ANSWER_ITEM] * len(boxes)) + "\n]\n```"
-            rows.append(
-                _row("detection", meta, image, DETECTION_PROMPT.format(target), answer,
-                     objects={"ref": [target] * len(boxes), "bbox": boxes})
-            )
-    hosts = [lesion.host for lesion, _ in lesions]
+        rows += _detection_rows(_row, rng, organs, lesions)
     if "vqa-closed" in tasks:
-        sides = {_side(h) for h in hosts}
-        kind = ["presence", "count"][int(rng.integers(0, 2))]
-        if len(hosts) and len(sides) == 1 and None not in sides and rng.uniform() < 0.5:
-            paired = hosts[0].split()[-1]
-            rows.append(_row("vqa-closed", meta, image, f"Is the lesion in the left or the right {paired}?",
-                             sides.pop()))
-        elif kind == "presence":
-            rows.append(_row("vqa-closed", meta, image, "Is there a lesion in this image? Answer yes or no.",
-                             "yes" if lesions else "no"))
-        else:
-            rows.append(_row("vqa-closed", meta, image, "How many lesions are there in this image?",
-                             str(len(lesions))))
+        rows.append(_closed_question(_row, rng, lesions))
     if "vqa-open" in tasks:
-        if len(set(hosts)) == 1 and rng.uniform() < 0.5:
-            rows.append(_row("vqa-open", meta, image, "Which organ contains the lesion?", hosts[0]))
-        elif rng.uniform() < 0.5:
-            rows.append(_row("vqa-open", meta, image, "What is the imaging modality of this image?",
-                             MODALITY_NAMES[modality]))
-        else:
-            rows.append(_row("vqa-open", meta, image, "Which body region does this image show?", region))
-    spacing = anatomy.spacing_mm
+        rows.append(_open_question(_row, rng, lesions, anatomy))
     if "report" in tasks:
-        shown = ", ".join(organ_names[:-1]) + (" and " if len(organ_names) > 1 else "") + organ_names[-1] \
-            if organ_names else "no organs"
-        findings = [f"Findings: {MODALITY_NAMES[modality]} of the {region}. The {shown} are shown."]
-        for lesion, mask in lesions:
-            word = _lesion_word(modality, lesion.contrast, region)
-            findings.append(f"A {_diameter_mm(mask, spacing)} mm {word} in the {lesion.host}.")
-        if not lesions:
-            findings.append("No focal lesion.")
-        impression = f"Impression: {_plural(len(lesions), 'lesion')}." if lesions else "Impression: normal study."
-        rows.append(_row("report", meta, image, "Write a radiology report for this image.",
-                         " ".join(findings) + " " + impression))
-    if "cot" in tasks and organ_names:
-        organ = organ_names[int(rng.integers(0, len(organ_names)))]
-        inside = [(lesion, mask) for lesion, mask in lesions if lesion.host == organ]
-        image_side = "left" if organs[organ].nonzero()[1].mean() < anatomy.size / 2 else "right"
-        thought = (f"This is a {MODALITY_NAMES[modality]} image of the {region}. The {organ} lies on the image's "
-                   f"{image_side} side.")
-        if inside:
-            largest = max(_diameter_mm(mask, spacing) for _, mask in inside)
-            thought += f" It contains {_plural(len(inside), 'focal lesion')}, the largest {largest} mm across."
-        else:
-            thought += " Its signal is uniform without a focal lesion."
-        rows.append(_row("cot", meta, image, f"Is there a lesion in the {organ}? Think step by step, then answer.",
-                         f"<think>{thought}</think><answer>{'yes' if inside else 'no'}</answer>"))
+        rows.append(_report_row(_row, organs, lesions, anatomy))
+    if "cot" in tasks and organs:
+        rows.append(_cot_row(_row, rng, organs, lesions, anatomy))
     return rows
+
+
+# each takes ``row(task, question, answer, **fields)``, which makes one row of the scan image
+def _segmentation_rows(row, rng: np.random.Generator, organs: dict, lesions: list, mask_ref) -> list[dict]:
+    """Two prompts naming different targets in the same image: an organ, then the lesion(s) or none."""
+    organ_names = list(organs)
+    organ = organ_names[int(rng.integers(0, len(organ_names)))]
+    rows = [
+        # the answer names its target: the [SEG] state then carries which one (see modeling/point_head.py)
+        row("segmentation", f"Please segment the {organ} in this image.",
+            f"Sure, here is the {organ} [SEG].", masks=[mask_ref(organ, organs[organ])])
+    ]
+    if len(lesions) == 1:
+        rows.append(
+            row("segmentation", "Segment the lesion.", "Sure, here is the lesion [SEG].",
+                masks=[mask_ref("lesion_1", lesions[0][1])])
+        )
+    elif len(lesions) > 1:
+        parts = ", ".join(f"lesion {k + 1} [SEG]" for k in range(len(lesions)))
+        rows.append(
+            row("segmentation", "Segment every lesion.",
+                f"There are {len(lesions)} lesions, from left to right: {parts}.",
+                masks=[mask_ref(f"lesion_{k + 1}", m) for k, (_, m) in enumerate(lesions)])
+        )
+    else:
+        rows.append(row("segmentation", "Segment the lesion.", "There is no lesion in this image."))
+    return rows
+
+
+def _detection_rows(row, rng: np.random.Generator, organs: dict, lesions: list) -> list[dict]:
+    """The lesions' boxes, or one organ's box; no row when the image shows neither."""
+    organ_names = list(organs)
+    if lesions and rng.uniform() < 0.6:
+        target, boxes = "lesion", [_bbox(m) for _, m in lesions]
+    elif organ_names:
+        target = organ_names[int(rng.integers(0, len(organ_names)))]
+        boxes = [_bbox(organs[target])]
+    else:
+        target, boxes = "", []
+    if not boxes:
+        return []
+    answer = "```json\n[\n" + ",\n".join([DETECTION_ANSWER_ITEM] * len(boxes)) + "\n]\n```"
+    objects = {"ref": [target] * len(boxes), "bbox": boxes}
+    return [row("detection", DETECTION_PROMPT.format(target), answer, objects=objects)]
+
+
+def _closed_question(row, rng: np.random.Generator, lesions: list) -> dict:
+    """The lesion's side, its presence, or the lesion count."""
+    hosts = [lesion.host for lesion, _ in lesions]
+    sides = {_side(h) for h in hosts}
+    kind = ["presence", "count"][int(rng.integers(0, 2))]
+    if len(hosts) and len(sides) == 1 and None not in sides and rng.uniform() < 0.5:
+        paired = hosts[0].split()[-1]
+        return row("vqa-closed", f"Is the lesion in the left or the right {paired}?", sides.pop())
+    if kind == "presence":
+        return row("vqa-closed", "Is there a lesion in this image? Answer yes or no.", "yes" if lesions else "no")
+    return row("vqa-closed", "How many lesions are there in this image?", str(len(lesions)))
+
+
+def _open_question(row, rng: np.random.Generator, lesions: list, anatomy: Anatomy) -> dict:
+    """The organ holding the lesion, the modality, or the body region."""
+    hosts = [lesion.host for lesion, _ in lesions]
+    if len(set(hosts)) == 1 and rng.uniform() < 0.5:
+        return row("vqa-open", "Which organ contains the lesion?", hosts[0])
+    if rng.uniform() < 0.5:
+        return row("vqa-open", "What is the imaging modality of this image?", MODALITY_NAMES[anatomy.modality])
+    return row("vqa-open", "Which body region does this image show?", anatomy.region)
+
+
+def _report_row(row, organs: dict, lesions: list, anatomy: Anatomy) -> dict:
+    """A radiology report: the organs shown, each lesion with its diameter, and an impression."""
+    modality, region, spacing = anatomy.modality, anatomy.region, anatomy.spacing_mm
+    organ_names = list(organs)
+    shown = ", ".join(organ_names[:-1]) + (" and " if len(organ_names) > 1 else "") + organ_names[-1] \
+        if organ_names else "no organs"
+    findings = [f"Findings: {MODALITY_NAMES[modality]} of the {region}. The {shown} are shown."]
+    for lesion, mask in lesions:
+        word = _lesion_word(modality, lesion.contrast, region)
+        findings.append(f"A {_diameter_mm(mask, spacing)} mm {word} in the {lesion.host}.")
+    if not lesions:
+        findings.append("No focal lesion.")
+    impression = f"Impression: {_plural(len(lesions), 'lesion')}." if lesions else "Impression: normal study."
+    return row("report", "Write a radiology report for this image.", " ".join(findings) + " " + impression)
+
+
+def _cot_row(row, rng: np.random.Generator, organs: dict, lesions: list, anatomy: Anatomy) -> dict:
+    """Whether one organ holds a lesion, answered after a chain of thought about the image."""
+    modality, region = anatomy.modality, anatomy.region
+    organ_names = list(organs)
+    organ = organ_names[int(rng.integers(0, len(organ_names)))]
+    inside = [(lesion, mask) for lesion, mask in lesions if lesion.host == organ]
+    image_side = "left" if organs[organ].nonzero()[1].mean() < anatomy.size / 2 else "right"
+    thought = (f"This is a {MODALITY_NAMES[modality]} image of the {region}. The {organ} lies on the image's "
+               f"{image_side} side.")
+    if inside:
+        largest = max(_diameter_mm(mask, anatomy.spacing_mm) for _, mask in inside)
+        thought += f" It contains {_plural(len(inside), 'focal lesion')}, the largest {largest} mm across."
+    else:
+        thought += " Its signal is uniform without a focal lesion."
+    return row("cot", f"Is there a lesion in the {organ}? Think step by step, then answer.",
+               f"<think>{thought}</think><answer>{'yes' if inside else 'no'}</answer>")
 
 
 ALL_TASKS = ("segmentation", "detection", "vqa-closed", "vqa-open", "report", "cot")
@@ -407,12 +436,12 @@ def _document_case(writer: _CaseWriter) -> list[dict]:
     report.image.save(path)
     image = writer.rel(path)
     chars = writer.mask_dir / f"{writer.case}_text.png"
-    Image.fromarray(report.text_map).save(chars)
-    text_map = writer.rel(chars)
+    Image.fromarray(report.char_map).save(chars)
+    char_map = writer.rel(chars)
     meta = {"case": writer.case, "modality": "document", "region": "lab report", "format": "png"}
 
     def _row(task: str, meta: dict, image: str, question: str, answer: str) -> dict:
-        return _task_row(task, meta, image, question, answer, text_map=text_map)
+        return _task_row(task, meta, image, question, answer, char_map=char_map)
 
     pick = report.results[int(rng.integers(0, len(report.results)))]
     rows = [_row("document", meta, image, f"What is the {pick.name} value in this lab report?", pick.text)]

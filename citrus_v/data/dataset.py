@@ -3,7 +3,7 @@
 ``RowDataset.from_jsonl(paths, processor)`` reads and checks every row once (bad rows are skipped and
 counted by reason, with ``file:line``), drops rows longer than ``max_length`` (counted as ``too_long``),
 and keeps the token length of each row for packing or length-grouped sampling. ``dataset[i]`` loads the
-row's images and masks through :mod:`citrus_v.data.medical_io` (paths relative to the JSONL file's folder)
+row's images and masks through :mod:`citrus_v.media` (paths relative to the JSONL file's folder)
 and fills ``<ref-object>``/``<bbox>`` placeholders in the model's box coordinates. A row that fails to
 load at that point comes back as a :class:`SkippedRow`, which the collator counts and drops.
 """
@@ -17,7 +17,9 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from .medical_io import MedicalImageError, read_image, read_label_map, read_mask
+from ..media import MedicalImageError, read_image, read_mask
+from ..objectives import annotations
+from ..objectives.annotations import AnnotationError
 from .rows import RowIssue, RowProblem, RowRecord, SkipCounter, iter_rows, render_objects
 from .validate import ValidationOptions, inspect_row
 
@@ -55,24 +57,11 @@ def load_sample(record: RowRecord, options: ValidationOptions) -> dict[str, Any]
         masks.append(mask)
     scaler = options.scaler(*images[0].size) if images else None
     sample: dict[str, Any] = {"messages": render_objects(row, scaler), "images": images, "masks": masks}
-    if row.get("lesion_map") is not None and images:
+    if images:
         try:
-            sample["lesion_map"] = read_mask(row["lesion_map"], base, size=images[0].size)
-        except MedicalImageError as err:
-            raise RowProblem(err.reason, f"lesion_map: {err}") from err
-    if row.get("lesion_points") is not None and images:
-        sample["lesion_points"] = [list(map(float, point)) for point in row["lesion_points"]]
-    if row.get("text_map") is not None and images:
-        try:
-            labels = read_label_map(row["text_map"], base)
-        except MedicalImageError as err:
-            raise RowProblem(err.reason, f"text_map: {err}") from err
-        if labels.shape != (images[0].height, images[0].width):
-            raise RowProblem(
-                "mask_size", f"text_map is {labels.shape[1]}x{labels.shape[0]} but images[0] is "
-                f"{images[0].width}x{images[0].height}"
-            )
-        sample["text_map"] = labels
+            sample.update(annotations.load(row, base, images[0].size))
+        except AnnotationError as err:
+            raise RowProblem(err.reason, str(err)) from err
     if row.get("system") is not None:
         sample["system"] = row["system"]
     return sample

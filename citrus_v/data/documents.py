@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..modeling.text_map import char_class
+from ..objectives.annotations import char_class
 
 # test -> (unit, low, high, decimals): reference range and how values are printed
 LAB_TESTS: dict[str, tuple[str, float, float, int]] = {
@@ -44,14 +44,14 @@ class LabResult:
 
 @dataclass
 class LabReport:
-    """A rendered report; ``text_map`` holds each printed character's class over its cell (0 elsewhere),
-    the target of the training-only text-map loss (:mod:`citrus_v.modeling.text_map`)."""
+    """A rendered report; ``char_map`` holds each printed character's class over its cell (0 elsewhere),
+    an annotation for training-only objectives (:mod:`citrus_v.objectives.annotations`)."""
 
     patient_id: str
     date: str
     results: list[LabResult]
     image: Image.Image
-    text_map: np.ndarray
+    char_map: np.ndarray
 
 
 # the printed slip: LINE_COLUMNS characters per line, LINES lines, one character per cell
@@ -86,7 +86,7 @@ def make_lab_report(rng: np.random.Generator, cell: int = 28, num_tests: int = 5
     font = ImageFont.load_default(size=round(0.85 * cell))
     image = Image.new("L", (width, height), 255)
     draw = ImageDraw.Draw(image)
-    text_map = np.zeros((height, width), dtype=np.uint8)
+    char_map = np.zeros((height, width), dtype=np.uint8)
     _, top, _, bottom = font.getbbox("Hg")
 
     def write(column: int, line: int, text: str, fill: int = 0) -> None:
@@ -96,7 +96,7 @@ def make_lab_report(rng: np.random.Generator, cell: int = 28, num_tests: int = 5
         for k, char in enumerate(text):
             x = (column + k) * cell
             draw.text((x + (cell - font.getlength(char)) / 2, y), char, fill=fill, font=font)
-            text_map[line * cell : (line + 1) * cell, x : x + cell] = char_class(char)
+            char_map[line * cell : (line + 1) * cell, x : x + cell] = char_class(char)
 
     write(NAME_COLUMN, 0, "LABORATORY REPORT")
     write(NAME_COLUMN, 1, f"Patient {patient_id} Date {date}", 30)
@@ -105,4 +105,4 @@ def make_lab_report(rng: np.random.Generator, cell: int = 28, num_tests: int = 5
         write(NAME_COLUMN, line, result.name)
         write(VALUE_COLUMN, line, result.text)
         write(FLAG_COLUMN, line, {"high": "H", "low": "L", "normal": ""}[result.flag])
-    return LabReport(patient_id, date, results, image.convert("RGB"), text_map)
+    return LabReport(patient_id, date, results, image.convert("RGB"), char_map)

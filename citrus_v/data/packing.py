@@ -17,6 +17,7 @@ the batch carries one SAM image per ``[SEG]`` sample (``sam_pixel_values [N, 3, 
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -25,8 +26,8 @@ from typing import Any
 import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 
-from ..processing.processor import token_map_batches
-from ..processing.template import IGNORE_INDEX
+from .. import objectives
+from ..tokens import IGNORE_INDEX
 
 
 @dataclass
@@ -117,6 +118,74 @@ def rope_positions(
     return positions[:, 0]
 
 
+@dataclass
+class _PackedRow:
+    """One packed row before padding: its samples' tokens, positions, masks and SAM images, concatenated."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    rope: torch.Tensor  # [3, L]
+    text_positions: torch.Tensor  # [L]
+    masks: torch.Tensor  # [K, h, w]
+    sam: torch.Tensor | None  # the SAM image of its one [SEG] sample (max_seg_samples == 1)
+    seg_image_index: torch.Tensor  # per [SEG], its image in the batch's per-[SEG]-sample list
+
+
+def _pack_row(
+    encoded: Sequence[dict[str, Any]],
+    pack: list[int],
+    image_token_id: int,
+    spatial_merge_size: int,
+    mask_size: int,
+    max_seg_samples: int,
+    per_seg_images: list[torch.Tensor],
+) -> _PackedRow:
+    """Concatenate the samples of one pack; their SAM images are appended to ``per_seg_images``."""
+    ids, labels, pos, text_pos, masks, image_index = [], [], [], [], [], []
+    sam = None
+    for index in pack:
+        sample = encoded[index]
+        sample_ids = torch.as_tensor(sample["input_ids"], dtype=torch.long)
+        ids.append(sample_ids)
+        labels.append(torch.as_tensor(sample["labels"], dtype=torch.long))
+        pos.append(rope_positions(sample_ids, image_token_id, sample.get("image_grid_thw"), spatial_merge_size))
+        text_pos.append(torch.arange(len(sample_ids)))
+        targets = sample.get("gt_masks")
+        if targets is not None and targets.shape[0]:
+            if sam is not None and max_seg_samples == 1:
+                raise ValueError("two samples with [SEG] in one packed row: plan packs with max_seg_samples=1")
+            sam = sample["sam_pixel_values"]
+            masks.append(targets)
+            image_index += [len(per_seg_images)] * int(targets.shape[0])
+            per_seg_images.append(sam)
+    return _PackedRow(
+        input_ids=torch.cat(ids),
+        labels=torch.cat(labels),
+        rope=torch.cat(pos, dim=1),
+        text_positions=torch.cat(text_pos),
+        masks=torch.cat(masks) if masks else torch.zeros(0, mask_size, mask_size),
+        sam=sam,
+        seg_image_index=torch.tensor(image_index, dtype=torch.long),
+    )
+
+
+def _pad_rows(rows: list[_PackedRow], width: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Token ids, labels and the ``[4, B, L]`` positions of the packed rows, padded to ``width``."""
+    batch_size = len(rows)
+    input_ids = torch.full((batch_size, width), pad_token_id, dtype=torch.long)
+    label_ids = torch.full((batch_size, width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((4, batch_size, width), dtype=torch.long)
+    for index, row in enumerate(rows):
+        length = len(row.input_ids)
+        input_ids[index, :length] = row.input_ids
+        label_ids[index, :length] = row.labels
+        position_ids[0, index, :length] = row.text_positions
+        position_ids[1:, index, :length] = row.rope
+        # padding is its own pseudo-sample: positions restart, so it attends only to itself
+        position_ids[:, index, length:] = torch.arange(width - length)
+    return {"input_ids": input_ids, "labels": label_ids, "position_ids": position_ids}
+
+
 def pack_encoded(
     encoded: Sequence[dict[str, Any]],
     packs: list[list[int]],
@@ -130,84 +199,38 @@ def pack_encoded(
     max_seg_samples: int = 1,
 ) -> dict[str, Any]:
     """Build a packed CitrusV batch from encoded samples and a pack plan (see the module docstring)."""
-    rows_ids, rows_labels, rows_pos, rows_text_pos, rows_copy = [], [], [], [], []
-    pixel_values, grids, sam_inputs, sam_flags, gt_masks = [], [], [], [], []
     per_seg_images: list[torch.Tensor] = []
-    seg_image_index: list[torch.Tensor] = []
-    for pack in packs:
-        ids, labels, pos, text_pos, masks, image_index, copy = [], [], [], [], [], [], []
-        sam = None
-        for index in pack:
-            sample = encoded[index]
-            sample_ids = torch.as_tensor(sample["input_ids"], dtype=torch.long)
-            ids.append(sample_ids)
-            labels.append(torch.as_tensor(sample["labels"], dtype=torch.long))
-            offsets = sample.get("copy_offsets")  # distances back: unchanged by packing
-            copy.append(torch.zeros_like(sample_ids) if offsets is None else torch.as_tensor(offsets, dtype=torch.long))
-            grid = sample.get("image_grid_thw")
-            pos.append(rope_positions(sample_ids, image_token_id, grid, spatial_merge_size))
-            text_pos.append(torch.arange(len(sample_ids)))
-            if sample.get("pixel_values") is not None:
-                pixel_values.append(sample["pixel_values"])
-                grids.append(grid)
-            targets = sample.get("gt_masks")
-            if targets is not None and targets.shape[0]:
-                if sam is not None and max_seg_samples == 1:
-                    raise ValueError("two samples with [SEG] in one packed row: plan packs with max_seg_samples=1")
-                sam = sample["sam_pixel_values"]
-                masks.append(targets)
-                image_index += [len(per_seg_images)] * int(targets.shape[0])
-                per_seg_images.append(sam)
-        rows_ids.append(torch.cat(ids))
-        rows_labels.append(torch.cat(labels))
-        rows_copy.append(torch.cat(copy))
-        rows_pos.append(torch.cat(pos, dim=1))
-        rows_text_pos.append(torch.cat(text_pos))
-        sam_flags.append(sam is not None)
-        sam_inputs.append(sam if sam is not None else torch.zeros(3, sam_image_size, sam_image_size))
-        gt_masks.append(torch.cat(masks) if masks else torch.zeros(0, mask_size, mask_size))
-        seg_image_index.append(torch.tensor(image_index, dtype=torch.long))
-    width = max(len(r) for r in rows_ids)
+    rows = [
+        _pack_row(encoded, pack, image_token_id, spatial_merge_size, mask_size, max_seg_samples, per_seg_images)
+        for pack in packs
+    ]
+    width = max(len(row.input_ids) for row in rows)
     if pad_to is not None:
         if pad_to < width:
             raise ValueError(f"a packed row has {width} tokens > pad_to {pad_to}")
         width = pad_to
-    batch_size = len(rows_ids)
-    input_ids = torch.full((batch_size, width), pad_token_id, dtype=torch.long)
-    label_ids = torch.full((batch_size, width), IGNORE_INDEX, dtype=torch.long)
-    position_ids = torch.zeros((4, batch_size, width), dtype=torch.long)
-    copy_offsets = torch.zeros((batch_size, width), dtype=torch.long)
-    for row in range(batch_size):
-        length = len(rows_ids[row])
-        input_ids[row, :length] = rows_ids[row]
-        label_ids[row, :length] = rows_labels[row]
-        copy_offsets[row, :length] = rows_copy[row]
-        position_ids[0, row, :length] = rows_text_pos[row]
-        position_ids[1:, row, :length] = rows_pos[row]
-        # padding is its own pseudo-sample: positions restart, so it attends only to itself
-        tail = torch.arange(width - length)
-        position_ids[:, row, length:] = tail
-    batch: dict[str, Any] = {
-        "input_ids": input_ids,
-        "position_ids": position_ids,
-        "mm_token_type_ids": (input_ids == image_token_id).int(),
-    }
-    if return_labels:
-        batch["labels"] = label_ids
-        if any(encoded[i].get("copy_offsets") is not None for pack in packs for i in pack):
-            batch["copy_offsets"] = copy_offsets
-    if pixel_values:
-        batch["pixel_values"] = torch.cat(pixel_values)
-        batch["image_grid_thw"] = torch.cat(grids)
+    padded = _pad_rows(rows, width, pad_token_id)
+    labels = padded.pop("labels")
+    batch: dict[str, Any] = {**padded, "mm_token_type_ids": (padded["input_ids"] == image_token_id).int()}
+    # pixel_values are gathered pack by pack, sample by sample: every per-image target follows that order
+    in_order = [encoded[i] for pack in packs for i in pack]
+    with_pixels = [sample for sample in in_order if sample.get("pixel_values") is not None]
+    if with_pixels:
+        batch["pixel_values"] = torch.cat([sample["pixel_values"] for sample in with_pixels])
+        batch["image_grid_thw"] = torch.cat([sample["image_grid_thw"] for sample in with_pixels])
+    empty = torch.zeros(3, sam_image_size, sam_image_size)
     if max_seg_samples == 1:
-        batch["sam_pixel_values"] = torch.stack(sam_inputs)
-        batch["sam_image_mask"] = torch.tensor(sam_flags, dtype=torch.bool)
+        batch["sam_pixel_values"] = torch.stack([row.sam if row.sam is not None else empty for row in rows])
+        batch["sam_image_mask"] = torch.tensor([row.sam is not None for row in rows], dtype=torch.bool)
     else:
-        empty = torch.zeros(0, 3, sam_image_size, sam_image_size)
-        batch["sam_pixel_values"] = torch.stack(per_seg_images) if per_seg_images else empty
-        batch["seg_image_index"] = seg_image_index
+        batch["sam_pixel_values"] = torch.stack(per_seg_images) if per_seg_images else empty[None][:0]
+        batch["seg_image_index"] = [row.seg_image_index for row in rows]
     if return_labels:
-        batch["gt_masks"] = gt_masks
-        # pixel_values were gathered pack by pack, sample by sample: gather the token maps in that order
-        batch.update(token_map_batches([encoded[i] for pack in packs for i in pack], spatial_merge_size))
+        batch["labels"] = labels
+        batch["gt_masks"] = [row.masks for row in rows]
+        starts = [0, *itertools.accumulate(len(pack) for pack in packs)]
+        layout = [list(range(start, start + len(pack))) for start, pack in zip(starts, packs, strict=False)]
+        targets = objectives.collate_targets(in_order, spatial_merge_size, layout, width)
+        if targets:
+            batch["objective_targets"] = targets
     return batch

@@ -6,18 +6,12 @@ A row::
      "images": ["scan.png", "ct.dcm#window=ct-abdomen", "vol.nii.gz#slice=12", ...],
      "masks": ["lesion.png", {"size": [h, w], "counts": "..."}, ...],   # one per [SEG], in order
      "objects": {"ref": ["liver"], "bbox": [[x1, y1, x2, y2]]},         # original-image pixels
-     "system": "optional system prompt",
-     "lesion_map": "lesions.png",                                        # optional, training-only (below)
-     "lesion_points": [[x, y], ...],                                     # optional, training-only (below)
-     "text_map": "chars.png"}                                            # optional, training-only (below)
+     "system": "optional system prompt"}
 
 Extra keys (``task``, ``meta``, ``id``, ...) are kept. Paths are relative to the JSONL file's folder unless
-absolute. ``lesion_map`` (a mask like those in ``masks``, of ``images[0]``'s size) marks every lesion pixel; it
-feeds the training-only lesion-map loss (:mod:`citrus_v.modeling.lesion_map`) and is ignored elsewhere;
-``lesion_points`` (the centre of every lesion, ``images[0]`` pixels) feeds the lesion-count loss
-(:mod:`citrus_v.modeling.lesion_count`) the same way;
-``text_map`` (a one-channel label PNG of ``images[0]``'s size, pixel value = character class) feeds the
-training-only text-map loss (:mod:`citrus_v.modeling.text_map`) the same way. As in
+absolute. A training row may also carry annotations that only training-only objectives read (a lesion mask,
+lesion centres, a character map: :mod:`citrus_v.objectives.annotations`); they are checked here and ignored
+elsewhere. As in
 ms-swift, ``<ref-object>`` and ``<bbox>`` in a message are placeholders filled from
 ``objects`` in order; boxes are written in the model's coordinates (:mod:`citrus_v.processing.boxes`) when
 the row is rendered for a processor.
@@ -33,14 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..processing.boxes import Box, BoxScaler
-from ..processing.tokens import IMAGE_PLACEHOLDER, SEG_TOKEN
+from ..media.boxes import Box
+from ..objectives import annotations
+from ..objectives.annotations import AnnotationError
+from ..processing.boxes import BoxScaler
+from ..tokens import BBOX_PLACEHOLDER, IMAGE_PLACEHOLDER, REF_PLACEHOLDER, SEG_TOKEN
 
 logger = logging.getLogger("citrus_v.data")
 
 ROLES = ("system", "user", "assistant")
-REF_PLACEHOLDER = "<ref-object>"
-BBOX_PLACEHOLDER = "<bbox>"
 
 
 class RowProblem(ValueError):
@@ -157,10 +152,6 @@ def read_jsonl(path: str | Path) -> Iterator[RowRecord | RowIssue]:
             yield RowRecord(path, number, row)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def check_schema(row: Mapping[str, Any], require_answer: bool = True) -> None:
     """Raise :class:`RowProblem` (reason ``schema``) when a row does not have the ms-swift shape."""
     messages = row.get("messages")
@@ -182,16 +173,10 @@ def check_schema(row: Mapping[str, Any], require_answer: bool = True) -> None:
         for k, item in enumerate(value or []):
             if not isinstance(item, (str, dict)):
                 raise RowProblem("schema", f"{key}[{k}] must be a path string or an object")
-    if row.get("lesion_map") is not None and not isinstance(row["lesion_map"], (str, dict)):
-        raise RowProblem("schema", "'lesion_map' must be a mask path string or an RLE object")
-    points = row.get("lesion_points")
-    if points is not None and not (
-        isinstance(points, list)
-        and all(isinstance(p, list) and len(p) == 2 and all(map(_is_number, p)) for p in points)
-    ):
-        raise RowProblem("schema", "'lesion_points' must be a list of [x, y] pixel points (one per lesion)")
-    if row.get("text_map") is not None and not isinstance(row["text_map"], str):
-        raise RowProblem("schema", "'text_map' must be the path of a label image (PNG)")
+    try:
+        annotations.check_schema(row)
+    except AnnotationError as err:
+        raise RowProblem(err.reason, str(err)) from err
     if row.get("system") is not None and not isinstance(row["system"], str):
         raise RowProblem("schema", "'system' must be a string")
     objects = row.get("objects")

@@ -11,9 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..media import DEFAULT_MAX_IMAGE_PIXELS, MedicalImageError, image_size, read_image, read_mask
+from ..objectives import annotations
+from ..objectives.annotations import AnnotationError
 from ..processing.boxes import BoxScaler, model_size, parse_boxes
-from ..processing.tokens import SEG_TOKEN
-from .medical_io import DEFAULT_MAX_IMAGE_PIXELS, MedicalImageError, image_size, read_image, read_mask
+from ..tokens import SEG_TOKEN
 from .rows import (
     RowIssue,
     RowProblem,
@@ -90,6 +92,23 @@ class RowInfo:
 def inspect_row(record: RowRecord, options: ValidationOptions) -> RowInfo:
     """Check one schema-valid row; raise :class:`RowProblem` with the first thing wrong."""
     row, base = record.row, record.base_dir
+    sizes = _image_sizes(row, base, options)
+    num_seg = count_seg(row)
+    masks = row.get("masks") or []
+    _check_seg_masks(num_seg, len(masks), sizes)
+    named = [(f"masks[{k}]", ref) for k, ref in enumerate(masks)]
+    try:
+        named += list(annotations.check_against_image(row, sizes[0] if sizes else None))
+    except AnnotationError as err:
+        raise RowProblem(err.reason, str(err)) from err
+    _check_mask_sizes(named, base, sizes, options)
+    _check_object_boxes(row, sizes)
+    _check_answer_boxes(row, sizes, options)
+    return RowInfo(sizes, num_seg, row_task(row), row_modality(row))
+
+
+def _image_sizes(row: dict, base: Path, options: ValidationOptions) -> list[tuple[int, int]]:
+    """(width, height) of each of the row's images, each read (or its header only, without ``decode``)."""
     sizes: list[tuple[int, int]] = []
     for k, ref in enumerate(row.get("images") or []):
         try:
@@ -99,36 +118,24 @@ def inspect_row(record: RowRecord, options: ValidationOptions) -> RowInfo:
                 sizes.append(image_size(ref, base, max_pixels=options.max_image_pixels))
         except MedicalImageError as err:
             raise RowProblem(err.reason, f"images[{k}]: {err}") from err
-    num_seg = count_seg(row)
-    masks = row.get("masks") or []
+    return sizes
+
+
+def _check_seg_masks(num_seg: int, num_masks: int, sizes: list[tuple[int, int]]) -> None:
+    """One mask per ``[SEG]``, and an image for them."""
     if num_seg and not sizes:
         raise RowProblem("seg_without_image", f"{num_seg} {SEG_TOKEN} token(s) but no image: a mask needs an image")
-    if num_seg != len(masks):
-        more = "more" if num_seg > len(masks) else "fewer"
+    if num_seg != num_masks:
+        more = "more" if num_seg > num_masks else "fewer"
         raise RowProblem(
             "seg_mask_count",
-            f"{num_seg} {SEG_TOKEN} token(s) but {len(masks)} mask(s) ({more} {SEG_TOKEN} than masks): give exactly "
+            f"{num_seg} {SEG_TOKEN} token(s) but {num_masks} mask(s) ({more} {SEG_TOKEN} than masks): give exactly "
             f"one mask per {SEG_TOKEN}, in order",
         )
-    named = [(f"masks[{k}]", ref) for k, ref in enumerate(masks)]
-    if row.get("lesion_map") is not None:
-        if not sizes:
-            raise RowProblem("seg_without_image", "lesion_map given but the row has no image")
-        named.append(("lesion_map", row["lesion_map"]))
-    if row.get("lesion_points") is not None:
-        if not sizes:
-            raise RowProblem("seg_without_image", "lesion_points given but the row has no image")
-        width, height = sizes[0]
-        for k, (x, y) in enumerate(row["lesion_points"]):
-            if not (0 <= x < width and 0 <= y < height):
-                raise RowProblem(
-                    "point_outside",
-                    f"lesion_points[{k}] = [{x}, {y}] lies outside images[0] ({width}x{height}): give its pixels",
-                )
-    if row.get("text_map") is not None:
-        if not sizes:
-            raise RowProblem("seg_without_image", "text_map given but the row has no image")
-        named.append(("text_map", row["text_map"]))
+
+
+def _check_mask_sizes(named: list, base: Path, sizes: list[tuple[int, int]], options: ValidationOptions) -> None:
+    """Each of ``named`` ((field, mask reference) pairs) readable and the size of the first image."""
     for what, ref in named:
         try:
             if options.decode or isinstance(ref, dict):
@@ -144,32 +151,41 @@ def inspect_row(record: RowRecord, options: ValidationOptions) -> RowInfo:
                 f"{what} is {width}x{height} but images[0] is {sizes[0][0]}x{sizes[0][1]}: a mask must have its "
                 "image's size",
             )
+
+
+def _check_object_boxes(row: dict, sizes: list[tuple[int, int]]) -> None:
+    """``objects`` boxes inside the first image, corners in order."""
     boxes = object_boxes(row)
-    if boxes:
-        if not sizes:
-            raise RowProblem("bbox_outside", "objects.bbox given but the row has no image")
-        width, height = sizes[0]
-        for k, box in enumerate(boxes):
-            if not box.inside(width, height):
-                raise RowProblem(
-                    "bbox_outside",
-                    f"objects.bbox[{k}] {box.xyxy} is not inside images[0] ({width}x{height}) or has x1>x2 / y1>y2",
-                )
+    if not boxes:
+        return
+    if not sizes:
+        raise RowProblem("bbox_outside", "objects.bbox given but the row has no image")
+    width, height = sizes[0]
+    for k, box in enumerate(boxes):
+        if not box.inside(width, height):
+            raise RowProblem(
+                "bbox_outside",
+                f"objects.bbox[{k}] {box.xyxy} is not inside images[0] ({width}x{height}) or has x1>x2 / y1>y2",
+            )
+
+
+def _check_answer_boxes(row: dict, sizes: list[tuple[int, int]], options: ValidationOptions) -> None:
+    """Boxes written in the answers (after ``objects`` are rendered) inside the model's smart-resized image."""
     scaler = options.scaler(*sizes[0]) if sizes else None
     messages = render_objects(row, scaler)
-    if scaler is not None:
-        mw, mh = scaler.model
-        for message in messages:
-            if message["role"] != "assistant":
-                continue
-            for box in parse_boxes(message["content"]):
-                if not box.inside(mw, mh):
-                    raise RowProblem(
-                        "bbox_outside",
-                        f"answer box {box.xyxy} is not inside the model's {mw}x{mh} image: answer boxes are absolute "
-                        "pixels of the smart-resized image",
-                    )
-    return RowInfo(sizes, num_seg, row_task(row), row_modality(row))
+    if scaler is None:
+        return
+    mw, mh = scaler.model
+    for message in messages:
+        if message["role"] != "assistant":
+            continue
+        for box in parse_boxes(message["content"]):
+            if not box.inside(mw, mh):
+                raise RowProblem(
+                    "bbox_outside",
+                    f"answer box {box.xyxy} is not inside the model's {mw}x{mh} image: answer boxes are absolute "
+                    "pixels of the smart-resized image",
+                )
 
 
 @dataclass

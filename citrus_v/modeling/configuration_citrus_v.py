@@ -27,17 +27,6 @@ class CitrusVConfig(Qwen2_5_VLConfig):
         loss_mask_config: ``{"loss_weight": w}`` for the sigmoid BCE mask loss (upstream default 2.0).
         loss_dice_config: ``{"loss_weight": w, "eps": e}`` for the Dice loss (upstream default 1.0, eps 1.0).
         hook_grad_factor: HookGrad factor on the projector output; 1.0 disables it, stage 3 uses 0.001.
-        lesion_map_loss_weight: weight of the training-only lesion-map loss on the vision tower's merged
-            image tokens (0.0, the default, builds no head; see :mod:`.lesion_map`).
-        lesion_count_loss_weight: weight of the training-only lesion-count (centre density) loss on the same
-            tokens (0.0, the default, builds no head; see :mod:`.lesion_count`).
-        text_map_loss_weight: weight of the training-only text-map (character per patch) loss on the same
-            tokens (0.0, the default, builds no head; see :mod:`.text_map`).
-        copy_attention_loss_weight: weight of the training-only copy-attention loss: where the next answer
-            character is read off the image, one attention head is told which image token shows it (0.0, the
-            default, computes nothing; see :mod:`.copy_attention`). Its targets come with text maps.
-        copy_attention_layer: the language-model layer of that head (negative counts from the last).
-        copy_attention_head: the query head it supervises.
         multimask_min_loss: train SAM as SAM itself is trained: the mask losses go to the best of its three
             candidate masks, and its IoU head learns each candidate's real IoU (weight ``iou_loss_weight``),
             so that inference's "keep the highest predicted IoU" picks a trained mask. Off (upstream: the
@@ -47,7 +36,7 @@ class CitrusVConfig(Qwen2_5_VLConfig):
         multimask_output: SAM 2 gives three candidate masks and the one with the highest predicted IoU is kept
             (upstream, True); False uses SAM's single-mask output. A random-init SAM trained with three
             candidates specialises them, and a barely trained IoU head then picks the wrong one (a tiny
-            base's heart prompts: best candidate Dice 0.75, kept candidate 0.00); the tiny preset uses one.
+            model can have a good best candidate and an empty kept one); the tiny preset uses one.
         point_prompt_probability: in training, the chance that a mask's prompt gets one positive point drawn
             inside its target (in place of the point head's), next to the ``[SEG]`` embedding, as SAM itself
             is trained. 0.0 (upstream) for a pretrained SAM 2. A random-init SAM taught by language alone
@@ -57,7 +46,10 @@ class CitrusVConfig(Qwen2_5_VLConfig):
             target's innermost pixel, see :mod:`.point_head`); SAM 2 gets that point as a positive point
             prompt next to the ``[SEG]`` embedding, in training and inference. Off (upstream); on in the tiny
             preset, whose random-init SAM otherwise cannot tell left from right lung.
-        point_loss_weight: weight of the point head's L1 loss.
+
+    Training-only auxiliary objectives keep their own config keys (``*_loss_weight`` and the like, 0.0 or
+    absent: off); each is documented in its file under :mod:`citrus_v.objectives`, which reads them from this
+    configuration, so a saved ``config.json`` carries them as it always has.
     """
 
     model_type = "citrus_v"
@@ -69,18 +61,11 @@ class CitrusVConfig(Qwen2_5_VLConfig):
     loss_mask_config: dict | None = None
     loss_dice_config: dict | None = None
     hook_grad_factor: float = 1.0
-    lesion_map_loss_weight: float = 0.0
-    lesion_count_loss_weight: float = 0.0
-    text_map_loss_weight: float = 0.0
-    copy_attention_loss_weight: float = 0.0
-    copy_attention_layer: int = -1
-    copy_attention_head: int = 0
     multimask_min_loss: bool = False
     iou_loss_weight: float = 1.0
     multimask_output: bool = True
     point_prompt_probability: float = 0.0
     seg_point_head: bool = False
-    point_loss_weight: float = 1.0
 
     # --- derived views -------------------------------------------------------------------------------
     def sam2_config(self) -> Sam2Config:

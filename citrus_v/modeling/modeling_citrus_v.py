@@ -3,46 +3,53 @@
 ``mllm``              transformers ``Qwen2_5_VLForConditionalGeneration`` (vision encoder, aligner, LLM)
 ``grounding_encoder`` transformers SAM 2 (``GroundingEncoder``, a ``Sam2Model``)
 ``seg_projector``     Linear(h, h) -> ReLU -> Linear(h, d_sam) -> Dropout
+``seg_point_head``    optional: where each ``[SEG]``'s target is, given to SAM 2 as a point prompt
 
 The last-layer hidden state at the position of each ``[SEG]`` token is projected, passed through HookGrad
-and appended to SAM 2's sparse prompt; each ``[SEG]`` gives one mask, in order.
+and appended to SAM 2's sparse prompt; each ``[SEG]`` gives one mask, in order (:meth:`CitrusV.decode_masks`,
+the one path from ``[SEG]`` states to masks that training, the predictor and the evaluator share).
+Training-only auxiliary objectives (:mod:`citrus_v.objectives`) plug in through one interface: the forward
+hands them the intermediate tensors they ask for and adds their weighted losses.
 """
 
 from __future__ import annotations
 
 import warnings
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import AutoModel, PreTrainedModel, Qwen2_5_VLForConditionalGeneration
 from transformers.utils import ModelOutput
 
-from ..processing.template import IGNORE_INDEX
-from .checkpoint import CheckpointError, check_weights, read_config_dict, weight_files
+from .. import objectives as objective_registry
+from ..checkpoint_layout import (
+    CheckpointError,
+    is_upstream_layout,
+    read_config_dict,
+    upstream_sam2_config,
+    weight_files,
+)
+from ..objectives import Objective, ObjectiveInputs
+from ..tokens import IGNORE_INDEX
+from .checkpoint import check_weights
 from .configuration_citrus_v import CitrusVConfig
-from .copy_attention import capture_attention_input, copy_attention_loss
 from .grounding import GroundingEncoder, SamImageFeatures
 from .hook_grad import hook_grad
-from .lesion_count import LesionCountHead
-from .lesion_map import LesionMapHead
 from .losses import dice_loss_each, dice_loss_sum, mask_bce_each, mask_bce_sum
-from .point_head import PointHead, interior_points, point_loss
+from .point_head import PointHead, sample_prompt_points
 from .seg_projector import ResidualSegProjector, SegProjector, build_seg_projector
-from .text_map import TextMapHead
 from .upstream_checkpoint import (
-    TRAINING_ONLY,
-    UNUSED_ATTRIBUTE,
     ShardedTensors,
     citrus_config_from_upstream,
-    is_upstream_layout,
     read_unused,
     read_upstream_weights,
     save_unused,
     stored_dtype,
-    upstream_sam2_config,
 )
 
 
@@ -63,18 +70,32 @@ class CitrusVOutput(ModelOutput):
     mask_bce_loss: torch.Tensor | None = None
     mask_dice_loss: torch.Tensor | None = None
     mask_iou_loss: torch.Tensor | None = None
-    lesion_map_loss: torch.Tensor | None = None
-    lesion_count_loss: torch.Tensor | None = None
-    point_loss: torch.Tensor | None = None
-    text_map_loss: torch.Tensor | None = None
-    copy_attention_loss: torch.Tensor | None = None
+    # the training-only objectives' losses by log name (unweighted; see citrus_v.objectives)
+    aux_losses: dict[str, torch.Tensor] | None = None
     logits: torch.Tensor | None = None
     pred_masks: list[torch.Tensor] | None = None
     iou_scores: list[torch.Tensor] | None = None
     seg_embeddings: list[torch.Tensor] | None = None
-    # the point head's own guesses (SAM may have been given real points instead: predict_masks(seg_points=...))
+    # the point head's own guesses (SAM may have been given real points in training instead)
     predicted_points: list[torch.Tensor] | None = None
     last_hidden_state: torch.Tensor | None = None
+
+
+@dataclass
+class SegDecoding:
+    """What :meth:`CitrusV.decode_masks` gives per sample, one entry per ``[SEG]`` in order.
+
+    ``masks[i]`` low-res logits ``[K_i, h, w]``, ``scores[i]`` their predicted IoU ``[K_i]``, ``candidates[i]``
+    all of SAM's candidates with their predicted IoU (``([K_i, C, h, w], [K_i, C])``; None without ``[SEG]``),
+    ``embeddings[i]`` the projected prompts ``[K_i, d_sam]``, ``predicted_points[i]`` the point head's
+    ``[K_i, 2]`` (None without a point head).
+    """
+
+    masks: list[torch.Tensor]
+    scores: list[torch.Tensor]
+    candidates: list[tuple[torch.Tensor, torch.Tensor] | None]
+    embeddings: list[torch.Tensor]
+    predicted_points: list[torch.Tensor] | None
 
 
 class CitrusVPreTrainedModel(PreTrainedModel):
@@ -115,31 +136,15 @@ class CitrusV(CitrusVPreTrainedModel):
         )
         # the [SEG] point head (see point_head.py): (x, y) logits; not in upstream checkpoints
         self.seg_point_head = PointHead(config.text_config.hidden_size) if config.seg_point_head else None
-        # training-only: built when the config gives the auxiliary loss a weight
-        self.lesion_map_head = (
-            LesionMapHead(config.vision_config.out_hidden_size) if config.lesion_map_loss_weight > 0 else None
-        )
-        merge = int(config.vision_config.spatial_merge_size)
-        self.text_map_head = (
-            TextMapHead(config.vision_config.out_hidden_size, merge * merge)
-            if config.text_map_loss_weight > 0
-            else None
-        )
-        self.lesion_count_head = (
-            LesionCountHead(config.vision_config.out_hidden_size) if config.lesion_count_loss_weight > 0 else None
-        )
+        # training-only objectives the config weights, each with its head (if any) under its own name
+        self.objectives: tuple[Objective, ...] = objective_registry.enabled(config)
+        for objective in self.objectives:
+            head = objective.build_head(config)
+            if head is not None:
+                self.add_module(objective.head_attribute, head)
+        # an upstream checkpoint's video/memory tensors, kept aside so that they can be written back
+        self.upstream_unused_tensors: dict[str, torch.Tensor] = {}
         self.post_init()
-
-    def _copy_attention(self) -> nn.Module:
-        """The language-model attention module the copy-attention loss supervises."""
-        layers = self.mllm.model.language_model.layers
-        index = self.config.copy_attention_layer
-        if not -len(layers) <= index < len(layers):
-            raise ValueError(f"copy_attention_layer is {index} but the language model has {len(layers)} layers")
-        heads = self.config.text_config.num_attention_heads
-        if not 0 <= self.config.copy_attention_head < heads:
-            raise ValueError(f"copy_attention_head is {self.config.copy_attention_head} but layers have {heads} heads")
-        return layers[index].self_attn
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args, **kwargs) -> CitrusV:
@@ -148,7 +153,7 @@ class CitrusV(CitrusVPreTrainedModel):
         Only local folders are read (nothing is downloaded). A folder that does not fit raises
         :class:`CheckpointError` naming the file and the fix. An upstream-layout folder (SAM 2 under
         ``grounding_encoder.sam2_model.`` in Meta's names) is renamed on the fly; its video/memory tensors are
-        kept aside on the model (``upstream_unused_tensors``). The dtype stays as stored unless ``dtype`` is given.
+        kept aside in ``model.upstream_unused_tensors``. The dtype stays as stored unless ``dtype`` is given.
         """
         path = Path(pretrained_model_name_or_path)
         if not path.is_dir():
@@ -170,10 +175,10 @@ class CitrusV(CitrusVPreTrainedModel):
             skeleton = cls(config)
         # a training-only head (or the point head) switched on in the config of a checkpoint saved without
         # it starts fresh
-        check_weights(skeleton, files, may_be_missing=(*TRAINING_ONLY, "seg_point_head."))
+        check_weights(skeleton, files, may_be_missing=(*objective_registry.head_prefixes(), "seg_point_head."))
         kwargs["config"] = config
         model = super().from_pretrained(path, *args, **kwargs)
-        setattr(model, UNUSED_ATTRIBUTE, read_unused(path))
+        model.upstream_unused_tensors = read_unused(path)
         return model
 
     @classmethod
@@ -197,7 +202,7 @@ class CitrusV(CitrusVPreTrainedModel):
             kwargs["dtype"] = stored_dtype(state_dict) or "auto"
         model = super().from_pretrained(None, *args, config=config, state_dict=state_dict, **kwargs)
         model.config.name_or_path = str(path)
-        setattr(model, UNUSED_ATTRIBUTE, unused)
+        model.upstream_unused_tensors = unused
         return model
 
     def save_pretrained(self, save_directory: str | Path, *args, **kwargs) -> None:
@@ -210,7 +215,7 @@ class CitrusV(CitrusVPreTrainedModel):
         kwargs.setdefault("save_original_format", False)
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
-            save_unused(getattr(self, UNUSED_ATTRIBUTE, None) or {}, Path(save_directory))
+            save_unused(self.upstream_unused_tensors, Path(save_directory))
 
     # --- helpers ---------------------------------------------------------------------------------------
     @property
@@ -229,9 +234,15 @@ class CitrusV(CitrusVPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.mllm.set_input_embeddings(value)
 
+    def seg_states(self, input_ids: torch.Tensor, hidden_states: torch.Tensor) -> list[torch.Tensor]:
+        """The last-layer hidden state of every ``[SEG]`` token, per sample, in order (``[K_i, hidden]``)."""
+        seg_positions = input_ids == self.seg_token_idx
+        counts = seg_positions.sum(dim=1).tolist()
+        return list(hidden_states[seg_positions].split(counts, dim=0))
+
     def seg_embeddings(self, input_ids: torch.Tensor, hidden_states: torch.Tensor) -> list[torch.Tensor]:
         """Projected prompt embeddings of every ``[SEG]`` token, per sample, in order (``[K_i, d_sam]``)."""
-        return self._seg_prompts(input_ids, hidden_states)[0]
+        return self._split_prompts(self.seg_states(input_ids, hidden_states))[0]
 
     def seg_prompts(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """SAM 2 prompts of ``[K, hidden]`` ``[SEG]`` hidden states: the projected embeddings ``[K, d_sam]``
@@ -244,19 +255,65 @@ class CitrusV(CitrusVPreTrainedModel):
         # a fraction f of the side is SAM pixel f*S - 0.5 (the prompt encoder adds the half pixel back)
         return projected, (fraction * self.grounding_encoder.image_size - 0.5).to(projected.dtype)
 
-    def _seg_prompts(
-        self, input_ids: torch.Tensor, hidden_states: torch.Tensor
+    def decode_masks(
+        self,
+        seg_states: list[torch.Tensor],
+        sam_pixel_values: torch.Tensor | None,
+        sam_image_mask: torch.Tensor | None = None,
+        seg_image_index: list[torch.Tensor] | None = None,
+        gt_masks: list[torch.Tensor] | None = None,
+        strict: bool = True,
+    ) -> SegDecoding:
+        """``[SEG]`` hidden states -> one SAM 2 mask each: the one path that training, the predictor and the
+        evaluator share.
+
+        ``seg_states`` holds per sample the ``[K_i, hidden]`` states of its ``[SEG]`` tokens. The states are
+        projected (and, with a point head, located); SAM 2 decodes each on its sample's image (see
+        :meth:`predict_masks` for ``sam_image_mask``, ``seg_image_index`` and ``strict``). In training with
+        ``gt_masks`` a share of the prompts get a real point inside the target (``point_prompt_probability``),
+        as SAM itself is trained; everywhere else SAM gets the point head's guess.
+        """
+        embeddings, predicted = self._split_prompts(seg_states)
+        masks, scores, candidates = self.predict_masks(
+            embeddings,
+            sam_pixel_values,
+            sam_image_mask,
+            strict=strict,
+            seg_image_index=seg_image_index,
+            seg_points=self._prompt_points(predicted, gt_masks),
+        )
+        return SegDecoding(masks, scores, candidates, embeddings, predicted)
+
+    def _split_prompts(
+        self, seg_states: list[torch.Tensor]
     ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-        """``seg_prompts`` of every ``[SEG]`` token, split per sample in order."""
-        seg_positions = input_ids == self.seg_token_idx
-        counts = seg_positions.sum(dim=1).tolist()
+        """:meth:`seg_prompts` of every sample's states, split back per sample. All the batch's states go at
+        once (the point head standardises them with batch statistics); a batch without ``[SEG]`` runs
+        neither head, so no gradient hook waits on an empty tensor."""
+        counts = [states.shape[0] for states in seg_states]
         if sum(counts) == 0:
-            empty = hidden_states.new_zeros(0, self.seg_projector.prompt_dim)
-            no_points = [hidden_states.new_zeros(0, 2) for _ in counts]
+            empty = seg_states[0].new_zeros(0, self.seg_projector.prompt_dim)
+            no_points = [seg_states[0].new_zeros(0, 2) for _ in counts]
             return [empty for _ in counts], None if self.seg_point_head is None else no_points
-        projected, points = self.seg_prompts(hidden_states[seg_positions])
-        split = list(projected.split(counts, dim=0))
-        return split, None if points is None else list(points.split(counts, dim=0))
+        projected, points = self.seg_prompts(torch.cat(seg_states))
+        return list(projected.split(counts)), None if points is None else list(points.split(counts))
+
+    def _prompt_points(
+        self, predicted: list[torch.Tensor] | None, gt_masks: list[torch.Tensor] | None
+    ) -> list[torch.Tensor] | None:
+        """The point SAM 2 gets with each ``[SEG]``: the head's guess (detached: it learns from its own loss),
+        or in training, for a ``point_prompt_probability`` share of the masks, a real point in the target."""
+        probability = self.config.point_prompt_probability
+        if not (self.training and gt_masks is not None and probability > 0):
+            return None if predicted is None else [guess.detach() for guess in predicted]
+        size = self.grounding_encoder.image_size
+        real = [sample_prompt_points(target, probability, size) for target in gt_masks]
+        if predicted is None:
+            return real
+        return [
+            torch.where(torch.isnan(point), guess.detach().to(point.dtype), point)
+            for point, guess in zip(real, predicted, strict=True)
+        ]
 
     def predict_masks(
         self,
@@ -278,20 +335,41 @@ class CitrusV(CitrusVPreTrainedModel):
         per sample ``[K_i, 2]`` positive points in SAM input pixels (the point head's, or real ones in
         training), NaN where none.
         """
-        height, width = self.mask_size
-        ref = seg_embeddings[0] if seg_embeddings else None
-        masks: list[torch.Tensor] = []
-        scores: list[torch.Tensor] = []
-        candidates: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        image_of = self._seg_images(seg_embeddings, sam_pixel_values, sam_image_mask, seg_image_index, strict)
+        needed = sorted({int(j) for index in image_of if index is not None for j in index.tolist()})
+        features = self.grounding_encoder.image_features(sam_pixel_values[needed]) if needed else None
+        ref = seg_embeddings[0] if seg_embeddings else torch.zeros(0)
+        masks, scores, candidates = [], [], []
+        for sample, (emb, index) in enumerate(zip(seg_embeddings, image_of, strict=True)):
+            if index is None:
+                masks.append(ref.new_zeros(0, *self.mask_size))
+                scores.append(ref.new_zeros(0))
+                candidates.append(None)
+                continue
+            points = None if seg_points is None else seg_points[sample]
+            chosen, score, options, option_iou = self._decode_sample(emb, index, needed, features, points)
+            masks.append(chosen)
+            scores.append(score)
+            candidates.append((options, option_iou))
+        return masks, scores, candidates
+
+    def _seg_images(
+        self,
+        seg_embeddings: list[torch.Tensor],
+        sam_pixel_values: torch.Tensor | None,
+        sam_image_mask: torch.Tensor | None,
+        seg_image_index: list[torch.Tensor] | None,
+        strict: bool,
+    ) -> list[torch.Tensor | None]:
+        """Per sample, the SAM image index of each of its ``[SEG]`` (None: no ``[SEG]``, or no image for it)."""
         num_images = 0 if sam_pixel_values is None else sam_pixel_values.shape[0]
-        image_of: list[torch.Tensor | None] = []  # per sample: the SAM image index of each [SEG]
+        image_of: list[torch.Tensor | None] = []
         missing = []
         for i, emb in enumerate(seg_embeddings):
             count = emb.shape[0]
             if count == 0:
                 image_of.append(None)
-                continue
-            if seg_image_index is not None:
+            elif seg_image_index is not None:
                 index = seg_image_index[i].to(torch.long).cpu()
                 if index.numel() != count or (count and (index.min() < 0 or index.max() >= num_images)):
                     raise SegTargetError(
@@ -311,38 +389,35 @@ class CitrusV(CitrusVPreTrainedModel):
             )
             if strict:
                 raise SegTargetError(message)
-            warnings.warn(message + "; no mask is returned for those tokens", stacklevel=2)
-        needed = sorted({int(j) for index in image_of if index is not None for j in index.tolist()})
-        features: SamImageFeatures | None = None
-        if needed:
-            features = self.grounding_encoder.image_features(sam_pixel_values[needed])
-        for sample, (emb, index) in enumerate(zip(seg_embeddings, image_of, strict=True)):
-            if index is None:
-                masks.append(ref.new_zeros(0, height, width) if ref is not None else torch.zeros(0, height, width))
-                scores.append(ref.new_zeros(0) if ref is not None else torch.zeros(0))
-                candidates.append(None)
-                continue
-            row_masks: list[torch.Tensor | None] = [None] * emb.shape[0]
-            row_scores: list[torch.Tensor | None] = [None] * emb.shape[0]
-            row_candidates: list[torch.Tensor | None] = [None] * emb.shape[0]
-            row_candidate_iou: list[torch.Tensor | None] = [None] * emb.shape[0]
-            for image in sorted(set(index.tolist())):
-                chosen = (index == image).nonzero()[:, 0]
-                decoded = self.grounding_encoder.decode(
-                    features.select(needed.index(image)),
-                    emb[chosen],
-                    self.config.multimask_output,
-                    points=None if seg_points is None else seg_points[sample][chosen],
-                )
-                for slot, k in enumerate(chosen.tolist()):
-                    row_masks[k] = decoded.logits[slot]
-                    row_scores[k] = decoded.iou_scores[slot]
-                    row_candidates[k] = decoded.candidates[slot]
-                    row_candidate_iou[k] = decoded.candidate_iou[slot]
-            masks.append(torch.stack(row_masks))
-            scores.append(torch.stack(row_scores))
-            candidates.append((torch.stack(row_candidates), torch.stack(row_candidate_iou)))
-        return masks, scores, candidates
+            warnings.warn(message + "; no mask is returned for those tokens", stacklevel=3)
+        return image_of
+
+    def _decode_sample(
+        self,
+        emb: torch.Tensor,
+        index: torch.Tensor,
+        needed: list[int],
+        features: SamImageFeatures,
+        points: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One sample's ``[SEG]`` prompts decoded on their images, in ``[SEG]`` order: chosen logits, their
+        predicted IoU, all candidates and the candidates' predicted IoU."""
+        count = emb.shape[0]
+        slots: list[list[torch.Tensor | None]] = [[None] * count for _ in range(4)]
+        for image in sorted(set(index.tolist())):
+            chosen = (index == image).nonzero()[:, 0]
+            decoded = self.grounding_encoder.decode(
+                features.select(needed.index(image)),
+                emb[chosen],
+                self.config.multimask_output,
+                points=None if points is None else points[chosen],
+            )
+            parts = (decoded.logits, decoded.iou_scores, decoded.candidates, decoded.candidate_iou)
+            for slot, k in enumerate(chosen.tolist()):
+                for kind, values in enumerate(parts):
+                    slots[kind][k] = values[slot]
+        masks, scores, options, option_iou = (torch.stack(kind) for kind in slots)
+        return masks, scores, options, option_iou
 
     # --- forward -----------------------------------------------------------------------------------------
     def forward(
@@ -360,10 +435,7 @@ class CitrusV(CitrusVPreTrainedModel):
         seg_image_index: list[torch.Tensor] | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         num_masks_in_batch: int | torch.Tensor | None = None,
-        lesion_map_targets: torch.Tensor | None = None,
-        lesion_count_targets: torch.Tensor | None = None,
-        text_map_targets: torch.Tensor | None = None,
-        copy_offsets: torch.Tensor | None = None,
+        objective_targets: dict[str, Any] | None = None,
         label_logits_only: bool = False,
         **kwargs,
     ) -> CitrusVOutput:
@@ -379,51 +451,89 @@ class CitrusV(CitrusVPreTrainedModel):
             seg_image_index: per packed row, the index into ``sam_pixel_values`` of each ``[SEG]``'s image.
             num_items_in_batch: number of label tokens in the accumulated batch (LM loss normaliser).
             num_masks_in_batch: number of masks in the accumulated batch (mask loss normaliser).
-            lesion_map_targets: ``[N]`` per merged image token 1/0 (lesion or not) or -1 (no map); gives the
-                training-only lesion-map loss when the config weights it (ignored otherwise).
-            lesion_count_targets: ``[N]`` per merged image token the number of lesion centres in its cell, or -1
-                (none given); gives the training-only lesion-count loss when the config weights it.
-            text_map_targets: ``[N, merge*merge]`` per merged image token the character class of each patch, or
-                -1 (no map); gives the training-only text-map loss when the config weights it.
-            copy_offsets: ``[B, L]`` per position the distance back to the image token its next token is read
-                from (0: none); gives the training-only copy-attention loss when the config weights it.
-            label_logits_only: with ``labels``, run the LM head only where the next token is a target and
-                return those logits as ``[N, vocab]``. Training needs nothing else, and prompt, image and
-                padding positions are most of a sequence: with a 150k-token vocabulary the head is the
-                largest matmul of a small model's step. The loss is the same.
+            objective_targets: the training-only objectives' targets by name, as the processor collates them.
+            label_logits_only: with ``labels``, logits only where the next token is a target (``[N, vocab]``).
         """
-        use_lesion_map = self.lesion_map_head is not None and lesion_map_targets is not None
-        use_lesion_count = self.lesion_count_head is not None and lesion_count_targets is not None
-        use_text_map = self.text_map_head is not None and text_map_targets is not None
-        image_tokens: list[torch.Tensor] = []
-        handle = (
-            self.mllm.model.visual.register_forward_hook(lambda m, a, out: image_tokens.append(out.pooler_output))
-            if use_lesion_map or use_lesion_count or use_text_map
-            else None
-        )
-        use_copy = copy_offsets is not None and self.config.copy_attention_loss_weight > 0
-        copy_attention = self._copy_attention() if use_copy else None
-        try:
-            with capture_attention_input(copy_attention) if use_copy else nullcontext({}) as seen:
-                outputs = self.mllm.model(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                    pixel_values=pixel_values,
-                    image_grid_thw=image_grid_thw,
-                    mm_token_type_ids=mm_token_type_ids,
-                    use_cache=False,
-                    **kwargs,
-                )
-        finally:
-            if handle is not None:
-                handle.remove()
-        copy_loss = None
-        if use_copy and seen:
-            copy_loss = copy_attention_loss(copy_attention, seen, copy_offsets, self.config.copy_attention_head)
+        targets = objective_targets or {}
+        active = [o for o in self.objectives if o.enabled(self.config) and o.active(targets)]  # weights as now
+        with self._watch(active) as seen:
+            outputs = self.mllm.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                pixel_values=pixel_values,
+                image_grid_thw=image_grid_thw,
+                mm_token_type_ids=mm_token_type_ids,
+                use_cache=False,
+                **kwargs,
+            )
         hidden_states = outputs.last_hidden_state
+        logits, lm_loss = self._language_loss(hidden_states, labels, num_items_in_batch, label_logits_only)
+        decoded = self.decode_masks(
+            self.seg_states(input_ids, hidden_states),
+            sam_pixel_values,
+            sam_image_mask,
+            seg_image_index,
+            gt_masks,
+            strict=labels is not None or gt_masks is not None,
+        )
+        bce = dice = iou_loss = None
+        if gt_masks is not None:
+            bce, dice, iou_loss = self._mask_loss_parts(decoded, gt_masks, num_masks_in_batch)
+        image_tokens = torch.cat(seen["image_tokens"]) if seen.get("image_tokens") else None
+        shared = ObjectiveInputs(self, None, {}, image_tokens, image_grid_thw, decoded.predicted_points, gt_masks,
+                                 num_masks_in_batch)
+        aux = self._objective_losses(active, seen, targets, shared)
+        return CitrusVOutput(
+            loss=self._total_loss(logits, lm_loss, bce, dice, iou_loss, active, aux),
+            lm_loss=lm_loss,
+            mask_bce_loss=bce,
+            mask_dice_loss=dice,
+            mask_iou_loss=iou_loss,
+            aux_losses={o.log_name: aux[o.name] for o in active if o.name in aux} or None,
+            logits=logits,
+            pred_masks=decoded.masks,
+            iou_scores=decoded.scores,
+            seg_embeddings=decoded.embeddings,
+            predicted_points=decoded.predicted_points,
+            last_hidden_state=hidden_states,
+        )
+
+    @contextmanager
+    def _watch(self, active: list[Objective]) -> Iterator[dict[str, Any]]:
+        """Around the language model's forward: record the merged image tokens when an active objective
+        needs them, and whatever each active objective captures itself (under its name)."""
+        seen: dict[str, Any] = {}
+        with ExitStack() as stack:
+            if any(o.needs_image_tokens for o in active):
+                tokens: list[torch.Tensor] = []
+                seen["image_tokens"] = tokens
+                handle = self.mllm.model.visual.register_forward_hook(
+                    lambda module, args, out: tokens.append(out.pooler_output)
+                )
+                stack.callback(handle.remove)
+            for objective in active:
+                seen[objective.name] = stack.enter_context(objective.capture(self))
+            yield seen
+
+    def _language_loss(
+        self,
+        hidden_states: torch.Tensor,
+        labels: torch.Tensor | None,
+        num_items_in_batch: int | torch.Tensor | None,
+        label_logits_only: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """LM logits and the LM loss when labels are given.
+
+        With ``label_logits_only`` the LM head runs only where the next token is a target, and those logits are
+        returned as ``[N, vocab]``. Training needs nothing else, and prompt, image and padding positions are
+        most of a sequence: with a 150k-token vocabulary the head is the largest matmul of a small model's
+        step. The loss is the same.
+        """
+        if labels is None:
+            return self.mllm.lm_head(hidden_states), None
         targets: dict[str, torch.Tensor | None] = {"labels": labels}
-        if labels is not None and label_logits_only:
+        if label_logits_only:
             # position t predicts token t+1, as in transformers' causal-LM loss
             shifted = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
             rows, cols = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)
@@ -431,98 +541,63 @@ class CitrusV(CitrusVPreTrainedModel):
             targets = {"labels": None, "shift_labels": shifted[rows, cols]}
         else:
             logits = self.mllm.lm_head(hidden_states)
-        lm_loss = None
-        if labels is not None:
-            lm_loss = self.mllm.loss_function(
-                logits=logits,
-                vocab_size=self.config.text_config.vocab_size,
-                num_items_in_batch=num_items_in_batch,
-                **targets,
-            )
-
-        seg_embeddings, predicted_points = self._seg_prompts(input_ids, hidden_states)
-        training_targets = labels is not None or gt_masks is not None
-        seg_points = predicted_points
-        if self.training and gt_masks is not None and self.config.point_prompt_probability > 0:
-            seg_points = [self._sample_points(target) for target in gt_masks]
-            if predicted_points is not None:
-                # a real point where one was drawn, the head's (detached: it learns from point_loss) elsewhere
-                seg_points = [
-                    torch.where(torch.isnan(real), guess.detach().to(real.dtype), real)
-                    for real, guess in zip(seg_points, predicted_points, strict=True)
-                ]
-        elif seg_points is not None:
-            seg_points = [guess.detach() for guess in seg_points]
-        pred_masks, iou_scores, candidates = self.predict_masks(
-            seg_embeddings,
-            sam_pixel_values,
-            sam_image_mask,
-            strict=training_targets,
-            seg_image_index=seg_image_index,
-            seg_points=seg_points,
-        )
-
-        bce = dice = iou_loss = None
-        if gt_masks is not None:
-            if self.config.multimask_min_loss:
-                # SAM's own objective: train the best of the candidates, and the IoU head to rank them
-                pred_masks_for_loss, iou_loss = self._best_candidates(candidates, gt_masks, num_masks_in_batch)
-            else:
-                pred_masks_for_loss = pred_masks
-            bce, dice = self._mask_losses(pred_masks_for_loss, gt_masks, num_masks_in_batch)
-        located = None
-        if predicted_points is not None and gt_masks is not None:
-            located = self._point_loss(predicted_points, gt_masks, num_masks_in_batch)
-
-        lesion_loss = None
-        if use_lesion_map and image_tokens:
-            lesion_loss = self.lesion_map_head.loss(torch.cat(image_tokens), lesion_map_targets)
-        count_loss = None
-        if use_lesion_count and image_tokens:
-            merge = int(self.config.vision_config.spatial_merge_size) ** 2
-            per_image = [int(n) // merge for n in image_grid_thw.prod(dim=-1).tolist()]
-            count_loss = self.lesion_count_head.loss(torch.cat(image_tokens), lesion_count_targets, per_image)
-        text_loss = None
-        if use_text_map and image_tokens:
-            text_loss = self.text_map_head.loss(torch.cat(image_tokens), text_map_targets)
-
-        loss = None
-        parts = (lm_loss, bce, lesion_loss, count_loss, text_loss, located, copy_loss)
-        if any(part is not None for part in parts):
-            loss = lm_loss if lm_loss is not None else logits.new_zeros(())
-            if bce is not None:
-                loss = loss + self.config.mask_loss_weight * bce + self.config.dice_loss_weight * dice
-            if iou_loss is not None:
-                loss = loss + self.config.iou_loss_weight * iou_loss
-            if lesion_loss is not None:
-                loss = loss + self.config.lesion_map_loss_weight * lesion_loss
-            if count_loss is not None:
-                loss = loss + self.config.lesion_count_loss_weight * count_loss
-            if text_loss is not None:
-                loss = loss + self.config.text_map_loss_weight * text_loss
-            if located is not None:
-                loss = loss + self.config.point_loss_weight * located
-            if copy_loss is not None:
-                loss = loss + self.config.copy_attention_loss_weight * copy_loss
-
-        return CitrusVOutput(
-            loss=loss,
-            lm_loss=lm_loss,
-            mask_bce_loss=bce,
-            mask_dice_loss=dice,
-            mask_iou_loss=iou_loss,
-            lesion_map_loss=lesion_loss,
-            lesion_count_loss=count_loss,
-            point_loss=located,
-            text_map_loss=text_loss,
-            copy_attention_loss=copy_loss,
+        loss = self.mllm.loss_function(
             logits=logits,
-            pred_masks=pred_masks,
-            iou_scores=iou_scores,
-            seg_embeddings=seg_embeddings,
-            predicted_points=predicted_points,
-            last_hidden_state=hidden_states,
+            vocab_size=self.config.text_config.vocab_size,
+            num_items_in_batch=num_items_in_batch,
+            **targets,
         )
+        return logits, loss
+
+    def _mask_loss_parts(
+        self, decoded: SegDecoding, gt_masks: list[torch.Tensor], num_masks_in_batch: int | torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Mask BCE and Dice, and with ``multimask_min_loss`` the IoU head's loss (None otherwise)."""
+        iou_loss = None
+        pred_masks = decoded.masks
+        if self.config.multimask_min_loss:
+            # SAM's own objective: train the best of the candidates, and the IoU head to rank them
+            pred_masks, iou_loss = self._best_candidates(decoded.candidates, gt_masks, num_masks_in_batch)
+        bce, dice = self._mask_losses(pred_masks, gt_masks, num_masks_in_batch)
+        return bce, dice, iou_loss
+
+    @staticmethod
+    def _objective_losses(
+        active: list[Objective], seen: dict[str, Any], targets: dict[str, Any], shared: ObjectiveInputs
+    ) -> dict[str, torch.Tensor]:
+        """Each active objective's (unweighted) loss by objective name; those with nothing to learn are left out."""
+        losses = {}
+        for objective in active:
+            if objective.needs_image_tokens and shared.image_tokens is None:
+                continue  # a batch without images has no image tokens to learn from
+            shared.targets, shared.captured = targets.get(objective.name), seen.get(objective.name, {})
+            value = objective.loss(shared)
+            if value is not None:
+                losses[objective.name] = value
+        return losses
+
+    def _total_loss(
+        self,
+        logits: torch.Tensor,
+        lm_loss: torch.Tensor | None,
+        bce: torch.Tensor | None,
+        dice: torch.Tensor | None,
+        iou_loss: torch.Tensor | None,
+        active: list[Objective],
+        aux: dict[str, torch.Tensor],
+    ) -> torch.Tensor | None:
+        """The weighted sum of the losses there are; None when there are none."""
+        if lm_loss is None and bce is None and not aux:
+            return None
+        loss = lm_loss if lm_loss is not None else logits.new_zeros(())
+        if bce is not None:
+            loss = loss + self.config.mask_loss_weight * bce + self.config.dice_loss_weight * dice
+        if iou_loss is not None:
+            loss = loss + self.config.iou_loss_weight * iou_loss
+        for objective in active:
+            if objective.name in aux:
+                loss = loss + objective.weight(self.config) * aux[objective.name]
+        return loss
 
     def _best_candidates(
         self,
@@ -563,48 +638,6 @@ class CitrusV(CitrusVPreTrainedModel):
         count = num_masks_in_batch if num_masks_in_batch is not None else sum(c.shape[0] for c in chosen)
         count = torch.as_tensor(count, dtype=torch.float32, device=squared[0].device).clamp(min=1)
         return chosen, torch.cat(squared).sum() / count
-
-    def _point_loss(
-        self,
-        predicted_points: list[torch.Tensor],
-        gt_masks: list[torch.Tensor],
-        num_masks_in_batch: int | torch.Tensor | None,
-    ) -> torch.Tensor | None:
-        """The point head's L1 distance to each target's innermost pixel, both as fractions of the side."""
-        points = torch.cat(predicted_points)
-        if points.shape[0] == 0:
-            return None
-        masks = torch.cat([m.to(points.device) for m in gt_masks])
-        if masks.shape[0] != points.shape[0]:
-            raise SegTargetError(f"{masks.shape[0]} ground-truth mask(s) for {points.shape[0]} [SEG] token(s)")
-        size = self.grounding_encoder.image_size
-        with torch.no_grad():
-            target = (interior_points(masks) + 0.5) / masks.shape[-1]
-        count = num_masks_in_batch if num_masks_in_batch is not None else points.shape[0]
-        return point_loss((points + 0.5) / size, target, count)
-
-    def _to_sam_pixels(self, xy: torch.Tensor, mask_width: int) -> torch.Tensor:
-        """Low-res mask pixel indices (x, y) -> the SAM input pixel index of the pixel's centre (the prompt
-        encoder adds the 0.5)."""
-        scale = self.grounding_encoder.image_size / mask_width
-        return (xy + 0.5) * scale - 0.5
-
-    def _sample_points(self, target: torch.Tensor) -> torch.Tensor:
-        """One positive point per mask of ``target`` ``[K, h, w]`` with probability
-        ``point_prompt_probability``, uniform over the mask's pixels, in SAM input pixels ``[K, 2]`` (x, y);
-        NaN for masks left without a point (and for empty masks)."""
-        points = torch.full((target.shape[0], 2), float("nan"), device=target.device)
-        if target.shape[0] == 0:
-            return points
-        width = target.shape[-1]
-        flat = (target.reshape(target.shape[0], -1) > 0.5).float()
-        chosen = (torch.rand(target.shape[0], device=target.device) < self.config.point_prompt_probability)
-        chosen &= flat.sum(dim=1) > 0
-        if chosen.any():
-            pixel = torch.multinomial(flat[chosen], 1)[:, 0]
-            xy = torch.stack([pixel % width, pixel // width], dim=1).to(points.dtype)
-            points[chosen] = self._to_sam_pixels(xy, width)
-        return points
 
     def _mask_losses(
         self,

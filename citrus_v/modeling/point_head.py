@@ -7,7 +7,7 @@ right lung, left from right kidney): a "left lung" prompt drew both lungs, even 
 embedding per organ.
 
 With ``CitrusVConfig.seg_point_head`` a small head on each ``[SEG]`` hidden state predicts the target's
-innermost pixel (:func:`interior_points`), trained by :func:`point_loss`; SAM 2 receives that point as a
+innermost pixel (trained by a training-only objective, :mod:`citrus_v.objectives`); SAM 2 receives that point as a
 positive point prompt next to the projected ``[SEG]`` embedding. In training a share of the masks
 (``point_prompt_probability``) get a real point inside the target instead, as SAM itself is trained, so
 SAM learns to select by position; the rest get the predicted point, so SAM also learns how far to trust
@@ -17,7 +17,6 @@ it (a lesion the language model has not located gets a poor point, and the embed
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .seg_projector import SegProjector
@@ -55,37 +54,20 @@ class PointHead(nn.Module):
         return self.mlp(((hidden - self.running_mean) * scale).to(hidden.dtype))
 
 
-def interior_points(masks: torch.Tensor) -> torch.Tensor:
-    """The innermost pixel of each binary mask ``[K, h, w]`` as ``[K, 2]`` (x, y) pixel indices; NaN for an
-    empty mask.
-
-    Innermost: the pixels left after the most 3×3 erosions, the one nearest to their centroid (a centroid
-    alone can fall outside a crescent such as a lung).
-    """
-    points = torch.full((masks.shape[0], 2), float("nan"), device=masks.device)
-    for k, mask in enumerate(masks):
-        core = (mask > 0.5).float()[None, None]
-        if not bool(core.any()):
-            continue
-        while True:
-            eroded = -F.max_pool2d(-core, 3, stride=1, padding=1)
-            # the image edge does not erode (the pooling pads with -inf): a mask filling the image would
-            # erode to itself for ever, and all its pixels are equally inner
-            if not bool(eroded.any()) or torch.equal(eroded, core):
-                break
-            core = eroded
-        ys, xs = torch.nonzero(core[0, 0], as_tuple=True)
-        centre_y, centre_x = ys.float().mean(), xs.float().mean()
-        nearest = ((ys - centre_y) ** 2 + (xs - centre_x) ** 2).argmin()
-        points[k] = torch.stack([xs[nearest], ys[nearest]]).to(points.dtype)
+def sample_prompt_points(target: torch.Tensor, probability: float, sam_image_size: int) -> torch.Tensor:
+    """One positive point per mask of ``target`` ``[K, h, w]`` with probability ``probability``, uniform over
+    the mask's pixels, in SAM input pixels ``[K, 2]`` (x, y); NaN for masks left without a point (and for
+    empty masks). How SAM itself is trained to select by position."""
+    points = torch.full((target.shape[0], 2), float("nan"), device=target.device)
+    if target.shape[0] == 0:
+        return points
+    width = target.shape[-1]
+    flat = (target.reshape(target.shape[0], -1) > 0.5).float()
+    chosen = torch.rand(target.shape[0], device=target.device) < probability
+    chosen &= flat.sum(dim=1) > 0
+    if chosen.any():
+        pixel = torch.multinomial(flat[chosen], 1)[:, 0]
+        xy = torch.stack([pixel % width, pixel // width], dim=1).to(points.dtype)
+        # a low-res mask pixel's centre in SAM input pixels (the prompt encoder adds the 0.5 back)
+        points[chosen] = (xy + 0.5) * (sam_image_size / width) - 0.5
     return points
-
-
-def point_loss(predicted: torch.Tensor, target: torch.Tensor, count: int | torch.Tensor) -> torch.Tensor:
-    """L1 distance per point (mean over x and y, both as fractions of the image side), summed over the
-    points with a target (rows of ``target`` that are not NaN) and divided by ``count`` (the masks in the
-    accumulated batch, as the mask losses are)."""
-    known = ~torch.isnan(target).any(dim=-1)
-    distance = (predicted[known].float() - target[known].float()).abs().mean(dim=-1)
-    count = torch.as_tensor(count, dtype=torch.float32, device=predicted.device).clamp(min=1)
-    return distance.sum() / count

@@ -1,8 +1,8 @@
 """Meta's original SAM 2 checkpoints (``sam2_hiera_large.pt``, ``sam2.1_hiera_large.pt``) as a ``GroundingEncoder``.
 
 The ``.pt`` file holds ``{"model": state_dict}`` in Meta's names. The architecture comes from the file name or,
-failing that, from the tensor shapes (:mod:`citrus_v.modeling.sam2_variants`); the names go through the same
-rules as the upstream checkpoint (:mod:`citrus_v.modeling.sam2_names`). Video/memory tensors are returned
+failing that, from the tensor shapes (:mod:`citrus_v.checkpoint_layout.sam2_variants`); the names go through
+the same rules as the upstream checkpoint (:mod:`citrus_v.modeling.sam2_names`). Video/memory tensors are returned
 apart, so that a model built from them can write them back in the upstream layout.
 """
 
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError
+from ..checkpoint_layout import META_PREFIX, CheckpointError
+from ..checkpoint_layout.sam2_variants import Sam2VariantError, resolve_variant
 from .grounding import GroundingEncoder
 from .sam2_names import Sam2NameError, hf_to_meta_name, meta_to_hf
-from .sam2_variants import Sam2VariantError, resolve_variant
-from .upstream_checkpoint import META_PREFIX, stored_dtype
+from .upstream_checkpoint import stored_dtype
 
 logger = logging.getLogger(__name__)
 

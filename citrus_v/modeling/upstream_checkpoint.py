@@ -1,4 +1,7 @@
-"""The released Citrus-V checkpoint layout (``Citrus-V-8B-v1.0``): recognise it, read it, write it.
+"""The released Citrus-V checkpoint layout (``Citrus-V-8B-v1.0``): read it, write it.
+
+Recognising the layout and reading its SAM 2 configuration need no model and live in
+:mod:`citrus_v.checkpoint_layout.upstream`; the tensors are handled here.
 
 Upstream stores the same three parts as we do, but its SAM 2 sits under ``grounding_encoder.sam2_model.`` in
 Meta's original names, and its ``config.json`` names the SAM 2 architecture only by ``cfg_path``
@@ -31,30 +34,29 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import Sam2Config
 
-from .checkpoint import (
+from ..checkpoint_layout import (
     CONFIG_FILE,
-    WEIGHTS_FILE,
+    META_PREFIX,
     WEIGHTS_INDEX_FILE,
     CheckpointError,
-    canonical_name,
-    raise_weight_problems,
+    is_upstream_layout,
     read_config_dict,
     weight_files,
 )
+from ..checkpoint_layout.sam2_variants import VARIANTS
+from ..objectives import head_prefixes
+from .checkpoint import canonical_name, raise_weight_problems
 from .configuration_citrus_v import CitrusVConfig
 from .sam2_names import Sam2NameError, hf_to_meta, hf_to_meta_name, meta_to_hf
-from .sam2_variants import VARIANTS, Sam2VariantError, resolve_variant
 
 logger = logging.getLogger(__name__)
 
-META_PREFIX = "grounding_encoder.sam2_model."
 SAM_PREFIX = "grounding_encoder."
 # seg_point_head (the [SEG] point head) is ours: it travels next to the projector, and only Citrus-V reads it
 PASS_THROUGH = ("mllm.", "seg_projector.", "seg_point_head.")
-# training-only parts upstream has no module for: left out of the upstream layout (and its config)
-TRAINING_ONLY = ("lesion_map_head.", "lesion_count_head.", "text_map_head.")
+# training-only objectives' heads (citrus_v.objectives.head_prefixes) have no upstream module: they are
+# left out of the upstream layout (and its config)
 UNUSED_FILE = "upstream_unused.safetensors"
-UNUSED_ATTRIBUTE = "upstream_unused_tensors"
 DEFAULT_SHARD_SIZE = "5GB"
 
 # Upstream's loss settings (mmdet CrossEntropyLoss / DiceLoss keyword arguments); ours hold the weights.
@@ -152,54 +154,7 @@ class _Shapes(Mapping[str, torch.Tensor]):
         return len(self._reader)
 
 
-# --- recognising --------------------------------------------------------------------------------------------
-def stored_names(files: list[Path]) -> list[str]:
-    """Tensor names of a checkpoint, from the index when there is one, else from the safetensors header."""
-    if files[0].name != WEIGHTS_FILE:  # shards listed by the index (see ``weight_files``)
-        return list(json.loads((files[0].parent / WEIGHTS_INDEX_FILE).read_text())["weight_map"])
-    with safe_open(files[0], framework="pt") as handle:
-        return list(handle.keys())
-
-
-def is_upstream_layout(files: list[Path]) -> bool:
-    """Whether the weights hold SAM 2 in Meta's names under ``grounding_encoder.sam2_model.`` (upstream's layout)."""
-    return any(name.startswith(META_PREFIX) for name in stored_names(files))
-
-
-def is_upstream_folder(directory: str | Path) -> bool:
-    """Whether ``directory`` is a Citrus-V folder in the upstream layout (config and weights are checked)."""
-    directory = Path(directory)
-    try:
-        read_config_dict(directory)
-        return is_upstream_layout(weight_files(directory))
-    except (CheckpointError, OSError, json.JSONDecodeError, KeyError):
-        return False
-
-
 # --- configuration --------------------------------------------------------------------------------------------
-def upstream_sam2_config(config_dict: dict, reader: ShardedTensors, source: Path) -> Sam2Config:
-    """The SAM 2 configuration of an upstream folder: an embedded ``sam2_config``, else ``cfg_path``, else shapes."""
-    grounding = config_dict.get("grounding_encoder_config") or {}
-    if isinstance(grounding.get("sam2_config"), dict):
-        return Sam2Config(**{k: v for k, v in grounding["sam2_config"].items() if k != "model_type"})
-    shapes = {name[len(META_PREFIX) :]: reader.shape(name) for name in reader if name.startswith(META_PREFIX)}
-    try:
-        variant = resolve_variant([grounding.get("cfg_path"), grounding.get("ckpt_path")], shapes, str(source))
-    except Sam2VariantError as err:
-        raise CheckpointError(str(err)) from err
-    return variant.config()
-
-
-def upstream_sam_sizes(directory: str | Path) -> tuple[int, int] | None:
-    """(SAM input side, low-res mask side) of an upstream-layout folder, or ``None`` for other folders."""
-    directory = Path(directory)
-    if not is_upstream_folder(directory):
-        return None
-    sam2 = upstream_sam2_config(read_config_dict(directory), ShardedTensors(weight_files(directory)), directory)
-    prompt = sam2.prompt_encoder_config
-    return int(prompt.image_size), int(prompt.image_size // prompt.patch_size * 4)
-
-
 def citrus_config_from_upstream(config_dict: dict, sam2_config: Sam2Config) -> CitrusVConfig:
     """Our configuration for an upstream ``config.json``; upstream's ``grounding_encoder_config`` is kept aside."""
     fields = dict(config_dict)
@@ -417,11 +372,11 @@ def write_upstream(model_dir: str | Path, out: str | Path, max_shard_size: int |
 
     sources: dict[str, _Source] = {}  # upstream name -> where its tensor comes from
     sam_names = [n for n in reader if n.startswith(SAM_PREFIX)]
-    left_out = sorted(n for n in reader if n.startswith(TRAINING_ONLY))
+    left_out = sorted(n for n in reader if n.startswith(head_prefixes()))
     if left_out:
         logger.info("left out the training-only tensors %s: upstream has no module for them", ", ".join(left_out))
     foreign = [
-        n for n in reader if not n.startswith(SAM_PREFIX) and not n.startswith(PASS_THROUGH + TRAINING_ONLY)
+        n for n in reader if not n.startswith(SAM_PREFIX) and not n.startswith(PASS_THROUGH + head_prefixes())
     ]
     if foreign:
         raise CheckpointError(f"{model_dir}: tensor(s) of no Citrus-V part: {', '.join(sorted(foreign)[:8])}")

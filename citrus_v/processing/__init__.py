@@ -1,6 +1,6 @@
-"""Processor, chat template, tokens and image/mask inputs."""
+"""Processor, chat template, tokenizer set-up, boxes and image/mask inputs (token strings: :mod:`citrus_v.tokens`)."""
 
 from .processor import CitrusVProcessor, ProcessorError, Sample
-from .template import IGNORE_INDEX, ChatTemplate, TemplateError
+from .template import ChatTemplate, TemplateError
 
-__all__ = ["IGNORE_INDEX", "ChatTemplate", "CitrusVProcessor", "ProcessorError", "Sample", "TemplateError"]
+__all__ = ["ChatTemplate", "CitrusVProcessor", "ProcessorError", "Sample", "TemplateError"]

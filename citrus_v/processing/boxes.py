@@ -8,7 +8,7 @@ Answers are a JSON list ``[{"bbox_2d": [x1, y1, x2, y2], "label": "..."}]`` in a
 Every conversion between the original image and the model's coordinates goes through :class:`BoxScaler`,
 once per direction: ``to_model`` rounds to whole model pixels, ``to_original`` gives original pixels; a
 model-space box survives ``to_original`` then ``to_model`` exactly, and an original box comes back within
-half a model pixel.
+half a model pixel. The box type itself is :class:`citrus_v.media.boxes.Box` (re-exported here).
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ from dataclasses import dataclass
 
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-BOX_START = "<|box_start|>"
-BOX_END = "<|box_end|>"
-REF_START = "<|object_ref_start|>"
-REF_END = "<|object_ref_end|>"
+from ..media.boxes import Box
+from ..tokens import BOX_END, BOX_START, REF_END, REF_START
+
 DETECTION_PROMPT = "Locate the {}, output its bbox coordinates using JSON format."
 
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
@@ -33,40 +32,6 @@ _TOKEN_BOX = re.compile(
     r"\(\s*(?P<x2>-?[\d.]+)\s*,\s*(?P<y2>-?[\d.]+)\s*\)\s*<\|box_end\|>",
     re.DOTALL,
 )
-
-
-@dataclass
-class Box:
-    """An axis-aligned box ``[x1, y1, x2, y2]`` in pixels (which image's pixels depends on the caller)."""
-
-    x1: float
-    y1: float
-    x2: float
-    y2: float
-    label: str = ""
-
-    @property
-    def xyxy(self) -> list[float]:
-        return [self.x1, self.y1, self.x2, self.y2]
-
-    def as_tuple(self) -> tuple[float, float, float, float, str]:
-        """``(x1, y1, x2, y2, label)``."""
-        return (self.x1, self.y1, self.x2, self.y2, self.label)
-
-    def area(self) -> float:
-        return max(0.0, self.x2 - self.x1) * max(0.0, self.y2 - self.y1)
-
-    def iou(self, other: Box) -> float:
-        """Intersection over union with ``other`` (0 when both are empty)."""
-        ix = max(0.0, min(self.x2, other.x2) - max(self.x1, other.x1))
-        iy = max(0.0, min(self.y2, other.y2) - max(self.y1, other.y1))
-        inter = ix * iy
-        union = self.area() + other.area() - inter
-        return inter / union if union > 0 else 0.0
-
-    def inside(self, width: float, height: float) -> bool:
-        """Whether the box lies within a ``width × height`` image and has ``x1 <= x2``, ``y1 <= y2``."""
-        return 0 <= self.x1 <= self.x2 <= width and 0 <= self.y1 <= self.y2 <= height
 
 
 def model_size(

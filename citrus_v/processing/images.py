@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +29,12 @@ def _array_to_uint8(array: np.ndarray) -> np.ndarray:
 def load_image(image: ImageInput) -> Image.Image:
     """Return ``image`` as an RGB PIL image: a path, a PIL image, or an ``[H, W]``/``[H, W, C]`` array.
 
-    Paths (PNG/JPEG/TIFF, DICOM, NIfTI with ``#slice=...``) are read by :mod:`citrus_v.data.medical_io`.
+    Paths (PNG/JPEG/TIFF, DICOM, NIfTI with ``#slice=...``) are read by :mod:`citrus_v.media`.
     """
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, (str, Path)):
-        from ..data.medical_io import MedicalImageError, read_image
+        from ..media import MedicalImageError, read_image
 
         try:
             return read_image(image)
@@ -66,7 +65,7 @@ def sam_pixel_values(image: Image.Image, size: int) -> torch.Tensor:
 def load_mask(mask: MaskInput) -> np.ndarray:
     """Return a mask as a boolean ``[H, W]`` array (non-zero is foreground)."""
     if isinstance(mask, (str, Path, dict)):
-        from ..data.medical_io import MedicalImageError, read_mask
+        from ..media import MedicalImageError, read_mask
 
         try:
             array = read_mask(mask)
@@ -96,50 +95,4 @@ def mask_target(mask: MaskInput, size: tuple[int, int]) -> torch.Tensor:
     binary = load_mask(mask)
     resized = Image.fromarray(binary.astype(np.uint8) * 255).resize((size[1], size[0]), Image.Resampling.NEAREST)
     return torch.from_numpy(np.asarray(resized) > 0).float()
-
-
-IGNORE_TARGET = -1.0  # lesion-map target of tokens whose image has no map
-
-
-def text_map_target(labels: np.ndarray, cells: tuple[int, int], merge: int) -> torch.Tensor:
-    """Text-map target ``[rows * cols, merge * merge]`` in merged-token order: the character class at the
-    centre of each patch (patches row-major within their merged token, as Qwen2.5-VL's merger reads them).
-
-    ``labels`` is the ``[H, W]`` label image of the original picture (:mod:`citrus_v.modeling.text_map`);
-    ``cells`` the merged-token grid ``(rows, cols)``.
-    """
-    rows, cols = cells
-    height, width = labels.shape
-    ys = ((np.arange(rows * merge) + 0.5) * height / (rows * merge)).astype(int)
-    xs = ((np.arange(cols * merge) + 0.5) * width / (cols * merge)).astype(int)
-    grid = labels[ys][:, xs].astype(np.int64)  # [rows*merge, cols*merge]
-    blocks = grid.reshape(rows, merge, cols, merge).transpose(0, 2, 1, 3).reshape(rows * cols, merge * merge)
-    return torch.from_numpy(np.ascontiguousarray(blocks))
-
-
-def lesion_map_target(mask: MaskInput, cells: tuple[int, int]) -> torch.Tensor:
-    """Lesion-map target ``[rows * cols]`` in merged-token order: 1.0 where a cell holds any lesion pixel.
-
-    ``cells`` is the merged-token grid ``(rows, cols)`` of the image (``grid_h / merge``, ``grid_w / merge``);
-    the mask is averaged over each cell (box filter), so a partly covered cell counts as lesion.
-    """
-    binary = load_mask(mask).astype(np.float32)
-    rows, cols = cells
-    coverage = np.asarray(Image.fromarray(binary).resize((cols, rows), Image.Resampling.BOX))
-    return torch.from_numpy((coverage > 0).reshape(-1)).float()
-
-
-def lesion_count_target(
-    points: Sequence[Sequence[float]], size: tuple[int, int], cells: tuple[int, int]
-) -> torch.Tensor:
-    """Lesion-count target ``[rows * cols]`` in merged-token order: how many of ``points`` (each lesion's
-    centre, ``(x, y)`` pixels of an image of ``size`` ``(width, height)``) fall in each cell."""
-    rows, cols = cells
-    width, height = size
-    target = torch.zeros(rows * cols)
-    for x, y in points:
-        row = min(max(int(y * rows / height), 0), rows - 1)
-        col = min(max(int(x * cols / width), 0), cols - 1)
-        target[row * cols + col] += 1
-    return target
 

@@ -14,28 +14,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypedDict
 
-import numpy as np
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.image_utils import SizeDict
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from .copy_targets import copy_offsets, read_lines
-from .images import (
-    IGNORE_TARGET,
-    ImageInput,
-    MaskInput,
-    lesion_count_target,
-    lesion_map_target,
-    load_image,
-    load_mask,
-    mask_target,
-    sam_pixel_values,
-    text_map_target,
-)
-from .template import IGNORE_INDEX, ChatTemplate, TemplateError, place_images
+from .. import objectives
+from ..objectives.annotations import ANNOTATIONS, MASK_ANNOTATIONS
+from ..tokens import DEFAULT_SYSTEM, IGNORE_INDEX, SEG_TOKEN
+from .images import ImageInput, MaskInput, load_image, load_mask, mask_target, sam_pixel_values
+from .template import ChatTemplate, TemplateError, place_images
 from .tokenizer_builder import add_citrus_tokens
-from .tokens import DEFAULT_SYSTEM, SEG_TOKEN
 
 logger = logging.getLogger(__name__)
 
@@ -55,42 +44,7 @@ class Sample(TypedDict, total=False):
     images: list[ImageInput]
     masks: list[MaskInput]
     system: str
-    lesion_map: MaskInput  # optional, training-only: lesion pixels of the first image
-    lesion_points: list[list[float]]  # optional, training-only: each lesion's centre (x, y) in the first image
-    text_map: np.ndarray  # optional, training-only: character classes of the first image's pixels
-
-
-# per merged image token, training-only
-TOKEN_MAP_KEYS = ("lesion_map_targets", "lesion_count_targets", "text_map_targets")
-
-
-def token_map_batch(encoded: Sequence[dict[str, Any]], merge: int, key: str) -> torch.Tensor | None:
-    """Concatenate samples' per-token targets ``key`` (``lesion_map_targets`` or ``lesion_count_targets``
-    ``[n]``, ``text_map_targets`` ``[n, merge*merge]``) in ``pixel_values`` order; samples without a map get
-    -1 (ignored).
-
-    None when no sample has a map, so batches without maps carry no extra key.
-    """
-    present = [e[key] for e in encoded if e.get(key) is not None]
-    if not present:
-        return None
-    trailing = tuple(present[0].shape[1:])
-    parts = []
-    for e in encoded:
-        if e.get("pixel_values") is None:
-            continue
-        if e.get(key) is not None:
-            parts.append(e[key])
-        else:
-            tokens = int(e["image_grid_thw"].prod(dim=-1).sum()) // (merge * merge)
-            parts.append(torch.full((tokens, *trailing), IGNORE_TARGET, dtype=present[0].dtype))
-    return torch.cat(parts)
-
-
-def token_map_batches(encoded: Sequence[dict[str, Any]], merge: int) -> dict[str, torch.Tensor]:
-    """Every training-only per-token target key that some sample of ``encoded`` carries."""
-    batches = {key: token_map_batch(encoded, merge, key) for key in TOKEN_MAP_KEYS}
-    return {key: value for key, value in batches.items() if value is not None}
+    # optional, training-only: row annotations (citrus_v.objectives.annotations) such as lesion_points
 
 
 def _pixels_from_env(name: str) -> int | None:
@@ -133,7 +87,7 @@ class CitrusVProcessor:
                 "with `citrus-v build`, which adds it"
             )
         self.tokenizer = tokenizer
-        self._token_texts: dict[int, str] = {}  # token id -> text, for copy-attention targets
+        self._token_texts: dict[int, str] = {}  # token id -> text, for objectives that match answer text
         self.image_processor = image_processor
         self.sam_image_size = int(sam_image_size)
         self.mask_size = int(mask_size)
@@ -274,10 +228,6 @@ class CitrusVProcessor:
         batch = self._pad([r["input_ids"] for r in rows], [r["labels"] for r in rows], padding_side)
         if not return_labels:
             batch.pop("labels")
-        if return_labels and any(r.get("copy_offsets") is not None for r in rows):
-            # distances, not positions: the same on either padding side
-            offsets = [r.get("copy_offsets") for r in rows]
-            batch["copy_offsets"] = _pad_rows(offsets, batch["input_ids"].shape[1], 0, padding_side)
         batch["mm_token_type_ids"] = (batch["input_ids"] == self.image_token_id).int()
         if pixel_values:
             batch["pixel_values"] = torch.cat(pixel_values)
@@ -289,7 +239,11 @@ class CitrusVProcessor:
         batch["sam_image_mask"] = torch.tensor(sam_flags, dtype=torch.bool)
         if return_labels:
             batch["gt_masks"] = gt_masks
-            batch.update(token_map_batches(rows, int(self.image_processor.merge_size)))
+            width, merge = batch["input_ids"].shape[1], int(self.image_processor.merge_size)
+            singles = [[index] for index in range(len(rows))]
+            targets = objectives.collate_targets(rows, merge, singles, width, padding_side)
+            if targets:
+                batch["objective_targets"] = targets
         return batch
 
     def _encode_sample(
@@ -332,15 +286,7 @@ class CitrusVProcessor:
                         f"{width}x{height}: masks must match their image's size"
                     )
         targets = torch.stack([mask_target(b, mask_hw) for b in binary]) if binary else torch.zeros(0, *mask_hw)
-        lesion_targets = count_targets = text_targets = None
-        if return_labels and sample.get("lesion_map") is not None and images:
-            lesion_targets = self._lesion_map_targets(sample["lesion_map"], images[0].size, grid)
-        if return_labels and sample.get("lesion_points") is not None and images:
-            count_targets = self._lesion_count_targets(sample["lesion_points"], images[0].size, grid)
-        copy = None
-        if return_labels and sample.get("text_map") is not None and images:
-            text_targets = self._text_map_targets(np.asarray(sample["text_map"]), images[0].size, grid)
-            copy = self._copy_offsets(encoded.input_ids, encoded.labels, text_targets, grid)
+        aims = self._objective_targets(sample, images, grid, encoded) if return_labels and images else {}
         return {
             "input_ids": encoded.input_ids,
             "labels": encoded.labels,
@@ -348,68 +294,34 @@ class CitrusVProcessor:
             "image_grid_thw": grid,
             "sam_pixel_values": sam_pixel_values(images[0], self.sam_image_size) if images else None,
             "gt_masks": targets,
-            "lesion_map_targets": lesion_targets,
-            "lesion_count_targets": count_targets,
-            "text_map_targets": text_targets,
-            "copy_offsets": copy,
+            "objective_targets": aims,
         }
 
-    def _token_map_targets(self, grid: torch.Tensor, target_of) -> torch.Tensor:
-        """Per merged image token of all the sample's images: ``target_of(cells, merge)`` for the first image's
-        cells (``[n]`` or ``[n, ...]``), -1 for the other images' tokens."""
-        merge = int(self.image_processor.merge_size)
-        parts = []
-        for k, (t, h, w) in enumerate(grid.tolist()):
-            cells = (h // merge, w // merge)
-            first = target_of(cells, merge)
-            if k == 0:
-                parts.append(first.repeat(t, *[1] * (first.dim() - 1)))
-            else:
-                shape = (t * cells[0] * cells[1], *first.shape[1:])
-                parts.append(torch.full(shape, IGNORE_TARGET, dtype=first.dtype))
-        return torch.cat(parts)
-
-    @staticmethod
-    def _check_map_size(name: str, array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        if array.shape != (size[1], size[0]):
-            raise ProcessorError(
-                f"{name} is {array.shape[1]}x{array.shape[0]} but the first image is {size[0]}x{size[1]}: "
-                "the map must have its image's size"
-            )
-        return array
-
-    def _lesion_map_targets(self, lesion_map: MaskInput, size: tuple[int, int], grid: torch.Tensor) -> torch.Tensor:
-        """``[n]``: 1/0 per cell of the first image (lesion or not), -1 for other images."""
-        mask = self._check_map_size("lesion_map", load_mask(lesion_map), size)
-        return self._token_map_targets(grid, lambda cells, _: lesion_map_target(mask, cells))
-
-    def _lesion_count_targets(
-        self, points: Sequence[Sequence[float]], size: tuple[int, int], grid: torch.Tensor
-    ) -> torch.Tensor:
-        """``[n]``: lesion centres per cell of the first image, -1 for other images."""
-        width, height = size
-        outside = [list(p) for p in points if not (0 <= p[0] < width and 0 <= p[1] < height)]
-        if outside:
-            raise ProcessorError(
-                f"lesion_points {outside} lie outside the first image ({width}x{height}): give (x, y) pixels of it"
-            )
-        return self._token_map_targets(grid, lambda cells, _: lesion_count_target(points, size, cells))
-
-    def _text_map_targets(self, labels: np.ndarray, size: tuple[int, int], grid: torch.Tensor) -> torch.Tensor:
-        """``[n, merge*merge]``: the first image's character class per patch, -1 for other images."""
-        labels = self._check_map_size("text_map", labels, size)
-        return self._token_map_targets(grid, lambda cells, merge: text_map_target(labels, cells, merge))
-
-    def _copy_offsets(
-        self, input_ids: list[int], labels: list[int], text_targets: torch.Tensor, grid: torch.Tensor
-    ) -> list[int]:
-        """Copy-attention targets of one sample (:mod:`citrus_v.processing.copy_targets`), from its first image."""
-        merge = int(self.image_processor.merge_size)
-        _, h, w = grid[0].tolist()
-        rows, cols = h // merge, w // merge
-        positions = [p for p, token in enumerate(input_ids) if token == self.image_token_id][: rows * cols]
-        lines = read_lines(text_targets, rows, cols)
-        return copy_offsets(input_ids, labels, positions, lines, self._token_text)
+    def _objective_targets(self, sample: Sample, images: list, grid: torch.Tensor, encoded: Any) -> dict[str, Any]:
+        """The training-only objectives' targets of one sample, from the annotations it carries."""
+        annotations = {
+            key: load_mask(sample[key]) if key in MASK_ANNOTATIONS else sample[key]
+            for key in ANNOTATIONS
+            if sample.get(key) is not None
+        }
+        if not annotations:
+            return {}
+        context = objectives.EncodeContext(
+            image_size=images[0].size,
+            grid=grid,
+            merge=int(self.image_processor.merge_size),
+            input_ids=encoded.input_ids,
+            labels=encoded.labels,
+            image_token_id=self.image_token_id,
+            token_text=self._token_text,
+        )
+        targets = {}
+        for objective in objectives.with_targets():
+            if set(objective.reads) & annotations.keys():
+                value = objective.encode(annotations, context)
+                if value is not None:
+                    targets[objective.name] = value
+        return targets
 
     def _token_text(self, token_id: int) -> str:
         text = self._token_texts.get(token_id)
@@ -443,20 +355,16 @@ def _pad_rows(rows: Sequence[Sequence[int] | None], length: int, fill: int, side
     return out
 
 
-_WARNED_UPSTREAM: set[str] = set()
-
-
 def _upstream_settings(directory: Path, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
-    """For a released upstream folder: add the Citrus-V tokens its files lack (saying so once per folder) and
+    """For a released upstream folder: add the Citrus-V tokens its files lack (saying so at each load) and
     return its SAM sizes; for other folders: nothing."""
-    from ..modeling.upstream_checkpoint import upstream_sam_sizes  # lazy: only upstream folders need it
+    from ..checkpoint_layout import upstream_sam_sizes
 
     sizes = upstream_sam_sizes(directory)
     if sizes is None:
         return {}
     added = add_citrus_tokens(tokenizer)
-    if added and str(directory) not in _WARNED_UPSTREAM:
-        _WARNED_UPSTREAM.add(str(directory))
+    if added:
         logger.warning(
             "%s: the tokenizer files lack %s; added them after the last token (ids %s), as upstream's loader does",
             directory,

@@ -11,9 +11,17 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from .tokens import DEFAULT_SYSTEM, IM_END, IM_START, IMAGE_PAD, IMAGE_PLACEHOLDER, VISION_END, VISION_START
+from ..tokens import (
+    DEFAULT_SYSTEM,
+    IGNORE_INDEX,
+    IM_END,
+    IM_START,
+    IMAGE_PAD,
+    IMAGE_PLACEHOLDER,
+    VISION_END,
+    VISION_START,
+)
 
-IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from .tokens import CHAT_TEMPLATE, CITRUS_SPECIAL_TOKENS, ENDOFTEXT, IM_END, QWEN_SPECIAL_TOKENS
+from ..tokens import CHAT_TEMPLATE, CITRUS_SPECIAL_TOKENS, ENDOFTEXT, IM_END, QWEN_SPECIAL_TOKENS
 
 # Qwen2's pre-tokenizer split (digits one at a time).
 QWEN_PRETOKENIZE_PATTERN = (

@@ -11,9 +11,10 @@ import argparse
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, get_type_hints
+from typing import TYPE_CHECKING, Any, get_type_hints
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 TEMPLATES = ("citrus_v",)
 
@@ -91,6 +92,8 @@ class SftArguments:
 
     @property
     def dtype(self) -> torch.dtype:
+        import torch  # here, not at the top: `citrus-v --help` builds this parser without loading torch
+
         return {
             "float32": torch.float32,
             "fp32": torch.float32,
@@ -145,6 +148,8 @@ def parse_namespace(namespace: argparse.Namespace) -> SftArguments:
 
 def adapt_to_machine(args: SftArguments) -> list[str]:
     """Fall back or clamp where the machine cannot honour a flag; return the one-line notices."""
+    import torch
+
     notices: list[str] = []
     cuda = torch.cuda.is_available()
     if args.attn_impl in ("flash_attn", "flash_attention_2"):

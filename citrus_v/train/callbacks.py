@@ -7,9 +7,9 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-LOSS_KEYS = (
-    "loss", "lm_loss", "mask_bce", "mask_dice", "mask_iou", "lesion_map", "lesion_count", "text_map", "point", "copy"
-)
+from .. import objectives
+
+LOSS_KEYS = ("loss", "lm_loss", "mask_bce", "mask_dice", "mask_iou", *objectives.log_names())
 
 
 class JsonlLoggerCallback(TrainerCallback):

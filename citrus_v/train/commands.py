@@ -21,7 +21,7 @@ def register_sft(subparsers) -> None:
 
 
 def _run_sft(args: argparse.Namespace) -> int:
-    from ..modeling.checkpoint import CheckpointError
+    from ..checkpoint_layout import CheckpointError
     from ..processing.processor import ProcessorError
     from .arguments import parse_namespace
     from .data import DatasetError

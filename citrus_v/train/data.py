@@ -12,13 +12,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from .. import objectives
 from ..data.collator import CitrusVCollator
 from ..data.dataset import RowDataset
 from ..data.rows import DataError, SkipCounter
 from ..data.streaming import StreamingJsonlDataset
 from ..data.validate import ValidationOptions
-from ..processing.processor import TOKEN_MAP_KEYS, CitrusVProcessor
-from ..processing.template import IGNORE_INDEX
+from ..processing.processor import CitrusVProcessor
+from ..tokens import IGNORE_INDEX
 
 # Keys the collator adds for bookkeeping; the trainer removes them before the model sees the batch.
 BOOKKEEPING_KEYS = ("sample_ids", "skipped_rows", "stream_positions", "num_samples", "num_real_tokens")
@@ -87,11 +88,8 @@ class TrainCollator:
             result = {k: v for k, v in self._fallback.items()}
             result["labels"] = result["labels"].clone().fill_(IGNORE_INDEX)
             result["gt_masks"] = [m[:0] for m in result["gt_masks"]]
-            for key in TOKEN_MAP_KEYS:
-                if key in result:
-                    result[key] = result[key].clone().fill_(-1)
-            if "copy_offsets" in result:
-                result["copy_offsets"] = result["copy_offsets"].clone().zero_()
+            if "objective_targets" in result:
+                result["objective_targets"] = objectives.blank(result["objective_targets"])
             if "seg_image_index" in result:
                 result["seg_image_index"] = [i[:0] for i in result["seg_image_index"]]
             result["sample_ids"] = []

@@ -152,9 +152,9 @@ def load_model(args: SftArguments) -> tuple[CitrusV, CitrusVProcessor]:
 
 
 def enable_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute each layer in the backward pass (``--gradient_checkpointing true``), non-reentrant: the
-    copy-attention loss reads an attention input captured in the forward, which a reentrant recompute would
-    cut from the graph."""
+    """Recompute each layer in the backward pass (``--gradient_checkpointing true``), non-reentrant: a
+    training-only objective may read an attention input captured in the forward, which a reentrant recompute
+    would cut from the graph."""
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 

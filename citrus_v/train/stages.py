@@ -15,11 +15,13 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .. import objectives
+
 # Components by parameter-name prefix, in the order the table prints them.
 COMPONENTS: dict[str, tuple[str, ...]] = {
     "vision encoder": ("mllm.model.visual.patch_embed", "mllm.model.visual.blocks", "mllm.model.visual.rotary"),
-    # the training-only lesion-map and -count heads read the merger's output, so it trains with the aligner
-    "aligner": ("mllm.model.visual.merger", "lesion_map_head", "lesion_count_head", "text_map_head"),
+    # training-only objectives' heads on the merger's output train with the aligner
+    "aligner": ("mllm.model.visual.merger", *objectives.head_prefixes("aligner")),
     "llm": ("mllm.model.language_model", "mllm.lm_head"),
     "seg projector": ("seg_projector", "seg_point_head"),
     "sam image encoder": ("grounding_encoder.vision_encoder", "grounding_encoder.mask_decoder.conv_s"),

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from .. import objectives
 from ..data.streaming import StreamingJsonlDataset
 from .data import BOOKKEEPING_KEYS
 
@@ -34,18 +35,14 @@ STREAM_STATE_PREFIX = "stream_state_rank"
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
-# output field -> logged name of each loss component
-COMPONENT_LOSSES = (
+# output field -> logged name of each core loss component; the objectives' losses come by log name
+CORE_LOSSES = (
     ("lm_loss", "lm_loss"),
     ("mask_bce_loss", "mask_bce"),
     ("mask_dice_loss", "mask_dice"),
     ("mask_iou_loss", "mask_iou"),
-    ("lesion_map_loss", "lesion_map"),
-    ("lesion_count_loss", "lesion_count"),
-    ("text_map_loss", "text_map"),
-    ("point_loss", "point"),
-    ("copy_attention_loss", "copy"),
 )
+COMPONENT_NAMES = (*(name for _, name in CORE_LOSSES), *objectives.log_names())
 
 
 class NonFiniteLossError(RuntimeError):
@@ -227,8 +224,10 @@ class CitrusVTrainer(Trainer):
 
     def _accumulate(self, outputs, inputs: dict, extras: dict) -> None:
         running = self._running
-        for key, name in COMPONENT_LOSSES:
-            value = outputs.get(key) if hasattr(outputs, "get") else None
+        get = outputs.get if hasattr(outputs, "get") else (lambda key: None)
+        parts = {name: get(key) for key, name in CORE_LOSSES}
+        parts.update(get("aux_losses") or {})
+        for name, value in parts.items():
             if value is not None:
                 running[name] = running.get(name, 0.0) + float(value.detach())
         samples = extras.get("num_samples")
@@ -243,7 +242,7 @@ class CitrusVTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._running:
             running, self._running = self._running, {}
-            keys = (*(name for _, name in COMPONENT_LOSSES), "_steps", "_samples", "_tokens")
+            keys = (*COMPONENT_NAMES, "_steps", "_samples", "_tokens")
             totals = torch.tensor([running.get(k, 0.0) for k in keys], device=self.args.device)
             if self.accelerator.num_processes > 1:
                 totals = self.accelerator.reduce(totals, reduction="sum")
@@ -251,7 +250,7 @@ class CitrusVTrainer(Trainer):
             # each micro-batch's loss is already divided by the whole accumulated (all-rank) count, so an
             # optimizer step's loss is the sum over its micro-batches on all ranks
             steps = max(total["_steps"] / self.accelerator.num_processes, 1e-9)
-            for _, name in COMPONENT_LOSSES:
+            for name in COMPONENT_NAMES:
                 if name in running:
                     logs[name] = round(total[name] / steps, 6)
             now = time.perf_counter()
@@ -262,8 +261,19 @@ class CitrusVTrainer(Trainer):
         super().log(logs, start_time)
 
     # --- checkpoints --------------------------------------------------------------------------------------
+    # while a checkpoint is written: the staging folder the parent's save treats as the run folder
+    _checkpoint_root: str | None = None
+
+    def _get_output_dir(self, trial) -> str:
+        """The run folder; during :meth:`_save_checkpoint`, its staging folder, so that the parent writes
+        ``staging/checkpoint-N`` and its own rotation sees that one checkpoint alone (and deletes nothing)."""
+        if self._checkpoint_root is not None:
+            return self._checkpoint_root
+        return super()._get_output_dir(trial)
+
     def _save_checkpoint(self, model, trial) -> None:
-        """Write ``checkpoint-N`` into a staging folder, then rename it into place when complete."""
+        """Write ``checkpoint-N`` into a staging folder, then rename it into place when complete and rotate
+        the run folder's checkpoints (``save_total_limit``). The training arguments are left as they are."""
         run_dir = Path(self._get_output_dir(trial=trial))
         step = self.state.global_step
         staging = run_dir / f"{STAGING_PREFIX}{step}"
@@ -271,13 +281,10 @@ class CitrusVTrainer(Trainer):
         if self.args.should_save and staging.exists():
             shutil.rmtree(staging)
         self._barrier()
-        original = self.args.output_dir
         limit = self.args.save_total_limit
         failure: OSError | None = None
         try:
-            # the parent writes into staging/checkpoint-N; rotation happens after the rename
-            self.args.output_dir = str(staging)
-            self.args.save_total_limit = None
+            self._checkpoint_root = str(staging)
             super()._save_checkpoint(model, trial)
             if self.streaming:
                 state_file = staging / final.name / f"{STREAM_STATE_PREFIX}{self.args.process_index}.json"
@@ -285,8 +292,7 @@ class CitrusVTrainer(Trainer):
         except OSError as err:  # disk full, quota, I/O error: every rank must learn of it, or the others hang
             failure = err
         finally:
-            self.args.output_dir = original
-            self.args.save_total_limit = limit
+            self._checkpoint_root = None
         # every rank's files are written once all agree; then the main process flushes them to disk
         if not self._any_rank(failure is not None) and self.args.should_save:
             try:

@@ -13,12 +13,13 @@ import torch
 from transformers import PreTrainedTokenizerBase, Qwen2_5_VLConfig, Sam2Config
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from .modeling.configuration_citrus_v import CitrusVConfig
-from .modeling.grounding import reinit_fan_in
-from .modeling.modeling_citrus_v import CitrusV
-from .processing.processor import CitrusVProcessor
-from .processing.tokenizer_builder import build_tokenizer
-from .processing.tokens import ENDOFTEXT, IM_END, IMAGE_PAD, SEG_TOKEN, VIDEO_PAD, VISION_END, VISION_START
+from .. import objectives
+from ..modeling.configuration_citrus_v import CitrusVConfig
+from ..modeling.grounding import reinit_fan_in
+from ..modeling.modeling_citrus_v import CitrusV
+from ..processing.processor import CitrusVProcessor
+from ..processing.tokenizer_builder import build_tokenizer
+from ..tokens import ENDOFTEXT, IM_END, IMAGE_PAD, SEG_TOKEN, VIDEO_PAD, VISION_END, VISION_START
 
 PRESETS = ("tiny",)
 
@@ -130,15 +131,9 @@ def build_tiny(seed: int = 0) -> tuple[CitrusV, CitrusVProcessor]:
         tiny_mllm_config(tokenizer),
         sam2_config,
         seg_token_idx=tokenizer.convert_tokens_to_ids(SEG_TOKEN),
-        # a tiny language model ignores the image without it (see citrus_v.modeling.lesion_map)
-        lesion_map_loss_weight=1.0,
-        # nor learns to count lesions from "2" and "3" alone (see citrus_v.modeling.lesion_count)
-        lesion_count_loss_weight=0.5,
-        # nor does its vision tower learn to read documents (see citrus_v.modeling.text_map)
-        text_map_loss_weight=1.0,
-        # and its language model, reading characters, learns to copy them only when one head is shown where
-        # each copied character is (see citrus_v.modeling.copy_attention)
-        copy_attention_loss_weight=1.0,
+        # every training-only objective found in citrus_v/objectives: a tiny model ignores the image, and
+        # does not learn to count or to read, without them (each file says why)
+        **objectives.preset_config(),
         # SAM 2 is random here: one mask per prompt, and its IoU head trained to score it
         # (see CitrusVConfig.multimask_output and multimask_min_loss)
         multimask_output=False,
