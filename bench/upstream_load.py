@@ -42,8 +42,8 @@ def write_model(folder: Path, hidden: int, layers: int) -> None:
     from safetensors.torch import save_file
     from transformers import Qwen2_5_VLConfig
 
+    from citrus_v.checkpoint_layout.sam2_variants import VARIANTS
     from citrus_v.modeling import CitrusV, CitrusVConfig
-    from citrus_v.modeling.sam2_variants import VARIANTS
     from citrus_v.modeling.upstream_checkpoint import save_unused
 
     mllm = Qwen2_5_VLConfig(

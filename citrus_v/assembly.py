@@ -13,16 +13,15 @@ import torch
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from .modeling.checkpoint import CheckpointError
+from .checkpoint_layout import CheckpointError
 from .modeling.configuration_citrus_v import CitrusVConfig
 from .modeling.grounding import GroundingEncoder
 from .modeling.modeling_citrus_v import CitrusV
 from .modeling.sam2_checkpoint import ORIGINAL_SUFFIXES, load_original_sam2
 from .modeling.seg_projector import SegProjector
-from .modeling.upstream_checkpoint import UNUSED_ATTRIBUTE
 from .processing.processor import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, CitrusVProcessor
 from .processing.tokenizer_builder import add_citrus_tokens
-from .processing.tokens import SEG_TOKEN
+from .tokens import SEG_TOKEN
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +84,7 @@ def assemble(
         projector_dtype
     )
     model.config.dtype = projector_dtype
-    setattr(model, UNUSED_ATTRIBUTE, unused)
+    model.upstream_unused_tensors = unused
 
     if (mllm_dir / "preprocessor_config.json").is_file():
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(mllm_dir)

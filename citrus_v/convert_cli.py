@@ -43,7 +43,7 @@ def register_convert(sub: argparse._SubParsersAction) -> None:
 
 def run_convert(args: argparse.Namespace) -> int:
     """Run ``citrus-v convert``; returns the exit code."""
-    from .modeling.checkpoint import CheckpointError
+    from .checkpoint_layout import CheckpointError
     from .processing.processor import ProcessorError
 
     try:

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from citrus_v import CitrusV, CitrusVProcessor
-from citrus_v.modeling.checkpoint import CheckpointError
+from citrus_v.checkpoint_layout import CheckpointError
 from citrus_v.processing import ProcessorError
 from citrus_v.processing.tokenizer_builder import build_tokenizer
 

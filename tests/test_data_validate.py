@@ -12,9 +12,9 @@ from PIL import Image
 
 from citrus_v.cli import main
 from citrus_v.data.corpus import CorpusOptions, write_corpus
-from citrus_v.data.medical_io import mask_to_rle, read_image, read_mask
 from citrus_v.data.rows import DataError, check_schema, render_objects
 from citrus_v.data.validate import ValidationOptions, validate_files
+from citrus_v.media import mask_to_rle, read_image, read_mask
 from citrus_v.processing.boxes import BoxScaler, parse_boxes
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from citrus_v.data.medical_io import mask_to_rle
 from citrus_v.eval.backends import GenerationOptions, OpenAIBackend, chat_messages
 from citrus_v.eval.samples import EvalSample
+from citrus_v.media import mask_to_rle
 
 openai = pytest.importorskip("openai")
 

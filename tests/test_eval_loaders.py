@@ -231,9 +231,9 @@ def test_box_outside_the_image_names_the_sample(tmp_path):
 
 def test_pixel_spacing_from_dicom_and_nifti(tmp_path):
     from citrus_v.data.corpus import write_dicom, write_volume
-    from citrus_v.data.medical_io import image_size
     from citrus_v.data.phantoms import make_anatomy
     from citrus_v.eval.samples import EvalSample
+    from citrus_v.media import image_size
 
     # NIfTI voxels 0.5 (x) by 0.8 (y) mm: the displayed slice's rows follow y, its columns x
     write_volume(tmp_path / "vol.nii.gz", [np.zeros((30, 40))] * 3, (0.5, 0.8, 2.5), np.int16)

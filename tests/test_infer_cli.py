@@ -80,7 +80,7 @@ def test_png_masks_and_overlay_with_legend(scripted, tmp_path):
 
 def test_nifti_masks_keep_the_source_grid_and_affine(scripted, tmp_path):
     nib = pytest.importorskip("nibabel")
-    from citrus_v.data.medical_io import read_mask
+    from citrus_v.media import read_mask
 
     volume = np.stack([phantom(k, size=64).image.astype(np.float32) * 4 - 1000 for k in range(5)], axis=-1)
     affine = np.array([[-0.8, 0, 0, 10], [0, -0.8, 0, 20], [0, 0, 2.5, -30], [0, 0, 0, 1]])  # LPS-like

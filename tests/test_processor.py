@@ -9,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from citrus_v.processing import IGNORE_INDEX, CitrusVProcessor, ProcessorError
+from citrus_v.processing import CitrusVProcessor, ProcessorError
 from citrus_v.processing.images import IMAGENET_MEAN, IMAGENET_STD, mask_target, sam_pixel_values
 from citrus_v.processing.tokenizer_builder import build_tokenizer
+from citrus_v.tokens import IGNORE_INDEX
 
 from .conftest import phantom, seg_sample
 

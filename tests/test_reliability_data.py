@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from citrus_v.data.dataset import RowDataset, SkippedRow, load_sample
-from citrus_v.data.medical_io import mask_to_rle
 from citrus_v.data.rows import iter_rows
 from citrus_v.data.validate import ValidationOptions, validate_files
-from citrus_v.processing.tokens import IMAGE_PLACEHOLDER, SEG_TOKEN
+from citrus_v.media import mask_to_rle
+from citrus_v.tokens import IMAGE_PLACEHOLDER, SEG_TOKEN
 
 pytest.importorskip("pydicom")
 

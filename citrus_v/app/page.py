@@ -1,6 +1,6 @@
 """The Gradio page: upload a scan, pick a task, ask the ``citrus-v deploy`` server, see boxes and masks.
 
-The page reads PNG/JPEG, DICOM and NIfTI files through :mod:`citrus_v.data.medical_io` (a slice slider for
+The page reads PNG/JPEG, DICOM and NIfTI files through :mod:`citrus_v.media` (a slice slider for
 volumes, a window preset for CT), sends the 2-D picture it shows as a PNG ``data:`` URL through the official
 ``openai`` client, and draws the answer's ``grounding`` (masks decoded from COCO RLE, boxes) with
 :func:`citrus_v.infer.overlay.draw_overlay`. The reasoning (``<think>``) is folded away under the answer.
@@ -75,8 +75,8 @@ class ApiClient:
 
     def ask(self, image: Image.Image, query: str) -> Answer:
         """Send ``image`` and ``query``; return the answer with boxes and masks drawn on ``image``."""
-        from ..data.medical_io import rle_to_mask
         from ..infer.overlay import draw_overlay
+        from ..media import rle_to_mask
 
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
@@ -106,14 +106,14 @@ class ApiClient:
 # --- reading uploads ---------------------------------------------------------------------------------------
 def file_kind(path: str | Path) -> str:
     """``nifti``, ``dicom`` or ``raster``."""
-    from ..data.medical_io import parse_ref
+    from ..media import parse_ref
 
     return parse_ref(str(path)).kind
 
 
 @lru_cache(maxsize=4)
 def _volume(path: str, mtime: float):
-    from ..data.medical_io import read_nifti
+    from ..media import read_nifti
 
     return read_nifti(path)
 
@@ -125,7 +125,7 @@ def num_slices(path: str | Path) -> int:
 
 def render(path: str | Path, slice_index: int | None = None, window: str | None = None) -> Image.Image:
     """The 2-D picture of an upload: the image itself, a DICOM frame, or one axial NIfTI slice."""
-    from ..data.medical_io import MediaRef, apply_window, full_range_window, parse_window, read_image
+    from ..media import MediaRef, apply_window, full_range_window, parse_window, read_image
 
     chosen = None if window in (None, "", FILE_WINDOW) else window
     kind = file_kind(path)
@@ -144,7 +144,7 @@ def build_page(settings: ApiSettings):
     """Build the Gradio ``Blocks`` (not launched)."""
     import gradio as gr
 
-    from ..data.medical_io import WINDOW_PRESETS, MedicalImageError
+    from ..media import WINDOW_PRESETS, MedicalImageError
 
     client = ApiClient(settings)
     windows = [FILE_WINDOW, *WINDOW_PRESETS]

@@ -84,7 +84,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``citrus-v data`` and its subcommands."""
-    from .medical_io import DEFAULT_MAX_IMAGE_PIXELS
+    from ..media import DEFAULT_MAX_IMAGE_PIXELS
 
     data = sub.add_parser("data", help="validate, inspect, convert and synthesise datasets")
     commands = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..processing.boxes import DETECTION_PROMPT
-from ..processing.tokens import IMAGE_PLACEHOLDER, SEG_TOKEN
+from ..tokens import IMAGE_PLACEHOLDER, SEG_TOKEN
 from .rows import RowIssue, RowProblem, SkipCounter
 
 SEG_WITH_MASK = re.compile(r"<SEG>\s*<mask>(.*?)</mask>", re.DOTALL)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..processing.tokens import IMAGE_PLACEHOLDER
+from ..tokens import IMAGE_PLACEHOLDER
 from .samples import EvalSample
 
 BOX_FORMATS = ("pixels", "qwen", "norm1000")
@@ -182,7 +182,7 @@ class OpenAIBackend(Backend):
         return ModelOutput(text=text, boxes=self._text_boxes(text, images), grounded=False)
 
     def _grounded(self, text: str, grounding: dict, images: list[Image.Image]) -> ModelOutput:
-        from ..data.medical_io import rle_to_mask
+        from ..media import rle_to_mask
 
         size = grounding.get("image_size") or {}
         if images and (size.get("width"), size.get("height")) != images[0].size:

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     import importlib.util
     from pathlib import Path
 
-    from ..modeling.checkpoint import CheckpointError
+    from ..checkpoint_layout import CheckpointError
     from .runner import EvalConfig, parse_tasks, run_eval
     from .samples import EvalDataError
 

@@ -22,7 +22,7 @@ Xyxy = Sequence[float]
 
 def box_iou(a: Xyxy, b: Xyxy) -> float:
     """IoU of two ``[x1, y1, x2, y2]`` boxes (0.0 when the union is empty)."""
-    from ..processing.boxes import Box
+    from ..media.boxes import Box
 
     return Box(*map(float, a)).iou(Box(*map(float, b)))
 

@@ -1,6 +1,6 @@
 """Ground truth of a sample read from disk: images, image sizes, pixel spacing, masks; and their checks.
 
-Images and masks go through :mod:`citrus_v.data.medical_io` (PNG, DICOM, NIfTI slices, COCO RLE). A mask
+Images and masks go through :mod:`citrus_v.media` (PNG, DICOM, NIfTI slices, COCO RLE). A mask
 that is not the size of its image, or a box outside its image, is an :class:`EvalDataError` naming the
 sample, so that a wrong ground truth never becomes a silently wrong score.
 """
@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..data.medical_io import MediaRef, MedicalImageError, image_size, parse_ref, read_image, read_mask
+from ..media import MediaRef, MedicalImageError, image_size, parse_ref, read_image, read_mask
 from .samples import EvalDataError, EvalSample
 
 
@@ -129,5 +129,5 @@ def _nifti_spacing(path: Path, axis: int) -> tuple[float, float]:
     for source, (target, _flip) in enumerate(io_orientation(image.affine)):
         canonical[int(target)] = float(zooms[source])
     rest = [canonical[k] for k in range(3) if k != axis]
-    # medical_io's display plane is the transposed RAS+ plane: rows follow the second remaining axis
+    # citrus_v.media's display plane is the transposed RAS+ plane: rows follow the second remaining axis
     return rest[1], rest[0]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..data.medical_io import mask_to_rle
+from ..media import mask_to_rle
 from . import answers, det_metrics, doc_metrics, seg_metrics, text_metrics
 from .backends import ModelOutput
 from .references import first_image_size, pixel_spacing, reference_masks

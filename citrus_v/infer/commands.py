@@ -39,7 +39,7 @@ def load_source(
     path: str | Path, slice_index: int | None = None, axis: int = 2, frame: int | None = None, window: str | None = None
 ) -> Source:
     """Read a PNG/JPEG, one NIfTI slice (middle by default) or one DICOM frame as the image to ask about."""
-    from ..data.medical_io import MediaRef, parse_ref, read_image, read_nifti
+    from ..media import MediaRef, parse_ref, read_image, read_nifti
 
     ref = parse_ref(str(path))
     kind = ref.kind
@@ -163,7 +163,7 @@ def summary(prediction: Prediction, source: Source, files: dict[str, Any]) -> di
 
 def infer_file(predictor, source: Source, query: str, out: Path, system: str | None = None, **generation) -> dict:
     """Ask ``query`` about ``source``, write the overlay, the masks and ``prediction.json`` to ``out``."""
-    from ..processing.tokens import IMAGE_PLACEHOLDER
+    from ..tokens import IMAGE_PLACEHOLDER
     from .overlay import draw_overlay
 
     prompt = query if IMAGE_PLACEHOLDER in query else IMAGE_PLACEHOLDER + query
@@ -204,8 +204,8 @@ def run(args: argparse.Namespace) -> int:
     """Run ``citrus-v infer``."""
     import torch
 
-    from ..data.medical_io import MedicalImageError
-    from ..modeling.checkpoint import CheckpointError
+    from ..checkpoint_layout import CheckpointError
+    from ..media import MedicalImageError
     from .predictor import CitrusVPredictor
 
     try:

@@ -42,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
     """Load the model and serve until interrupted."""
     import torch
 
+    from ..checkpoint_layout import CheckpointError
     from ..infer.predictor import CitrusVPredictor
-    from ..modeling.checkpoint import CheckpointError
     from .media import DEFAULT_MAX_IMAGE_PIXELS
     from .threads import configure_threads
 

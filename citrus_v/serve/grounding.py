@@ -18,7 +18,7 @@ def _coco_bbox(mask: np.ndarray) -> list[float]:
 
 def to_grounding(prediction: Prediction) -> Grounding | None:
     """Boxes and COCO-RLE masks in original-image pixels; ``None`` when the request had no image."""
-    from ..data.medical_io import mask_to_rle
+    from ..media import mask_to_rle
 
     if prediction.image_size is None:
         return None

@@ -3,7 +3,7 @@
 ``http(s)://`` URLs are refused: the server never fetches from the network on a client's behalf. Local
 paths (plain or ``file://``) are read only when the server was started with ``--allowed_local_media_path``
 and the resolved path (symbolic links followed) lies inside that folder. DICOM and NIfTI files are read
-through :mod:`citrus_v.data.medical_io` (a path may carry ``#slice=40&window=ct-lung`` style options).
+through :mod:`citrus_v.media` (a path may carry ``#slice=40&window=ct-lung`` style options).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def _open_raster(data: bytes, policy: MediaPolicy, param: str | None) -> Image.I
 
 def _read_medical(ref, policy: MediaPolicy, param: str | None) -> Image.Image:
     """A path or ``MediaRef`` through the medical I/O module (DICOM, NIfTI slice, or any raster)."""
-    from ..data.medical_io import MedicalImageError, read_image
+    from ..media import MedicalImageError, read_image
 
     try:
         return read_image(ref, max_pixels=policy.max_image_pixels)
@@ -102,7 +102,7 @@ def _from_data_url(url: str, policy: MediaPolicy, param: str | None) -> Image.Im
 
 
 def _from_local(text: str, policy: MediaPolicy, param: str | None) -> Image.Image:
-    from ..data.medical_io import MedicalImageError, parse_ref
+    from ..media import MedicalImageError, parse_ref
 
     if policy.allowed_local_media_path is None:
         raise MediaError(

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from PIL import Image
 
 from ..infer.predictor import Request
-from ..processing.tokens import (
+from ..tokens import (
     ENDOFTEXT,
     IM_END,
     IM_START,

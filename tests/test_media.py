@@ -13,7 +13,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_windowing
 
-from citrus_v.data.medical_io import (
+from citrus_v.media import (
     WINDOW_PRESETS,
     MedicalImageError,
     Window,

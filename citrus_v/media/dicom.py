@@ -1,0 +1,177 @@
+"""DICOM through pydicom: one frame, the modality LUT (Rescale Slope/Intercept), the file's window.
+
+Multi-frame files give one frame; enhanced files are read through their functional groups; compressed transfer
+syntaxes decode through the pylibjpeg plugins. pydicom is imported on first use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import DEFAULT_MAX_IMAGE_PIXELS, MedicalImageError, check_pixels
+from .windowing import Window, apply_window, full_range_window, parse_window
+
+
+@dataclass
+class DicomImage:
+    """One decoded DICOM frame: modality values (e.g. Hounsfield units) or RGB, and how to display them."""
+
+    values: np.ndarray  # [H, W] float64 after the modality LUT, or [H, W, 3] uint8 for colour
+    photometric: str
+    window: Window | None  # the file's own window (first value), if any
+    frame: int
+    num_frames: int
+
+    def to_uint8(self, window: str | Window | None = None) -> np.ndarray:
+        """8-bit display pixels: the given window, else the file's, else full range; MONOCHROME1 inverted."""
+        if self.values.ndim == 3:
+            return self.values
+        chosen = parse_window(window) or self.window or full_range_window(self.values)
+        pixels = apply_window(self.values, chosen)
+        return 255 - pixels if self.photometric == "MONOCHROME1" else pixels
+
+
+def read_dicom(
+    path: str | Path, frame: int | None = None, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> DicomImage:
+    """Decode one frame of a DICOM file to modality values (rescale slope/intercept applied)."""
+    path = Path(path)
+    ds = _open_dataset(path)
+    num_frames = _frame_count(path, ds, max_pixels)
+    index = 0 if frame is None else int(frame)
+    if not 0 <= index < num_frames:
+        raise MedicalImageError(
+            f"{path}: frame {index} does not exist; the file has {num_frames} frame(s) (0..{num_frames - 1})",
+            "bad_reference",
+        )
+    raw = _decode_frame(path, ds, index, num_frames)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if raw.ndim == 3:  # colour; pydicom converts YBR to RGB
+        return DicomImage(_to_uint8_rgb(raw), photometric, None, index, num_frames)
+    values = _modality_values(path, ds, index, raw)
+    return DicomImage(values, photometric, _file_window(ds, index), index, num_frames)
+
+
+def dicom_size(path: Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """``(width, height)`` from the header only (no pixel decoding)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        width, height = int(ds.Columns), int(ds.Rows)
+    except Exception as err:  # pydicom raises several types for broken headers
+        raise MedicalImageError(f"{path}: not a readable DICOM file ({err})", "unreadable_image") from err
+    check_pixels(path, width * height, max_pixels)
+    return width, height
+
+
+def _open_dataset(path: Path) -> Any:
+    """The parsed file, which must hold pixel data."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    if not path.is_file():
+        raise MedicalImageError(f"image file not found: {path}", "missing_file")
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, EOFError, ValueError) as err:
+        raise MedicalImageError(f"{path}: not a readable DICOM file ({err})", "unreadable_image") from err
+    if "PixelData" not in ds and "FloatPixelData" not in ds:
+        raise MedicalImageError(f"{path}: the DICOM file has no pixel data", "unreadable_image")
+    return ds
+
+
+def _frame_count(path: Path, ds: Any, max_pixels: int | None) -> int:
+    """``NumberOfFrames`` (1 when absent), once Rows × Columns is within the pixel limit."""
+    try:
+        rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+        num_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError) as err:
+        raise MedicalImageError(
+            f"{path}: Rows, Columns or NumberOfFrames is not an integer ({err})", "unreadable_image"
+        ) from err
+    check_pixels(path, rows * cols, max_pixels)
+    return num_frames
+
+
+def _decode_frame(path: Path, ds: Any, index: int, num_frames: int) -> np.ndarray:
+    """The stored pixels of frame ``index``: ``[H, W]`` grey or ``[H, W, 3]`` colour."""
+    from pydicom.pixels import pixel_array
+
+    try:
+        raw = pixel_array(ds, index=index) if num_frames > 1 else ds.pixel_array
+    except Exception as err:  # decoders raise many types: missing plugin, truncated data, bad stream
+        raise MedicalImageError(
+            f"{path}: cannot decode the pixel data ({ds.file_meta.get('TransferSyntaxUID', '?')}): {err}. Fix: "
+            "check the file is complete; compressed syntaxes need pylibjpeg, pylibjpeg-openjpeg, pylibjpeg-libjpeg",
+            "unreadable_image",
+        ) from err
+    if not (raw.ndim == 2 or (raw.ndim == 3 and raw.shape[-1] == 3)) or raw.size == 0:
+        raise MedicalImageError(
+            f"{path}: decoded pixels have shape {tuple(raw.shape)}, not one grey or RGB frame: Rows, Columns, "
+            "SamplesPerPixel or NumberOfFrames contradict the pixel data",
+            "unreadable_image",
+        )
+    return raw
+
+
+def _modality_values(path: Path, ds: Any, index: int, raw: np.ndarray) -> np.ndarray:
+    """Stored grey pixels through the modality LUT (the frame's own rescale in enhanced files), as float64."""
+    from pydicom.pixels import apply_modality_lut
+
+    try:
+        transform = _functional_group(ds, index, "PixelValueTransformationSequence")
+        if transform is not None and "RescaleSlope" in transform:
+            slope, intercept = float(transform.RescaleSlope), float(transform.get("RescaleIntercept", 0))
+            values = raw.astype(np.float64) * slope + intercept
+        else:
+            values = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
+    except (TypeError, ValueError, AttributeError) as err:
+        raise MedicalImageError(f"{path}: unusable modality LUT / RescaleSlope / RescaleIntercept ({err})") from err
+    if not np.isfinite(values).all():
+        raise MedicalImageError(
+            f"{path}: pixel values are not finite after RescaleSlope/RescaleIntercept; fix those tags",
+            "unreadable_image",
+        )
+    return values
+
+
+def _file_window(ds: Any, index: int) -> Window | None:
+    """The frame's (else the file's) first Window Center/Width; ``None`` when absent or unusable."""
+    try:
+        voi = _functional_group(ds, index, "FrameVOILUTSequence")
+        source = voi if voi is not None and "WindowCenter" in voi else ds
+        center, width = _first(source.get("WindowCenter")), _first(source.get("WindowWidth"))
+    except (TypeError, ValueError):  # an unreadable window is ignored: the full range is shown instead
+        return None
+    usable = center is not None and width is not None and np.isfinite([center, width]).all() and width > 0
+    return Window(center, width) if usable else None
+
+
+def _first(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        value = value[0] if len(value) else None
+    return None if value is None else float(value)
+
+
+def _functional_group(ds: Any, frame: int, sequence: str) -> Any | None:
+    """An item of a functional-group sequence for ``frame`` (per-frame first, then shared), for enhanced files."""
+    for groups, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        seq = ds.get(groups)
+        if seq is not None and len(seq) > index and sequence in seq[index]:
+            items = seq[index][sequence]
+            if len(items):
+                return items[0]
+    return None
+
+
+def _to_uint8_rgb(array: np.ndarray) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return array
+    return apply_window(array, full_range_window(array))

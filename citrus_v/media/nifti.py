@@ -1,0 +1,161 @@
+"""NIfTI (``.nii`` / ``.nii.gz``) through nibabel: slices in a fixed display orientation, and masks back.
+
+The volume is brought to RAS+ first; a slice is shown with superior/anterior at the top and in radiological
+left-right. :class:`NiftiVolume` keeps the affine so that masks drawn on slices go back into the original voxel
+grid. nibabel is imported on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import DEFAULT_MAX_IMAGE_PIXELS, MedicalImageError, check_pixels
+
+
+def to_display(plane: np.ndarray, axis: int) -> np.ndarray:
+    """A RAS+ voxel plane to display orientation: superior/anterior up, patient right on the image left."""
+    display = np.flipud(plane.T)
+    return display if axis == 0 else np.fliplr(display)
+
+
+def from_display(display: np.ndarray, axis: int) -> np.ndarray:
+    """Inverse of :func:`to_display`."""
+    plane = display if axis == 0 else np.fliplr(display)
+    return np.flipud(plane).T
+
+
+@dataclass
+class NiftiVolume:
+    """A NIfTI volume brought to RAS+ (``data``), with what is needed to write slice masks back.
+
+    ``affine`` and ``shape`` are the original file's; ``ornt`` maps the original voxel axes to RAS+.
+    """
+
+    data: np.ndarray  # [X, Y, Z] in RAS+ voxel order
+    affine: np.ndarray
+    shape: tuple[int, ...]
+    ornt: np.ndarray
+    header: Any = field(repr=False, default=None)
+
+    def num_slices(self, axis: int = 2) -> int:
+        return int(self.data.shape[axis])
+
+    def slice(self, index: int | None = None, axis: int = 2) -> np.ndarray:
+        """One slice in display orientation (middle slice when ``index`` is None)."""
+        count = self.num_slices(axis)
+        index = count // 2 if index is None else int(index)
+        if not 0 <= index < count:
+            raise MedicalImageError(f"slice {index} is outside 0..{count - 1} along axis {axis}", "bad_reference")
+        return to_display(np.take(self.data, index, axis=axis), axis)
+
+    def slices(self, axis: int = 2) -> list[np.ndarray]:
+        """Every slice along ``axis``, in display orientation."""
+        return [self.slice(k, axis) for k in range(self.num_slices(axis))]
+
+    def volume_from_slices(self, slices: dict[int, np.ndarray] | list[np.ndarray], axis: int = 2) -> np.ndarray:
+        """Stack display-orientation slice arrays (e.g. predicted masks) back into the original voxel grid."""
+        from nibabel.orientations import apply_orientation
+
+        items = dict(enumerate(slices)) if isinstance(slices, list) else dict(slices)
+        dtype = next(iter(items.values())).dtype if items else np.uint8
+        canonical = np.zeros(self.data.shape, dtype=dtype)
+        for index, display in items.items():
+            plane = from_display(np.asarray(display), axis)
+            if plane.shape != tuple(np.delete(np.array(self.data.shape), axis)):
+                raise MedicalImageError(
+                    f"slice {index}: {display.shape} does not match the volume's slice size", "mask_size"
+                )
+            np.moveaxis(canonical, axis, 0)[index] = plane
+        return apply_orientation(canonical, _inverse_ornt(self.ornt))
+
+    def mask_image(self, slices: dict[int, np.ndarray] | list[np.ndarray], axis: int = 2) -> Any:
+        """A ``nibabel.Nifti1Image`` label volume on the original grid and affine (save with ``nibabel.save``)."""
+        import nibabel as nib
+
+        volume = self.volume_from_slices(slices, axis).astype(np.uint8)
+        return nib.Nifti1Image(volume, self.affine)
+
+
+def _inverse_ornt(ornt: np.ndarray) -> np.ndarray:
+    from nibabel.orientations import axcodes2ornt, ornt_transform
+
+    return ornt_transform(axcodes2ornt(("R", "A", "S")), ornt)
+
+
+def read_nifti(
+    path: str | Path, t: int | None = None, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> NiftiVolume:
+    """Load a 3-D NIfTI volume (for 4-D files the ``t``-th volume, default 0), reoriented to RAS+.
+
+    The last two volumes read are cached (keyed by path, modification time and ``t``): rows usually name
+    many slices of one volume in a row.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MedicalImageError(f"image file not found: {path}", "missing_file")
+    stat = path.stat()
+    return _read_nifti_cached(str(path.resolve()), stat.st_mtime_ns, stat.st_size, t, max_pixels)
+
+
+def nifti_display_size(path: Path, axis: int | None = None) -> tuple[int, int]:
+    """``(width, height)`` of a display slice along ``axis`` (default 2), from the header only."""
+    import nibabel as nib
+    from nibabel.orientations import io_orientation
+
+    try:
+        image = nib.load(path)
+    except Exception as err:  # nibabel raises several types for broken headers
+        raise MedicalImageError(f"{path}: not a readable NIfTI file ({err})", "unreadable_image") from err
+    shape = list(image.shape[:3]) + [1] * (3 - len(image.shape[:3]))
+    ornt = io_orientation(image.affine)
+    canonical = [0, 0, 0]
+    for src, (dst, _flip) in enumerate(ornt):
+        canonical[int(dst)] = shape[src]
+    axis = 2 if axis is None else axis
+    rest = [canonical[k] for k in range(3) if k != axis]  # display is the transposed plane
+    return int(rest[0]), int(rest[1])
+
+
+@functools.lru_cache(maxsize=2)
+def _read_nifti_cached(path: str, _mtime: int, _size: int, t: int | None, max_pixels: int | None) -> NiftiVolume:
+    import nibabel as nib
+    from nibabel.filebasedimages import ImageFileError
+    from nibabel.orientations import apply_orientation, io_orientation
+
+    path = Path(path)
+    try:
+        image = nib.load(path)
+    except (ImageFileError, OSError, EOFError, ValueError) as err:
+        raise MedicalImageError(f"{path}: not a readable NIfTI file ({err})", "unreadable_image") from err
+    shape = tuple(int(s) for s in image.shape)
+    if len(shape) < 3:
+        shape = shape + (1,) * (3 - len(shape))
+    # a volume holds many slices: allow 64 images' worth of voxels before calling it a bomb
+    check_pixels(path, int(np.prod(shape[:3])), None if max_pixels is None else max_pixels * 64)
+    data = _read_voxels(path, image, shape, t)
+    ornt = io_orientation(image.affine)
+    return NiftiVolume(apply_orientation(data, ornt), np.asarray(image.affine), shape[:3], ornt, image.header)
+
+
+def _read_voxels(path: Path, image: Any, shape: tuple[int, ...], t: int | None) -> np.ndarray:
+    """The ``[X, Y, Z]`` voxels of volume ``t`` (default 0) in file order, reading only that volume of a 4-D file."""
+    try:
+        proxy = image.dataobj
+        if len(image.shape) > 3:
+            count = int(np.prod(image.shape[3:]))
+            index = 0 if t is None else int(t)
+            if not 0 <= index < count:
+                raise MedicalImageError(f"{path}: volume t={index} is outside 0..{count - 1}", "bad_reference")
+            if len(image.shape) == 4:
+                return np.asarray(proxy[..., index])  # reads only that volume
+            return np.asarray(proxy).reshape(shape[:3] + (-1,))[..., index]
+        return np.asarray(proxy).reshape(shape[:3])
+    except MedicalImageError:
+        raise
+    except Exception as err:  # gzip and array readers raise varied types on truncated files
+        raise MedicalImageError(f"{path}: truncated or unreadable voxel data ({err})", "truncated_image") from err
