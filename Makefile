@@ -31,12 +31,14 @@ install: $(STAMP) browser
 
 lint: install
 	$(BIN)/ruff check citrus_v tests
+	$(BIN)/lint-imports --no-logo
 
 test: install lint
 	$(BIN)/python -m pytest -q
 
+# demo_out is the demo's own output: a second run replaces it
 demo: install
-	$(BIN)/citrus-v demo
+	$(BIN)/citrus-v demo --overwrite
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache .ruff_cache
+	rm -rf $(VENV) demo_out .pytest_cache .ruff_cache .import_linter_cache

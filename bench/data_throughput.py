@@ -26,8 +26,8 @@ from citrus_v.data.corpus import CorpusOptions, write_corpus
 from citrus_v.data.dataset import RowDataset
 from citrus_v.data.packing import packed_stats, padded_stats, plan_packs
 from citrus_v.data.validate import ValidationOptions
-from citrus_v.presets import build_tiny
 from citrus_v.processing.processor import CitrusVProcessor
+from citrus_v.recipes.presets import build_tiny
 
 
 def throughput(dataset: RowDataset, processor: CitrusVProcessor, workers: int, samples: int, batch: int = 8) -> float:

@@ -1,7 +1,7 @@
 """Run ``citrus-v demo`` and print its quality table: the numbers issue 8's bar is about, per-target Dice with
 the mean-embedding control, wall time and peak memory, with the machine they ran on.
 
-    .venv/bin/python bench/demo_quality.py [--out demo_out] [--fast] [--from-scratch]
+    .venv/bin/python bench/demo_quality.py [--out demo_out] [--fast] [--from-scratch] [--overwrite]
 
 The demo runs as a child process (as ``make demo`` runs it), so its wall time and peak memory are its own.
 Exit status 0 when every target is met, 1 otherwise.
@@ -41,9 +41,10 @@ def main() -> int:
     parser.add_argument("--out", default="demo_out")
     parser.add_argument("--fast", action="store_true")
     parser.add_argument("--from-scratch", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out when it holds an earlier run")
     args = parser.parse_args()
     command = [sys.executable, "-m", "citrus_v.cli", "demo", "--out", args.out]
-    command += ["--fast"] * args.fast + ["--from-scratch"] * args.from_scratch
+    command += ["--fast"] * args.fast + ["--from-scratch"] * args.from_scratch + ["--overwrite"] * args.overwrite
     started = time.monotonic()
     result = subprocess.run(command, check=False)
     wall = time.monotonic() - started

@@ -169,7 +169,7 @@ def main() -> None:
     from test_serve_support import deployed_server, free_port
 
     with tempfile.TemporaryDirectory(prefix="citrus-v-fuzz-model-") as scratch:
-        from citrus_v.presets import build_preset
+        from citrus_v.recipes.presets import build_preset
 
         model_dir = Path(args.model) if args.model else build_preset("tiny", Path(scratch) / "tiny")
         port = free_port()

@@ -92,7 +92,7 @@ def qwen_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     from citrus_v.processing.tokenizer_builder import build_tokenizer
-    from citrus_v.processing.tokens import CHAT_TEMPLATE, ENDOFTEXT, IM_END, QWEN_SPECIAL_TOKENS
+    from citrus_v.tokens import CHAT_TEMPLATE, ENDOFTEXT, IM_END, QWEN_SPECIAL_TOKENS
 
     base = build_tokenizer(citrus_tokens=False)
     state = json.loads(base.backend_tokenizer.to_str())
@@ -126,7 +126,7 @@ def write_qwen_checkpoint(out: Path, seed: int = 0) -> Path:
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-    from citrus_v.presets import tiny_mllm_config
+    from citrus_v.recipes.presets import tiny_mllm_config
 
     torch.manual_seed(seed)
     tokenizer = qwen_tokenizer()
@@ -149,7 +149,7 @@ def write_tiny_sam2(out: Path, seed: int = 0) -> Path:
     import torch
 
     from citrus_v.modeling.grounding import GroundingEncoder
-    from citrus_v.presets import tiny_sam2_config
+    from citrus_v.recipes.presets import tiny_sam2_config
 
     torch.manual_seed(seed)
     GroundingEncoder(tiny_sam2_config()).save_pretrained(out)

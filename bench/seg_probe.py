@@ -36,7 +36,7 @@ def seg_rows(path: Path, limit: int | None) -> tuple[Path, list[str]]:
     """The segmentation rows with a ``[SEG]`` answer, written beside ``path`` (relative media stay valid),
     and the target each one names."""
     from citrus_v.data.rows import RowIssue, read_jsonl
-    from citrus_v.demo import target_of
+    from citrus_v.recipes.demo import target_of
 
     rows, targets = [], []
     for record in read_jsonl(path):
@@ -118,8 +118,8 @@ def linear_probe(train_x, train_y, test_x, test_y, steps: int = 500) -> tuple[fl
 def main() -> int:
     from demo_quality import machine
 
-    from citrus_v.demo import MeanSegEmbedding
     from citrus_v.infer.predictor import CitrusVPredictor
+    from citrus_v.recipes.demo import MeanSegEmbedding
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="checkpoint folder")

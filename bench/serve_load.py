@@ -268,7 +268,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from citrus_v.presets import build_tiny
+    from citrus_v.recipes.presets import build_tiny
     from citrus_v.serve.threads import configure_threads
 
     configure_threads("cpu", args.num_threads)  # the server's setting, before the model runs

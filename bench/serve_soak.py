@@ -253,7 +253,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the report to this file")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="citrus-v-soak-") as scratch:
-        from citrus_v.presets import build_preset
+        from citrus_v.recipes.presets import build_preset
 
         model_dir = Path(args.model) if args.model else build_preset("tiny", Path(scratch) / "tiny")
         report = run_soak(model_dir, args.seconds, args.clients, args.rss_every, args.max_rss_growth_mb)

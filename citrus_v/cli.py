@@ -24,14 +24,14 @@ COMMANDS: dict[str, str] = {
 }
 
 def _build(args: argparse.Namespace) -> int:
-    from .modeling.checkpoint import CheckpointError
+    from .checkpoint_layout import CheckpointError
 
     try:
         if args.preset:
             if args.mllm or args.sam2:
                 print("citrus-v build: give either --preset or --mllm/--sam2, not both", file=sys.stderr)
                 return 2
-            from .presets import build_preset
+            from .recipes.presets import build_preset
 
             out = build_preset(args.preset, args.out, seed=args.seed)
         else:
@@ -49,14 +49,27 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    if args.make_base:
-        from .tiny_base import make_base
+    from .recipes.output import OutputFolderError
 
-        make_base(args.make_base)
-        return 0
-    from .demo import run_demo
+    try:
+        if args.make_base:
+            from .recipes.tiny_base import make_base
 
-    run_demo(args.out, fast=args.fast, seed=args.seed, steps=args.steps, from_scratch=args.from_scratch)
+            make_base(args.make_base, overwrite=args.overwrite)
+            return 0
+        from .recipes.demo import run_demo
+
+        run_demo(
+            args.out,
+            fast=args.fast,
+            seed=args.seed,
+            steps=args.steps,
+            from_scratch=args.from_scratch,
+            overwrite=args.overwrite,
+        )
+    except OutputFolderError as err:
+        print(f"citrus-v demo: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -89,6 +102,11 @@ def make_parser() -> argparse.ArgumentParser:
         "--make-base",
         metavar="DIR",
         help="instead of the demo, train the tiny stage-1/2 base checkpoint into DIR (about 50 minutes on 2 cores)",
+    )
+    demo.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the output folder (--out, or --make-base DIR and DIR-work) when it already holds files",
     )
     demo.set_defaults(func=_demo)
 

@@ -42,7 +42,7 @@ def no_network():
 @pytest.fixture(scope="session")
 def tiny():
     """A random-init tiny model and its processor (built once; tests must not change the weights)."""
-    from citrus_v.presets import build_tiny
+    from citrus_v.recipes.presets import build_tiny
 
     model, processor = build_tiny(seed=0)
     return model, processor

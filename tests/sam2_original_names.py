@@ -192,7 +192,7 @@ def original_sam2_shapes(s: OriginalSam2) -> Shapes:
 
 
 def tiny_original_sam2(version: str = "2.0") -> OriginalSam2:
-    """The original-layout twin of ``citrus_v.presets.tiny_sam2_config`` (32-wide, 3 stages, 256 px)."""
+    """The original-layout twin of ``citrus_v.recipes.presets.tiny_sam2_config`` (32-wide, 3 stages, 256 px)."""
     return OriginalSam2(
         embed_dim=32,
         stages=(1, 1, 2),

@@ -10,10 +10,10 @@ from PIL import Image
 from transformers import Qwen2_5_VLForConditionalGeneration, Sam2Model
 
 from citrus_v import CitrusV, CitrusVProcessor
+from citrus_v.checkpoint_layout import CheckpointError
 from citrus_v.cli import main
-from citrus_v.modeling.checkpoint import CheckpointError
-from citrus_v.presets import tiny_image_processor, tiny_mllm_config, tiny_sam2_config
 from citrus_v.processing.tokenizer_builder import build_tokenizer
+from citrus_v.recipes.presets import tiny_image_processor, tiny_mllm_config, tiny_sam2_config
 
 from .conftest import seg_sample
 

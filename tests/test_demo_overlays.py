@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from citrus_v.demo import _overlay_boxes
+from citrus_v.recipes.demo import _overlay_boxes
 
 
 def test_box_overlay_draws_boxes_with_corners_in_any_order(tmp_path):

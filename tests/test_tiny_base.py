@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from citrus_v.data.corpus import CorpusOptions, write_corpus
-from citrus_v.demo import shipped_base
-from citrus_v.tiny_base import BaseRecipe, make_base
+from citrus_v.recipes.demo import shipped_base
+from citrus_v.recipes.tiny_base import BaseRecipe, make_base
 from citrus_v.train.stages import component_of
 
 
@@ -113,7 +113,7 @@ def test_make_base_runs_the_recipe_end_to_end(tmp_path):
 
 
 def test_with_documents_gives_the_reports_their_share_and_rejects_a_share_outside_0_1():
-    from citrus_v.tiny_base import SCAN_MIX, with_documents
+    from citrus_v.recipes.tiny_base import SCAN_MIX, with_documents
 
     mix = with_documents(SCAN_MIX, 0.25)
     assert mix["document"] == 0.25 and sum(mix.values()) == pytest.approx(1.0)

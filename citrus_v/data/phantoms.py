@@ -203,6 +203,23 @@ def make_anatomy(
     if (modality, region) not in INTENSITIES:
         raise ValueError(f"no phantom for {modality} {region}; choose from {sorted(INTENSITIES)}")
     zc, zr = (depth - 1) / 2.0, (max(depth, 1) * 0.75 if depth > 1 else 1e9)
+    body, organs, extras = _layout(rng, modality, region, zc, zr)
+    anatomy = Anatomy(modality, region, size, body, organs, extras, spacing_mm=float(rng.uniform(1.4, 1.8)))
+    count = int(rng.integers(0, 4)) if num_lesions is None else int(num_lesions)
+    tries = 0
+    while len(anatomy.lesions) < count and tries < 200:
+        tries += 1
+        lesion = _draw_lesion(rng, anatomy, zc, depth)
+        if lesion is not None:
+            anatomy.lesions.append(lesion)
+    return anatomy
+
+
+def _layout(
+    rng: np.random.Generator, modality: str, region: str, zc: float, zr: float
+) -> tuple[Ellipsoid, dict[str, list[Ellipsoid]], dict[str, list[Ellipsoid]]]:
+    """The body outline, the named organs and the unnamed extras (muscle, spine, aorta), jittered by ``rng``,
+    centred on slice ``zc`` with depth radius ``zr``."""
     j = lambda v, s=0.02: _jitter(rng, v, s)  # noqa: E731
 
     def part(cx, cy, rx, ry, angle=0.0, rz_scale=1.0):
@@ -234,41 +251,42 @@ def make_anatomy(
                                 0.04 if modality == "CT" else 0.4, 0.0, zc, 1e9)],
             "aorta": [Ellipsoid(j(0.47, 0.01), j(0.6, 0.01), 0.025, 0.025, 0.0, zc, 1e9)],
         }
-    anatomy = Anatomy(modality, region, size, body, organs, extras, spacing_mm=float(rng.uniform(1.4, 1.8)))
-    count = int(rng.integers(0, 4)) if num_lesions is None else int(num_lesions)
+    return body, organs, extras
+
+
+def _draw_lesion(rng: np.random.Generator, anatomy: Anatomy, zc: float, depth: int) -> Lesion | None:
+    """One random lesion in one of the anatomy's host organs, or None when the draw does not fit: it must lie
+    wholly inside its organ and stay :data:`LESION_GAP` apart from the lesions already placed."""
+    modality, region, size = anatomy.modality, anatomy.region, anatomy.size
     hosts = LESION_HOSTS[(modality, region)]
     contrast_sign = {"CT": -1.0, "MR": 1.0, "X-ray": 1.0}[modality]
-    tries = 0
-    while len(anatomy.lesions) < count and tries < 200:
-        tries += 1
-        host = hosts[int(rng.integers(0, len(hosts)))]
-        organ = anatomy.organs[host][0]
-        radius = float(rng.uniform(0.018, 0.055))
-        shape = Ellipsoid(
-            float(organ.cx + rng.uniform(-0.6, 0.6) * organ.rx),
-            float(organ.cy + rng.uniform(-0.6, 0.6) * organ.ry),
-            radius * float(rng.uniform(0.8, 1.2)),
-            radius * float(rng.uniform(0.8, 1.2)),
-            float(rng.uniform(0, np.pi)),
-            zc + float(rng.uniform(-0.2, 0.2)) * depth,
-            max(radius * size * 0.5, 1.5) if depth > 1 else 1e9,
-        )
-        mask = shape.mask(size, zc)
-        host_mask = np.zeros((size, size), dtype=bool)
-        for piece in anatomy.organs[host]:
-            host_mask |= piece.mask(size, zc)
-        # whole lesion inside its organ, and apart from the other lesions in every slice
-        if mask.sum() < 20 or (mask & ~host_mask).any():
-            continue
-        reach = _reach(shape, size)
-        if any((reach & _reach(other.shape, size)).any() for other in anatomy.lesions):
-            continue
-        levels = INTENSITIES[(modality, region)]
-        if region == "chest":
-            contrast = levels["muscle"] - levels[host] + float(rng.uniform(-20, 20))  # solid nodule in air
-        else:
-            magnitude = float(rng.uniform(35, 70)) if modality == "CT" else float(rng.uniform(200, 400))
-            contrast = contrast_sign * magnitude * (1 if rng.uniform() < 0.8 else -1)
-        wobble = (float(rng.uniform(0.0, MAX_WOBBLE)), int(rng.integers(2, 6)), float(rng.uniform(0, 2 * np.pi)))
-        anatomy.lesions.append(Lesion(shape, host, contrast, wobble))
-    return anatomy
+    host = hosts[int(rng.integers(0, len(hosts)))]
+    organ = anatomy.organs[host][0]
+    radius = float(rng.uniform(0.018, 0.055))
+    shape = Ellipsoid(
+        float(organ.cx + rng.uniform(-0.6, 0.6) * organ.rx),
+        float(organ.cy + rng.uniform(-0.6, 0.6) * organ.ry),
+        radius * float(rng.uniform(0.8, 1.2)),
+        radius * float(rng.uniform(0.8, 1.2)),
+        float(rng.uniform(0, np.pi)),
+        zc + float(rng.uniform(-0.2, 0.2)) * depth,
+        max(radius * size * 0.5, 1.5) if depth > 1 else 1e9,
+    )
+    mask = shape.mask(size, zc)
+    host_mask = np.zeros((size, size), dtype=bool)
+    for piece in anatomy.organs[host]:
+        host_mask |= piece.mask(size, zc)
+    # whole lesion inside its organ, and apart from the other lesions in every slice
+    if mask.sum() < 20 or (mask & ~host_mask).any():
+        return None
+    reach = _reach(shape, size)
+    if any((reach & _reach(other.shape, size)).any() for other in anatomy.lesions):
+        return None
+    levels = INTENSITIES[(modality, region)]
+    if region == "chest":
+        contrast = levels["muscle"] - levels[host] + float(rng.uniform(-20, 20))  # solid nodule in air
+    else:
+        magnitude = float(rng.uniform(35, 70)) if modality == "CT" else float(rng.uniform(200, 400))
+        contrast = contrast_sign * magnitude * (1 if rng.uniform() < 0.8 else -1)
+    wobble = (float(rng.uniform(0.0, MAX_WOBBLE)), int(rng.integers(2, 6)), float(rng.uniform(0, 2 * np.pi)))
+    return Lesion(shape, host, contrast, wobble)

@@ -2,7 +2,7 @@
 
 Steps (each reuses the real command's code):
 1. synthesise the corpus (``citrus-v data synth``) into ``OUT/data``;
-2. take the tiny stage-1/2 checkpoint shipped with the package (:mod:`citrus_v.tiny_base`, made by
+2. take the tiny stage-1/2 checkpoint shipped with the package (:mod:`citrus_v.recipes.tiny_base`, made by
    ``citrus-v demo --make-base``), as upstream starts stages 3-4 from its stage-2 checkpoint; with
    ``--from-scratch`` (or when the package has none) build the random-init tiny preset instead;
 3. stage 3 — everything trains, HookGrad 0.001 — on all tasks, mixed per task (``citrus-v sft --stage 3``);
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -135,7 +134,7 @@ class MeanSegEmbedding:
 
 
 def _overlay_seg(record: dict, image: Image.Image, truth: np.ndarray, out: Path) -> None:
-    from .data.medical_io import rle_to_mask
+    from ..media import rle_to_mask
 
     rgb = np.asarray(image.convert("RGB")).astype(np.float32)
     mask = record.get("parsed") or {}
@@ -187,8 +186,8 @@ def _text_card(record: dict, image: Image.Image, out: Path) -> None:
 
 def write_overlays(eval_dir: Path, out: Path, per_task: int = 3) -> list[Path]:
     """Prediction-next-to-truth pictures for a few samples of each task."""
-    from .eval.loaders import LoadOptions, load_data
-    from .eval.references import load_images, reference_masks
+    from ..eval.loaders import LoadOptions, load_data
+    from ..eval.references import load_images, reference_masks
 
     out.mkdir(parents=True, exist_ok=True)
     run = json.loads((eval_dir / "run.json").read_text())
@@ -276,62 +275,106 @@ def shipped_base() -> Path | None:
     return PACKAGED_BASE if (PACKAGED_BASE / "model.safetensors").is_file() else None
 
 
+class _Clock:
+    """Seconds spent on each step of the demo, as ``metrics.json`` records them."""
+
+    def __init__(self) -> None:
+        self.started = self.last = time.monotonic()
+        self.timings: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        """Record the time since the last lap as step ``name``."""
+        self.timings[name] = round(time.monotonic() - self.last, 1)
+        self.last = time.monotonic()
+
+    def total(self) -> None:
+        self.timings["total"] = round(time.monotonic() - self.started, 1)
+
+
 def run_demo(
     out: str | Path = "demo_out",
     fast: bool = False,
     seed: int = 0,
     steps: int | None = None,
     from_scratch: bool = False,
+    overwrite: bool = False,
 ) -> dict:
-    """Run the whole demo into ``out``; return the headline numbers."""
-    from .data.corpus import CorpusOptions, write_corpus
-    from .eval.backends import InProcessBackend
-    from .eval.runner import EvalConfig, run_eval
-    from .infer.predictor import CitrusVPredictor
-    from .presets import build_preset
-    from .tiny_base import SCAN_MIX, mixed_dataset, split_by_task, with_documents
-    from .train.callbacks import plot_loss_curves
+    """Run the whole demo into ``out``; return the headline numbers. ``out`` must be absent or empty unless
+    ``overwrite`` is set, which replaces it."""
+    from .output import prepare_output_dir
+    from .tiny_base import split_by_task
 
     plan = DemoPlan.fast() if fast else DemoPlan()
     if steps is not None:
         plan.stage3_steps = plan.stage4_steps = steps
-    out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    started = time.monotonic()
-    timings: dict[str, float] = {}
+    out = prepare_output_dir(out, overwrite, "--out")
+    clock = _Clock()
+    _synthesise(out, plan, seed)
+    clock.lap("data")
+    shipped = None if from_scratch else shipped_base()
+    base, lr = _start(shipped, out, plan, seed)
+    clock.lap("build")
+    files = split_by_task(out / "data" / "train.jsonl")
+    stage3 = _stage3(files, base, out, plan, seed, lr)
+    clock.lap("stage3")
+    seg_lr = plan.seg_learning_rate if shipped is not None else lr
+    checkpoint = _stage4(files, stage3, out, plan, seed, seg_lr)
+    clock.lap("stage4")
+    result, control = _evaluate(checkpoint, out, plan, seed)
+    clock.lap("eval")
+    numbers = _write_results(result, control, clock, out, plan, base)
+    _say(f"\nreport: {out / 'report.md'}")
+    _say(f"serve it:  citrus-v deploy --model {checkpoint} --port 8000 --served_model_name citrus-v-tiny")
+    _say("open app:  citrus-v app --api http://127.0.0.1:8000/v1 --port 7860")
+    return numbers
 
-    def lap(name: str, since: float) -> float:
-        timings[name] = round(time.monotonic() - since, 1)
-        return time.monotonic()
 
-    t = time.monotonic()
+def _synthesise(out: Path, plan: DemoPlan, seed: int) -> None:
+    """Step 1: the phantom corpus in ``out/data``."""
+    from ..data.corpus import CorpusOptions, write_corpus
+
     extra = f" and {plan.test_images} more held-out ones" if plan.test_images else ""
     _say(f"[1/6] synthesising {plan.images} phantom images{extra}, and their rows")
     options = CorpusOptions(n=plan.images, seed=seed, documents=plan.documents, test_images=plan.test_images)
     summary = write_corpus(out / "data", options)
-    t = lap("data", t)
     _say(f"      rows: {summary.rows}")
-    shipped = None if from_scratch else shipped_base()
+
+
+def _start(shipped: Path | None, out: Path, plan: DemoPlan, seed: int) -> tuple[Path, float]:
+    """Step 2: the checkpoint stage 3 starts from (the shipped base, else the random-init tiny preset in
+    ``out/base``) and stage 3's learning rate for it."""
+    from .presets import build_preset
+
     if shipped is not None:
         _say(f"[2/6] starting from the shipped tiny stage-1/2 checkpoint ({shipped})")
-        base, lr = shipped, plan.base_learning_rate
-    else:
-        _say("[2/6] building the tiny preset (random weights)")
-        base, lr = build_preset("tiny", out / "base", seed=seed), plan.learning_rate
-    t = lap("build", t)
-    files = split_by_task(out / "data" / "train.jsonl")
+        return shipped, plan.base_learning_rate
+    _say("[2/6] building the tiny preset (random weights)")
+    return build_preset("tiny", out / "base", seed=seed), plan.learning_rate
+
+
+def _stage3(files: dict[str, Path], base: Path, out: Path, plan: DemoPlan, seed: int, lr: float) -> Path:
+    """Step 3: everything trains on all tasks, mixed per task, into ``out/stage3``."""
+    from .tiny_base import SCAN_MIX, mixed_dataset, with_documents
+
     _say(f"[3/6] stage 3: everything trains (HookGrad 0.001), {plan.stage3_steps} steps")
     mix = {task: share for task, share in with_documents(SCAN_MIX, plan.stage3_documents).items() if task in files}
     dataset = mixed_dataset(files, mix, plan.stage3_steps * plan.batch_size)
-    stage3 = _sft(base, dataset, out / "stage3", 3, plan.stage3_steps, plan, seed, lr)
-    t = lap("stage3", t)
+    return _sft(base, dataset, out / "stage3", 3, plan.stage3_steps, plan, seed, lr)
+
+
+def _stage4(files: dict[str, Path], stage3: Path, out: Path, plan: DemoPlan, seed: int, lr: float) -> Path:
+    """Step 4: the seg projector and SAM 2 on the segmentation rows, into ``out/checkpoint``."""
     _say(f"[4/6] stage 4: seg projector + SAM 2 only, {plan.stage4_steps} steps")
     seg_rows = [str(files["segmentation"])]
-    seg_lr = plan.seg_learning_rate if shipped is not None else lr
-    checkpoint = _sft(stage3, seg_rows, out / "checkpoint", 4, plan.stage4_steps, plan, seed, seg_lr)
-    t = lap("stage4", t)
+    return _sft(stage3, seg_rows, out / "checkpoint", 4, plan.stage4_steps, plan, seed, lr)
+
+
+def _evaluate(checkpoint: Path, out: Path, plan: DemoPlan, seed: int) -> tuple[Any, dict | None]:
+    """Step 5: every task on the held-out split into ``out/eval``, then the mean-``[SEG]`` control into
+    ``out/eval_control``; returns the eval result and the control's numbers (None when it could not run)."""
+    from ..eval.backends import InProcessBackend
+    from ..eval.runner import EvalConfig, run_eval
+    from ..infer.predictor import CitrusVPredictor
 
     _say("[5/6] evaluating on the held-out test split")
     predictor = CitrusVPredictor.from_pretrained(checkpoint)
@@ -364,7 +407,12 @@ def run_demo(
         _say(f"      control skipped: {err}")
     finally:
         control_hook.remove()
-    t = lap("eval", t)
+    return result, control
+
+
+def _write_results(result: Any, control: dict | None, clock: _Clock, out: Path, plan: DemoPlan, base: Path) -> dict:
+    """Step 6: loss curves, overlays, ``out/metrics.json`` and ``out/report.md``; returns the headline numbers."""
+    from ..train.callbacks import plot_loss_curves
 
     _say("[6/6] writing the report and pictures")
     curves = {}
@@ -376,8 +424,8 @@ def run_demo(
     write_montage([p for p in overlays if p.stem.startswith(("seg_", "det_"))], out / "overlays.png")
     numbers = headline_numbers(result.tasks, control, out / "eval" / "predictions.jsonl")
     per_target = dice_per_target(out / "eval" / "predictions.jsonl")
-    lap("report", t)
-    timings["total"] = round(time.monotonic() - started, 1)
+    clock.lap("report")
+    clock.total()
     metrics = {
         "plan": plan.__dict__,
         "base": str(base),
@@ -385,15 +433,12 @@ def run_demo(
         "targets": TARGETS,
         "dice_per_target": per_target,
         "control": control,
-        "timings_s": timings,
+        "timings_s": clock.timings,
         "tasks": result.tasks,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
-    report = _report(numbers, per_target, control, timings, overlays, curves, plan, out, base)
+    report = _report(numbers, per_target, control, clock.timings, overlays, curves, plan, out, base)
     (out / "report.md").write_text(report)
-    _say(f"\nreport: {out / 'report.md'}")
-    _say(f"serve it:  citrus-v deploy --model {checkpoint} --port 8000 --served_model_name citrus-v-tiny")
-    _say("open app:  citrus-v app --api http://127.0.0.1:8000/v1 --port 7860")
     return numbers
 
 

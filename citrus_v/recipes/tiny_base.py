@@ -4,21 +4,19 @@ Upstream runs stages 3 and 4 from a checkpoint that already went through stages 
 pretrained SAM 2). The demo does the same with a tiny model: ``citrus_v/weights/tiny-base`` ships with
 the package, made by one command::
 
-    citrus-v demo --make-base citrus_v/weights/tiny-base
+    citrus-v demo --make-base citrus_v/weights/tiny-base --overwrite
 
 which synthesises its own corpus (a different seed from the demo's, so the demo's held-out images are
 new to it), builds the tiny preset and runs ``citrus-v sft`` stages on it, in this order:
 
 1. stage 2 — the whole MLLM — in three parts, each mixed by ``FILE#N`` per task (more detection and closed
-   questions than the corpus holds), with the training-only lesion-map and lesion-count losses
-   (:mod:`citrus_v.modeling.lesion_map`, :mod:`citrus_v.modeling.lesion_count`):
+   questions than the corpus holds), with the training-only objectives of :mod:`citrus_v.objectives`
+   (the scans' rows carry lesion annotations, the lab reports a character map):
    first the scans' tasks alone (:data:`SCAN_MIX`), then every task with 45% of the samples lab reports
-   (:data:`READING_MIX`), where the text-map and copy-attention losses teach the reading
-   (:mod:`citrus_v.modeling.copy_attention`), then the scans again with a third lab reports at half the rate
-   (:data:`REFRESH_MIX`). Reading comes second because learning it from the start cost the tiny model its
-   eye for lesions: with reports in the mix from step 0, "segment the lesion" was answered right on 0.59 of
-   held-out images instead of 0.97 (BENCHMARKS.md, demo quality). Reading in turn costs counting, which the
-   third part wins back in part;
+   (:data:`READING_MIX`), where the reading objectives teach the reading, then the scans again with a third
+   lab reports at half the rate (:data:`REFRESH_MIX`). Reading comes second because learning it from the
+   start cost the tiny model its eye for lesions (docs/experiments/ keeps the measurements). Reading in turn
+   costs counting, which the third part wins back in part;
 2. stage 4 — seg projector and SAM 2 — on the segmentation rows: SAM is random in the tiny preset, so this
    stands in for loading Meta's pretrained SAM 2 weights. It runs in two parts, as SAM itself learns
    prompts before it learns language: first every training mask also gets a positive point inside its
@@ -28,8 +26,8 @@ new to it), builds the tiny preset and runs ``citrus-v sft`` stages on it, in th
 3. stage 2 once more, on the closed questions alone with the vision tower frozen (``--freeze_vit``; the seg
    modules are frozen in stage 2 anyway), so that only the language model and the aligner learn. In the
    mixed parts the counting questions are a few percent of the samples, and the language model read the
-   count on 0.66 of held-out scans where its image tokens hold about 0.80; this part brings it to 0.76
-   (BENCHMARKS.md, demo quality). It comes after stage 4 because it does not touch the tower or SAM 2.
+   count less often than its image tokens hold it; this part closes most of that gap. It comes after
+   stage 4 because it does not touch the tower or SAM 2.
 
 Each stage's ``logging.jsonl`` and loss curves stay next to the checkpoint (``recipe/``).
 """
@@ -42,7 +40,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-PACKAGED_BASE = Path(__file__).parent / "weights" / "tiny-base"
+PACKAGED_BASE = Path(__file__).parent.parent / "weights" / "tiny-base"
 # files of a training run's folder that are not part of the checkpoint
 RUN_RECORDS = ("training_args.bin", "logging.jsonl", "loss_curves.png", "sft_args.json")
 
@@ -165,8 +163,8 @@ def run_stage(
     """One ``citrus-v sft --stage N`` run as the demo and the base recipe use it (cosine decay, no weight decay,
     one loader worker); checkpoints every ``save_steps`` (the last two kept), none when None; ``freeze_vit``
     as upstream's flag (None: the stage decides)."""
-    from .train.arguments import SftArguments
-    from .train.sft import run_sft
+    from ..train.arguments import SftArguments
+    from ..train.sft import run_sft
 
     args = SftArguments(
         model=str(model),
@@ -207,17 +205,19 @@ def _stage(
     )
 
 
-def write_base(out: Path, stages: dict[str, Path], recipe: BaseRecipe, timings: dict[str, float]) -> None:
+def write_base(
+    out: Path, stages: dict[str, Path], recipe: BaseRecipe, timings: dict[str, float], overwrite: bool = False
+) -> None:
     """Write the base folder ``out``: the model and processor files of the last of ``stages`` (name -> run
-    folder, in order), and in ``out/recipe`` each stage's log and loss curves, the recipe and the timings."""
+    folder, in order), and in ``out/recipe`` each stage's log and loss curves, the recipe and the timings.
+    ``out`` must be absent or empty unless ``overwrite`` is set, which replaces it."""
     import torch
 
-    from .train.callbacks import plot_loss_curves
+    from ..train.callbacks import plot_loss_curves
+    from .output import prepare_output_dir
 
     last = list(stages.values())[-1]
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    prepare_output_dir(out, overwrite, "--make-base folder")
     for item in last.iterdir():
         # the model and processor files; the run's own records go to recipe/
         if item.is_file() and item.name not in RUN_RECORDS:
@@ -233,27 +233,10 @@ def write_base(out: Path, stages: dict[str, Path], recipe: BaseRecipe, timings: 
     (notes / "recipe.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
-def make_base(out: str | Path, work: str | Path | None = None, recipe: BaseRecipe | None = None) -> Path:
-    """Run the recipe and write the tiny base checkpoint to ``out`` (with its curves in ``out/recipe``)."""
-    from .data.corpus import CorpusOptions, write_corpus
-    from .presets import build_preset
-
-    recipe = recipe or BaseRecipe()
-    out = Path(out)
-    work = Path(work) if work is not None else out.parent / f"{out.name}-work"
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    timings: dict[str, float] = {}
-    started = time.monotonic()
-    print(f"[1/7] synthesising {recipe.images} images (seed {recipe.corpus_seed})", flush=True)
-    write_corpus(work / "data", CorpusOptions(n=recipe.images, seed=recipe.corpus_seed, documents=recipe.documents))
-    files = split_by_task(work / "data" / "train.jsonl")
-    timings["data"] = round(time.monotonic() - started, 1)
-    print("[2/7] building the tiny preset", flush=True)
-    base = build_preset("tiny", work / "preset", seed=recipe.seed)
-    # stage 2 in three parts, each from the one before, with its own mix, length and rate
-    stage2_parts = [
+def stage2_parts(recipe: BaseRecipe) -> list[tuple[str, str, dict[str, float], int, float]]:
+    """Stage 2 in three parts, each from the one before, with its own mix, length and rate:
+    (name, what it teaches, mix, steps, learning rate)."""
+    return [
         ("stage2", "the scans: the whole MLLM", recipe.mix, recipe.stage2_steps, recipe.stage2_learning_rate),
         (
             "stage2_reading",
@@ -270,9 +253,34 @@ def make_base(out: str | Path, work: str | Path | None = None, recipe: BaseRecip
             recipe.refresh_learning_rate,
         ),
     ]
+
+
+def make_base(
+    out: str | Path, work: str | Path | None = None, recipe: BaseRecipe | None = None, overwrite: bool = False
+) -> Path:
+    """Run the recipe and write the tiny base checkpoint to ``out`` (with its curves in ``out/recipe``), its
+    runs in ``work`` (default: ``OUT-work`` next to ``out``). Either folder must be absent or empty unless
+    ``overwrite`` is set, which replaces them; both are checked before anything runs."""
+    from ..data.corpus import CorpusOptions, write_corpus
+    from .output import check_output_dir, prepare_output_dir
+    from .presets import build_preset
+
+    recipe = recipe or BaseRecipe()
+    out = Path(out)
+    work = Path(work) if work is not None else out.parent / f"{out.name}-work"
+    check_output_dir(out, overwrite, "--make-base folder")
+    prepare_output_dir(work, overwrite, "--make-base folder")
+    timings: dict[str, float] = {}
+    started = time.monotonic()
+    print(f"[1/7] synthesising {recipe.images} images (seed {recipe.corpus_seed})", flush=True)
+    write_corpus(work / "data", CorpusOptions(n=recipe.images, seed=recipe.corpus_seed, documents=recipe.documents))
+    files = split_by_task(work / "data" / "train.jsonl")
+    timings["data"] = round(time.monotonic() - started, 1)
+    print("[2/7] building the tiny preset", flush=True)
+    base = build_preset("tiny", work / "preset", seed=recipe.seed)
     parts: dict[str, Path] = {}
     stage2 = base
-    for number, (name, what, mix, steps, lr) in enumerate(stage2_parts, start=3):
+    for number, (name, what, mix, steps, lr) in enumerate(stage2_parts(recipe), start=3):
         t = time.monotonic()
         print(f"[{number}/7] stage 2, {what}, {steps} steps", flush=True)
         dataset = mixed_dataset(files, mix, steps * recipe.batch_size)
@@ -307,6 +315,6 @@ def make_base(out: str | Path, work: str | Path | None = None, recipe: BaseRecip
     timings["stage2_closed"] = round(time.monotonic() - t, 1)
 
     timings["total"] = round(time.monotonic() - started, 1)
-    write_base(out, parts, recipe, timings)
+    write_base(out, parts, recipe, timings, overwrite=overwrite)
     print(f"wrote the tiny base checkpoint to {out} in {timings['total']:.0f} s", flush=True)
     return out

@@ -125,10 +125,8 @@ def _context_length(predictor) -> int | None:
 
 def create_app(predictor: CitrusVPredictor, settings: ServerSettings) -> FastAPI:
     """Build the FastAPI app serving ``predictor`` under ``settings.served_model_name``."""
-    batcher = DynamicBatcher(predictor, settings.max_batch_size, settings.max_wait_ms)
-    policy = MediaPolicy(settings.allowed_local_media_path, settings.max_image_pixels)
-    created = int(time.time())
-    context_length = _context_length(predictor)
+    chat = _ChatService(predictor, settings)
+    batcher = chat.batcher
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -147,6 +145,14 @@ def create_app(predictor: CitrusVPredictor, settings: ServerSettings) -> FastAPI
     app.state.batcher = batcher
     app.state.settings = settings
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    _add_error_handlers(app)
+    _add_model_routes(app, chat)
+    _add_chat_route(app, chat)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as an OpenAI-style body: API errors, invalid requests, HTTP errors and anything unexpected."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError) -> JSONResponse:
@@ -168,45 +174,97 @@ def create_app(predictor: CitrusVPredictor, settings: ServerSettings) -> FastAPI
         logger.exception("unexpected error")
         return _error(500, f"internal error: {type(err).__name__}", "internal_error", "server_error")
 
-    def require_key(request: Request) -> None:
-        if settings.api_key is None:
+
+def _add_model_routes(app: FastAPI, chat: _ChatService) -> None:
+    """``GET /health``, ``GET /v1/models`` and ``GET /v1/models/{model_id}``."""
+    settings = chat.settings
+
+    @app.get("/health", response_model=Health)
+    async def health() -> Health:
+        return Health(model=settings.served_model_name, queued=chat.batcher.queued)
+
+    @app.get(
+        "/v1/models", response_model=ModelList, dependencies=[Depends(chat.require_key)], responses=_ERROR_RESPONSES
+    )
+    async def list_models() -> ModelList:
+        return ModelList(data=[ModelCard(id=settings.served_model_name, created=chat.created)])
+
+    @app.get(
+        "/v1/models/{model_id}",
+        response_model=ModelCard,
+        dependencies=[Depends(chat.require_key)],
+        responses=_ERROR_RESPONSES,
+    )
+    async def get_model(model_id: str) -> ModelCard:
+        chat.check_model(model_id)
+        return ModelCard(id=settings.served_model_name, created=chat.created)
+
+
+def _add_chat_route(app: FastAPI, chat: _ChatService) -> None:
+    """``POST /v1/chat/completions``: one JSON answer, or server-sent events with ``stream: true``."""
+
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletion,
+        dependencies=[Depends(chat.require_key)],
+        responses={**_ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
+    )
+    async def chat_completions(body: ChatCompletionRequest):
+        with chat.batcher.arriving():  # a batch being gathered waits for this request
+            job = await run_in_threadpool(chat.job, body)  # image decoding stays off the event loop
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                chat.stream(job, completion_id, body.model, include_usage), media_type="text/event-stream"
+            )
+        return await chat.complete(job, completion_id, body.model)
+
+
+def _usage(result: JobResult) -> Usage:
+    return Usage(
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        total_tokens=result.prompt_tokens + result.completion_tokens,
+    )
+
+
+class _ChatService:
+    """What the routes share: the settings, the batcher running ``predictor``, the media policy, and the steps
+    of a chat completion (check the key and the model, turn the body into a job, answer it whole or streamed)."""
+
+    def __init__(self, predictor: CitrusVPredictor, settings: ServerSettings) -> None:
+        self.predictor = predictor
+        self.settings = settings
+        self.batcher = DynamicBatcher(predictor, settings.max_batch_size, settings.max_wait_ms)
+        self.policy = MediaPolicy(settings.allowed_local_media_path, settings.max_image_pixels)
+        self.created = int(time.time())
+        self.context_length = _context_length(predictor)
+
+    def require_key(self, request: Request) -> None:
+        """The API-key check every ``/v1`` route depends on (none when the server has no key)."""
+        if self.settings.api_key is None:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise ApiError(401, "missing API key: send 'Authorization: Bearer KEY'", "missing_api_key")
-        if not secrets.compare_digest(token.strip().encode(), settings.api_key.encode()):
+        if not secrets.compare_digest(token.strip().encode(), self.settings.api_key.encode()):
             raise ApiError(401, "incorrect API key", "invalid_api_key")
 
-    @app.get("/health", response_model=Health)
-    async def health() -> Health:
-        return Health(model=settings.served_model_name, queued=batcher.queued)
-
-    @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(require_key)], responses=_ERROR_RESPONSES)
-    async def list_models() -> ModelList:
-        return ModelList(data=[ModelCard(id=settings.served_model_name, created=created)])
-
-    @app.get(
-        "/v1/models/{model_id}",
-        response_model=ModelCard,
-        dependencies=[Depends(require_key)],
-        responses=_ERROR_RESPONSES,
-    )
-    async def get_model(model_id: str) -> ModelCard:
-        _check_model(model_id)
-        return ModelCard(id=settings.served_model_name, created=created)
-
-    def _check_model(name: str) -> None:
-        if name != settings.served_model_name:
+    def check_model(self, name: str) -> None:
+        if name != self.settings.served_model_name:
             raise ApiError(
                 404,
-                f"the model {name!r} does not exist; this server serves {settings.served_model_name!r}",
+                f"the model {name!r} does not exist; this server serves {self.settings.served_model_name!r}",
                 "model_not_found",
                 param="model",
             )
 
-    def _job(body: ChatCompletionRequest) -> Job:
-        _check_model(body.model)
+    def job(self, body: ChatCompletionRequest) -> Job:
+        """The batcher's job for ``body``, its images loaded; raises :class:`ApiError` for a request it refuses."""
+        settings = self.settings
+        self.check_model(body.model)
         max_tokens = body.max_completion_tokens or body.max_tokens or settings.default_max_tokens
         if max_tokens > settings.max_tokens_limit:
             raise ApiError(
@@ -217,13 +275,13 @@ def create_app(predictor: CitrusVPredictor, settings: ServerSettings) -> FastAPI
             )
 
         def load(url: str, param: str):
-            return load_image_url(url, policy, param)
+            return load_image_url(url, self.policy, param)
 
         try:
             request = to_request(body.messages, load)
         except MediaError as err:
             raise ApiError(err.status, err.message, err.code, param=err.param) from err
-        _check_length(request, max_tokens)
+        self.check_length(request, max_tokens)
         temperature = body.temperature if body.temperature is not None else 0.0
         return Job(
             request=request,
@@ -234,11 +292,12 @@ def create_app(predictor: CitrusVPredictor, settings: ServerSettings) -> FastAPI
             stop=body.stop_list(),
         )
 
-    def _check_length(request, max_tokens: int) -> None:
+    def check_length(self, request, max_tokens: int) -> None:
+        context_length = self.context_length
         if context_length is None:
             return
         text = "".join(str(m["content"]) for m in request.history) + request.prompt + (request.system or "")
-        tokens = len(predictor.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+        tokens = len(self.predictor.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
         if tokens + max_tokens > context_length:
             raise ApiError(
                 400,
@@ -248,36 +307,25 @@ def create_app(predictor: CitrusVPredictor, settings: ServerSettings) -> FastAPI
                 param="messages",
             )
 
-    def _raise_for(err: BaseException) -> None:
+    @staticmethod
+    def raise_for(err: BaseException) -> None:
         from ..processing.processor import ProcessorError
 
         if isinstance(err, ProcessorError):
             raise ApiError(400, f"the request cannot be encoded: {err}", "invalid_message") from err
         raise err
 
-    @app.post(
-        "/v1/chat/completions",
-        response_model=ChatCompletion,
-        dependencies=[Depends(require_key)],
-        responses={**_ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
-    )
-    async def chat_completions(body: ChatCompletionRequest):
-        with batcher.arriving():  # a batch being gathered waits for this request
-            job = await run_in_threadpool(_job, body)  # image decoding stays off the event loop
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(
-                _stream(job, completion_id, body.model, include_usage), media_type="text/event-stream"
-            )
-        future = batcher.submit(job)
+    async def complete(self, job: Job, completion_id: str, model: str) -> ChatCompletion:
+        """Run ``job`` and answer it whole; 504 past the request timeout (the job is then cancelled)."""
+        timeout = self.settings.request_timeout
+        future = self.batcher.submit(job)
         try:
-            result: JobResult = await asyncio.wait_for(asyncio.shield(future), settings.request_timeout)
+            result: JobResult = await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:
             job.cancelled.set()
             raise ApiError(
                 504,
-                f"generation took longer than the request timeout of {settings.request_timeout:g} s and was cancelled",
+                f"generation took longer than the request timeout of {timeout:g} s and was cancelled",
                 "timeout",
                 "timeout_error",
             ) from None
@@ -285,13 +333,13 @@ def create_app(predictor: CitrusVPredictor, settings: ServerSettings) -> FastAPI
             job.cancelled.set()
             raise
         except Exception as err:  # noqa: BLE001 - mapped to an API error or re-raised
-            _raise_for(err)
+            self.raise_for(err)
         prediction = result.prediction
         grounding = await run_in_threadpool(to_grounding, prediction)  # RLE-encoding large masks takes a while
         return ChatCompletion(
             id=completion_id,
             created=int(time.time()),
-            model=body.model,
+            model=model,
             choices=[
                 Choice(
                     message=AssistantMessage(
@@ -300,18 +348,16 @@ def create_app(predictor: CitrusVPredictor, settings: ServerSettings) -> FastAPI
                     finish_reason=result.finish_reason,
                 )
             ],
-            usage=Usage(
-                prompt_tokens=result.prompt_tokens,
-                completion_tokens=result.completion_tokens,
-                total_tokens=result.prompt_tokens + result.completion_tokens,
-            ),
+            usage=_usage(result),
         )
 
-    async def _stream(job: Job, completion_id: str, model: str, include_usage: bool) -> AsyncIterator[str]:
+    async def stream(self, job: Job, completion_id: str, model: str, include_usage: bool) -> AsyncIterator[str]:
+        """Run ``job`` and answer it as server-sent events: the text as it grows, then the grounding, the finish
+        reason and (when asked) the usage; an error after the status line is sent is reported in the stream."""
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue[str | None] = asyncio.Queue()
         job.on_text = lambda text: loop.call_soon_threadsafe(updates.put_nowait, text)
-        future = batcher.submit(job)
+        future = self.batcher.submit(job)
         future.add_done_callback(lambda _: updates.put_nowait(None))
         created_at = int(time.time())
 
@@ -325,7 +371,7 @@ def create_app(predictor: CitrusVPredictor, settings: ServerSettings) -> FastAPI
             )
             return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
 
-        deadline = loop.time() + settings.request_timeout
+        deadline = loop.time() + self.settings.request_timeout
         sent = ""
         try:
             yield event(Delta(role="assistant", content=""))
@@ -343,14 +389,9 @@ def create_app(predictor: CitrusVPredictor, settings: ServerSettings) -> FastAPI
             yield event(Delta(content=rest, reasoning_content=prediction.think, grounding=grounding))
             yield event(Delta(), finish=result.finish_reason)
             if include_usage:
-                usage = Usage(
-                    prompt_tokens=result.prompt_tokens,
-                    completion_tokens=result.completion_tokens,
-                    total_tokens=result.prompt_tokens + result.completion_tokens,
-                )
-                yield event(Delta(), usage=usage, choices=False)
+                yield event(Delta(), usage=_usage(result), choices=False)
         except TimeoutError:
-            message = f"generation took longer than the request timeout of {settings.request_timeout:g} s"
+            message = f"generation took longer than the request timeout of {self.settings.request_timeout:g} s"
             yield f"data: {json.dumps(error_body(message, 'timeout_error', 'timeout'))}\n\n"
         except Exception as err:  # noqa: BLE001 - the status line is sent: report in the stream
             logger.warning("streamed generation failed: %s", err)
@@ -359,8 +400,6 @@ def create_app(predictor: CitrusVPredictor, settings: ServerSettings) -> FastAPI
             if not future.done():
                 job.cancelled.set()
         yield "data: [DONE]\n\n"
-
-    return app
 
 
 def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
