@@ -119,3 +119,17 @@ def test_text_only_request_and_reasoning_parts(predictor):
 def test_seg_labels():
     assert seg_labels("Sure, the lesion [SEG] and the liver [SEG].", "[SEG]") == ["lesion", "liver"]
     assert seg_labels("Sure, it is [SEG].", "[SEG]") == [None]
+
+
+def test_a_seed_gives_the_same_sample_and_leaves_the_process_random_state_alone(tiny):
+    model, processor = tiny
+    predictor = CitrusVPredictor(model, processor)
+    image = phantom(3).image
+    before = torch.get_rng_state()
+    settings = {"temperature": 1.0, "top_p": 0.9, "max_new_tokens": 8}
+    first = predictor.predict(image, "<image>Describe the scan.", seed=11, **settings).text
+    assert torch.equal(torch.get_rng_state(), before)  # no process-wide reseeding
+    torch.manual_seed(123)  # whatever the global state, the seed decides
+    assert predictor.predict(image, "<image>Describe the scan.", seed=11, **settings).text == first
+    others = {predictor.predict(image, "<image>Describe the scan.", seed=s, **settings).text for s in range(6)}
+    assert len(others) > 1  # a random tiny model samples different answers for different seeds

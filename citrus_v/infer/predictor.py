@@ -22,8 +22,9 @@ from transformers import LogitsProcessorList, StoppingCriteriaList, StopStringCr
 from ..modeling.modeling_citrus_v import CitrusV
 from ..processing.images import ImageInput, load_image
 from ..processing.processor import CitrusVProcessor
-from ..processing.tokens import ENDOFTEXT, IM_END, SEG_TOKEN
-from .results import MaskResult, Prediction, seg_labels
+from ..tokens import ENDOFTEXT, IM_END, SEG_TOKEN
+from .results import MaskResult, Prediction, cut_at_stop, seg_labels
+from .sampling import SeededSampling, seeded_generator
 from .seg_capture import SegCapture
 
 logger = logging.getLogger(__name__)
@@ -120,8 +121,11 @@ class CitrusVPredictor:
         batch = self._to_device(batch)
         prompt_length = batch["input_ids"].shape[1]
         generate_kwargs = settings.generate_kwargs()
-        if settings.seed is not None:
-            torch.manual_seed(settings.seed)
+        if settings.seed is not None and settings.temperature > 0:
+            # the request's own generator: no process-wide reseeding (see sampling.py)
+            sampler = SeededSampling(settings.temperature, settings.top_p, seeded_generator(settings.seed))
+            logits_processor = LogitsProcessorList([*(logits_processor or []), sampler])
+            generate_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if settings.stop:
             generate_kwargs["stopping_criteria"] = StoppingCriteriaList(
                 [StopStringCriteria(self.processor.tokenizer, list(settings.stop))]
@@ -144,8 +148,6 @@ class CitrusVPredictor:
         for row, images in enumerate(loaded):
             tokens = self._strip(generated[row].tolist())
             text = self.processor.tokenizer.decode(tokens, skip_special_tokens=False)
-            if settings.stop:
-                text = _cut_at_stop(text, settings.stop)
             prediction = Prediction(
                 text=text,
                 image_size=images[0].size if images else None,
@@ -153,7 +155,7 @@ class CitrusVPredictor:
             )
             prediction.masks = self._masks(row, states[row][: prediction.num_seg_tokens], images, batch, text)
             prediction.boxes = self._boxes(text, images)
-            predictions.append(prediction)
+            predictions.append(cut_at_stop(prediction, settings.stop)[0])
         return predictions
 
     # --- helpers -----------------------------------------------------------------------------------------
@@ -240,21 +242,16 @@ class CitrusVPredictor:
                 stacklevel=3,
             )
             return []
-        hidden = torch.stack(states)
         with torch.no_grad():
-            embeddings, points = self.model.seg_prompts(hidden)
-            features = self.model.grounding_encoder.image_features(batch["sam_pixel_values"][row : row + 1])
-            decoded = self.model.grounding_encoder.decode(
-                features, embeddings, self.model.config.multimask_output, points=points
-            )
+            decoded = self.model.decode_masks([torch.stack(states)], batch["sam_pixel_values"][row : row + 1])
         width, height = images[0].size
-        logits = F.interpolate(decoded.logits[:, None].float(), size=(height, width), mode="bilinear")
+        logits = F.interpolate(decoded.masks[0][:, None].float(), size=(height, width), mode="bilinear")
         masks = (logits[:, 0].sigmoid() > self.mask_threshold).cpu().numpy()
         labels = seg_labels(text, SEG_TOKEN)
         return [
             MaskResult(
                 mask=masks[k],
-                score=float(decoded.iou_scores[k]),
+                score=float(decoded.scores[0][k]),
                 label=labels[k] if k < len(labels) else None,
                 index=k,
             )
@@ -269,11 +266,6 @@ class CitrusVPredictor:
         if not images:
             return []
         return box_module.parse_boxes_to_original(text, images[0].size, self.processor)
-
-
-def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
-    cut = min((text.find(s) for s in stops if s and s in text), default=-1)
-    return text[:cut] if cut >= 0 else text
 
 
 def masks_to_array(prediction: Prediction) -> np.ndarray:

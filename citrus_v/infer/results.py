@@ -1,13 +1,18 @@
-"""What a prediction returns: text, reasoning parts, boxes and masks in original-image pixels."""
+"""What a prediction returns: text, reasoning parts, boxes and masks in original-image pixels.
+
+numpy only: the web app and the server's response code read these types without torch or the model.
+"""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ..processing.boxes import Box  # one box type for parsing, prediction and serving
+from ..media.boxes import Box  # one box type for parsing, prediction, serving and the app
+from ..tokens import SEG_TOKEN
 
 _THINK = re.compile(r"<think>(.*?)</think>", re.S)
 _ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.S)
@@ -76,3 +81,14 @@ def seg_labels(text: str, seg_token: str) -> list[str | None]:
             previous = stripped
         labels.append(previous or None)
     return labels
+
+
+def cut_at_stop(prediction: Prediction, stops: Sequence[str]) -> tuple[Prediction, bool]:
+    """Cut the text at the first stop string and drop the masks of ``[SEG]`` tokens past the cut; whether it
+    was cut. The one stop-string cut of the predictor and the server."""
+    cut = min((prediction.text.find(s) for s in stops if s and s in prediction.text), default=-1)
+    if cut < 0:
+        return prediction, False
+    text = prediction.text[:cut]
+    kept = text.count(SEG_TOKEN)
+    return replace(prediction, text=text, masks=prediction.masks[:kept], num_seg_tokens=kept), True

@@ -24,15 +24,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..infer.predictor import CitrusVPredictor, Request
-from ..infer.results import Prediction
-from ..processing.tokens import SEG_TOKEN
+from ..infer.results import Prediction, cut_at_stop
 
 logger = logging.getLogger(__name__)
 
@@ -132,16 +131,6 @@ class RowControl(LogitsProcessor):
         """
         length = self.lengths[row]
         return max(self.calls - 1, 0) if length is None else length
-
-
-def cut_at_stop(prediction: Prediction, stops: Sequence[str]) -> tuple[Prediction, bool]:
-    """Cut the text at the first stop string and drop masks of ``[SEG]`` tokens past the cut."""
-    cut = min((prediction.text.find(s) for s in stops if s and s in prediction.text), default=-1)
-    if cut < 0:
-        return prediction, False
-    text = prediction.text[:cut]
-    kept = text.count(SEG_TOKEN)
-    return replace(prediction, text=text, masks=prediction.masks[:kept], num_seg_tokens=kept), True
 
 
 class DynamicBatcher:
