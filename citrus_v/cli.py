@@ -92,7 +92,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="data -> stage 3 -> stage 4 -> evaluation -> report, on a CPU")
     demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    demo.add_argument("--fast", action="store_true", help="a small run of about 3 minutes")
+    demo.add_argument("--fast", action="store_true", help="a smoke run of about a minute (no quality bar)")
     demo.add_argument("--steps", type=int, default=None, help="override the steps of both training stages")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument(

@@ -30,8 +30,7 @@ class PointHead(nn.Module):
     most of all: "Sure, the left lung is [SEG]." and "... right lung ..." end alike), so the head reads them
     standardised per feature, with running statistics updated in training (as batch norm keeps them, but
     used in training too: a batch may hold a single ``[SEG]``); they stay put while the head is frozen.
-    Measured on a tiny model's states: 7.1 px mean error at 64 px with standardising vs 10.0 without, after
-    the same 1,500 steps.
+    Standardised states locate targets markedly better than raw ones after the same training.
     """
 
     def __init__(self, hidden_size: int, momentum: float = 0.05, eps: float = 1e-5) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-TARGETS = {  # issue 8's quality bar on the held-out split
+TARGETS = {  # the demo's quality bar, on the held-out split
     "seg mean Dice": (">=", 0.80),
     "control Dice drop": (">=", 0.20),
     "[SEG] emitted": (">=", 0.95),
@@ -40,11 +40,11 @@ TARGETS = {  # issue 8's quality bar on the held-out split
 
 @dataclass
 class DemoPlan:
-    """How big each step is; ``--fast`` shrinks everything to fit about 3 minutes."""
+    """How big each step is; ``--fast`` shrinks everything to a smoke run of about a minute."""
 
     images: int = 460
     stage3_steps: int = 600
-    # the base's stage 4 already ran 3,000 steps: 600 more moved the held-out Dice by 0.001 (BENCHMARKS.md)
+    # the base's stage 4 already ran thousands of steps: more here barely moves the held-out Dice
     stage4_steps: int = 300
     batch_size: int = 8
     learning_rate: float = 1e-3  # from random weights
@@ -53,11 +53,11 @@ class DemoPlan:
     seg_learning_rate: float = 1e-3
     # share of lab reports among the images
     documents: float = 0.25
-    # extra held-out images (test split only; the training images stay the same): the 46 of a 10% split
-    # hold 47 closed questions and 30 extraction fields, too few to tell 0.83 from 0.85 (BENCHMARKS.md)
+    # extra held-out images (test split only; the training images stay the same): a 10% split alone holds
+    # too few closed questions and extraction fields to tell a bar met from one missed by a point or two
     test_images: int = 150
-    # share of lab reports among stage 3's samples (the rest: the base's scan mix); at 0.25 stage 3 cost the
-    # base part of its reading (chosen on the base corpus's own validation rows, BENCHMARKS.md)
+    # share of lab reports among stage 3's samples (the rest: the base's scan mix); fewer cost the base part
+    # of its reading (chosen on the base corpus's own validation rows; docs/experiments/ has the runs)
     stage3_documents: float = 0.35
     eval_limit: int | None = None  # per task; None = the whole test split
 

@@ -75,7 +75,7 @@ READING_MIX: dict[str, float] = {
     "vqa-open": 0.04,
 }
 # the third part: the scans' mix again, with lab reports kept at about a third, at a lower rate; counting
-# is what reading costs the tiny model most (BENCHMARKS.md, demo quality)
+# is what reading costs the tiny model most
 REFRESH_MIX: dict[str, float] = {
     "document": 0.30,
     "vqa-closed": 0.14,
