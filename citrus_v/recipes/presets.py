@@ -124,33 +124,35 @@ def tiny_image_processor(patch_size: int = 14, merge_size: int = 2) -> Qwen2VLIm
 
 def build_tiny(seed: int = 0) -> tuple[CitrusV, CitrusVProcessor]:
     """A random-init tiny CitrusV and its processor (offline tokenizer, 224-pixel images, SAM at 256)."""
-    torch.manual_seed(seed)
-    tokenizer = build_tokenizer()
-    sam2_config = tiny_sam2_config()
-    config = CitrusVConfig.from_parts(
-        tiny_mllm_config(tokenizer),
-        sam2_config,
-        seg_token_idx=tokenizer.convert_tokens_to_ids(SEG_TOKEN),
-        # every training-only objective found in citrus_v/objectives: a tiny model ignores the image, and
-        # does not learn to count or to read, without them (each file says why)
-        **objectives.preset_config(),
-        # SAM 2 is random here: one mask per prompt, and its IoU head trained to score it
-        # (see CitrusVConfig.multimask_output and multimask_min_loss)
-        multimask_output=False,
-        multimask_min_loss=True,
-        # nor can a random SAM tell targets apart by position from words alone (left from right lung): it
-        # learns points as SAM does, and each [SEG] gives it one (see CitrusVConfig.point_prompt_probability
-        # and citrus_v.modeling.point_head)
-        point_prompt_probability=0.5,
-        seg_point_head=True,
-    )
-    model = CitrusV(config)
-    sam = model.grounding_encoder
-    reinit_fan_in(sam)  # random-init SAM needs fan-in init, or masks never learn
-    # SAM 2 has one random positional matrix shared by the prompt and image encodings (Meta stores it once);
-    # transformers draws two, so tie them as the original model does (also keeps the preset exportable)
-    with torch.no_grad():
-        sam.prompt_encoder.shared_embedding.positional_embedding.copy_(sam.shared_image_embedding.positional_embedding)
+    # the seed draws the weights; the caller's random state is left as it was (no process-wide reseeding)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = build_tokenizer()
+        sam2_config = tiny_sam2_config()
+        config = CitrusVConfig.from_parts(
+            tiny_mllm_config(tokenizer),
+            sam2_config,
+            seg_token_idx=tokenizer.convert_tokens_to_ids(SEG_TOKEN),
+            # every training-only objective found in citrus_v/objectives: a tiny model ignores the image, and
+            # does not learn to count or to read, without them (each file says why)
+            **objectives.preset_config(),
+            # SAM 2 is random here: one mask per prompt, and its IoU head trained to score it
+            # (see CitrusVConfig.multimask_output and multimask_min_loss)
+            multimask_output=False,
+            multimask_min_loss=True,
+            # nor can a random SAM tell targets apart by position from words alone (left from right lung): it
+            # learns points as SAM does, and each [SEG] gives it one (see CitrusVConfig.point_prompt_probability
+            # and citrus_v.modeling.point_head)
+            point_prompt_probability=0.5,
+            seg_point_head=True,
+        )
+        model = CitrusV(config)
+        sam = model.grounding_encoder
+        reinit_fan_in(sam)  # random-init SAM needs fan-in init, or masks never learn
+        # SAM 2 has one random positional matrix shared by the prompt and image encodings (Meta stores it once);
+        # transformers draws two, so tie them as the original model does (also keeps the preset exportable)
+        with torch.no_grad():
+            sam.prompt_encoder.shared_embedding.positional_embedding.copy_(sam.shared_image_embedding.positional_embedding)
     model.eval()
     processor = CitrusVProcessor(
         tokenizer,
