@@ -109,7 +109,8 @@ def test_dicom_masks_as_a_dicom_seg(scripted, tmp_path):
     assert source.kind == "dicom" and source.image.size == (128, 128)
     result = infer_file(scripted, source, "Please segment the lesion.", tmp_path / "out")
     seg_path = tmp_path / "out" / "masks.seg.dcm"
-    assert result["files"]["masks"] == [str(seg_path)]
+    pngs = [str(tmp_path / "out" / f"mask_{k}.png") for k in range(2)]
+    assert result["files"]["masks"] == [*pngs, str(seg_path)] and result["not_written"] == []
     seg = hd.seg.segread(seg_path)
     original = pydicom.dcmread(source_path)
     assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4" and seg.number_of_segments == 2
@@ -121,3 +122,46 @@ def test_dicom_masks_as_a_dicom_seg(scripted, tmp_path):
     )[0]
     for k, expected in enumerate(direct.masks):
         assert np.array_equal(pixels[..., k] > 0, expected.mask)
+
+
+def test_a_dicom_without_patient_birth_date_still_gets_a_valid_seg(scripted, tmp_path):
+    hd = pytest.importorskip("highdicom")
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    for keyword in ("PatientBirthDate", "PatientSex", "ReferringPhysicianName"):
+        delattr(dataset, keyword)
+    source_path = tmp_path / "anonymous.dcm"
+    dataset.save_as(source_path)
+    result = infer_file(scripted, load_source(source_path), "Please segment the lesion.", tmp_path / "out")
+    assert result["not_written"] == []
+    seg = hd.seg.segread(tmp_path / "out" / "masks.seg.dcm")  # highdicom reads it back
+    assert seg.number_of_segments == 2 and seg.PatientBirthDate == ""
+    assert "PatientBirthDate" not in pydicom.dcmread(source_path)  # the source file is left as it was
+
+
+def test_a_format_that_cannot_be_written_loses_neither_the_answer_nor_the_other_files(
+    scripted, tiny_dir, tmp_path, capsys, monkeypatch
+):
+    pytest.importorskip("highdicom")
+    from pydicom.data import get_testdata_file
+
+    from citrus_v.infer.predictor import CitrusVPredictor
+
+    # an Enhanced MR frame that highdicom refuses to segment (no per-frame Frame of Reference for one frame)
+    source = load_source(get_testdata_file("emri_small.dcm"), frame=3)
+    result = infer_file(scripted, source, "Please segment the lesion.", tmp_path / "out")
+    assert result["text"] == "Sure, the lesion [SEG] and the organ [SEG]."
+    assert result["files"]["masks"] == [str(tmp_path / "out" / f"mask_{k}.png") for k in range(2)]
+    assert all((tmp_path / "out" / f"mask_{k}.png").is_file() for k in range(2))
+    assert len(result["not_written"]) == 1 and result["not_written"][0].startswith("DICOM-SEG not written (")
+    assert json.loads((tmp_path / "out" / "prediction.json").read_text())["text"] == result["text"]
+    # the command prints the answer and the one line, and exits 0
+    monkeypatch.setattr(CitrusVPredictor, "from_pretrained", classmethod(lambda cls, *a, **k: scripted))
+    code = main(["infer", "--model", str(tiny_dir), "--image", get_testdata_file("emri_small.dcm"), "--frame", "3",
+                 "--query", "Please segment the lesion.", "--out", str(tmp_path / "cli")])
+    printed = capsys.readouterr()
+    assert code == 0
+    assert printed.out.strip() == result["answer"].strip()
+    assert "citrus-v infer: DICOM-SEG not written" in printed.err

@@ -55,20 +55,40 @@ def load_source(
     return Source(ref.path, kind, read_image(MediaRef(ref.path, window=window)), window=window)
 
 
-def write_masks(source: Source, prediction: Prediction, out: Path) -> list[Path]:
-    """Write the prediction's masks in the source's format; returns the files written."""
+def write_masks(source: Source, prediction: Prediction, out: Path) -> tuple[list[Path], list[str]]:
+    """Write the prediction's masks: one PNG each, always, and also in the source's own format (NIfTI on the
+    source grid, or one DICOM Segmentation). Returns the files written and, for a format that could not be
+    written, one line naming it and why — the other files stand."""
     if not prediction.masks:
-        return []
-    if source.kind == "nifti":
-        return _write_nifti(source, prediction, out)
-    if source.kind == "dicom":
-        return [_write_dicom_seg(source, prediction, out / "masks.seg.dcm")]
+        return [], []
     files = []
     for item in prediction.masks:
         path = out / f"mask_{item.index}.png"
         Image.fromarray(item.mask.astype(np.uint8) * 255).save(path)
         files.append(path)
-    return files
+    writers = {"nifti": ("NIfTI", _write_nifti), "dicom": ("DICOM-SEG", _write_dicom_seg_files)}
+    if source.kind not in writers:
+        return files, []
+    name, writer = writers[source.kind]
+    try:
+        files += writer(source, prediction, out)
+    except ImportError:
+        raise  # a missing extra: the caller says which one to install
+    except Exception as err:  # highdicom and nibabel raise many types for a source they cannot follow
+        return files, [f"{name} not written ({type(err).__name__}: {err}); the PNG masks stand"]
+    return files, []
+
+
+def _write_dicom_seg_files(source: Source, prediction: Prediction, out: Path) -> list[Path]:
+    return [_write_dicom_seg(source, prediction, out / "masks.seg.dcm")]
+
+
+# Type 2 attributes of the patient and study modules that a Segmentation copies from its source: a source that
+# lacks them gets them empty (DICOM's "unknown") on the copy read for writing, never in the file itself
+_PATIENT_STUDY_TYPE2 = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+    "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)
 
 
 def _write_nifti(source: Source, prediction: Prediction, out: Path) -> list[Path]:
@@ -93,6 +113,9 @@ def _write_dicom_seg(source: Source, prediction: Prediction, path: Path) -> Path
     from .. import __version__
 
     dataset = pydicom.dcmread(source.path)
+    for keyword in _PATIENT_STUDY_TYPE2:
+        if keyword not in dataset:
+            setattr(dataset, keyword, "")
     frames = int(dataset.get("NumberOfFrames", 1) or 1)
     masks = np.stack([m.mask for m in prediction.masks], axis=-1)  # [rows, cols, K]
     pixel_array = np.zeros((frames, *masks.shape), dtype=bool)
@@ -169,11 +192,16 @@ def infer_file(predictor, source: Source, query: str, out: Path, system: str | N
     prompt = query if IMAGE_PLACEHOLDER in query else IMAGE_PLACEHOLDER + query
     prediction = predictor.predict(source.image, prompt, system=system, **generation)
     out.mkdir(parents=True, exist_ok=True)
+    record = out / "prediction.json"
+    # the answer first: nothing written after it can lose it
+    result = summary(prediction, source, {"overlay": None, "masks": []})
+    record.write_text(json.dumps(result, indent=2) + "\n")
     overlay_path = out / "overlay.png"
     draw_overlay(source.image, prediction.masks, prediction.boxes).save(overlay_path)
-    masks = write_masks(source, prediction, out)
+    masks, problems = write_masks(source, prediction, out)
     result = summary(prediction, source, {"overlay": str(overlay_path), "masks": [str(p) for p in masks]})
-    (out / "prediction.json").write_text(json.dumps(result, indent=2) + "\n")
+    result["not_written"] = problems
+    record.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -233,6 +261,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"citrus-v infer: {err.name} is needed for this output: pip install 'citrus-v[serve]'", file=sys.stderr)
         return 1
     print(result["answer"])
+    for problem in result["not_written"]:
+        print(f"citrus-v infer: {problem}", file=sys.stderr)
     files = [result["files"]["overlay"], *result["files"]["masks"]]
     print(
         f"{len(result['masks'])} mask(s), {len(result['boxes'])} box(es); wrote {', '.join(files)} and "
