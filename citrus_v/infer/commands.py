@@ -66,7 +66,7 @@ def write_masks(source: Source, prediction: Prediction, out: Path) -> tuple[list
         path = out / f"mask_{item.index}.png"
         Image.fromarray(item.mask.astype(np.uint8) * 255).save(path)
         files.append(path)
-    writers = {"nifti": ("NIfTI", _write_nifti), "dicom": ("DICOM-SEG", _write_dicom_seg_files)}
+    writers = {"nifti": ("NIfTI", _write_nifti), "dicom": ("DICOM-SEG", _write_dicom_seg)}
     if source.kind not in writers:
         return files, []
     name, writer = writers[source.kind]
@@ -77,10 +77,6 @@ def write_masks(source: Source, prediction: Prediction, out: Path) -> tuple[list
     except Exception as err:  # highdicom and nibabel raise many types for a source they cannot follow
         return files, [f"{name} not written ({type(err).__name__}: {err}); the PNG masks stand"]
     return files, []
-
-
-def _write_dicom_seg_files(source: Source, prediction: Prediction, out: Path) -> list[Path]:
-    return [_write_dicom_seg(source, prediction, out / "masks.seg.dcm")]
 
 
 # Type 2 attributes of the patient and study modules that a Segmentation copies from its source: a source that
@@ -104,8 +100,9 @@ def _write_nifti(source: Source, prediction: Prediction, out: Path) -> list[Path
     return files
 
 
-def _write_dicom_seg(source: Source, prediction: Prediction, path: Path) -> Path:
-    """One DICOM Segmentation (highdicom) holding a binary segment per mask, referencing the source."""
+def _write_dicom_seg(source: Source, prediction: Prediction, out: Path) -> list[Path]:
+    """``out/masks.seg.dcm``: one DICOM Segmentation (highdicom) holding a binary segment per mask, referencing
+    the source."""
     import highdicom as hd
     import pydicom
     from pydicom.sr.codedict import codes
@@ -150,8 +147,9 @@ def _write_dicom_seg(source: Source, prediction: Prediction, path: Path) -> Path
         content_description="Citrus-V [SEG] masks",
         omit_empty_frames=False,
     )
+    path = out / "masks.seg.dcm"
     segmentation.save_as(path)
-    return path
+    return [path]
 
 
 def summary(prediction: Prediction, source: Source, files: dict[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -570,8 +570,8 @@ class CitrusV(CitrusVPreTrainedModel):
         for objective in active:
             if objective.needs_image_tokens and shared.image_tokens is None:
                 continue  # a batch without images has no image tokens to learn from
-            shared.targets, shared.captured = targets.get(objective.name), seen.get(objective.name, {})
-            value = objective.loss(shared)
+            inputs = replace(shared, targets=targets.get(objective.name), captured=seen.get(objective.name, {}))
+            value = objective.loss(inputs)
             if value is not None:
                 losses[objective.name] = value
         return losses
