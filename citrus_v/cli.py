@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .cli_parser import CitrusArgumentParser
 
 # Subcommands that live in their own package: name -> "module:function" that adds the subparser.
 # Each function takes the subparsers object, adds its parser and sets ``func`` (returning an exit code);
@@ -75,9 +76,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 def make_parser() -> argparse.ArgumentParser:
     """The argument parser of ``citrus-v`` and its subcommands."""
-    parser = argparse.ArgumentParser(
+    parser = CitrusArgumentParser(
         prog="citrus-v",
-        description="Citrus-V: a medical vision-language model answering in text, boxes and masks.",
+        description="Citrus-V: a medical vision-language model answering in text, boxes and masks. "
+        "Flags are spelled as ms-swift spells them (--max_new_tokens); the hyphenated spelling works too.",
     )
     parser.add_argument("--version", action="version", version=f"citrus-v {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -91,22 +93,22 @@ def make_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=_build)
 
     demo = sub.add_parser("demo", help="data -> stage 3 -> stage 4 -> evaluation -> report, on a CPU")
-    demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    demo.add_argument("--out", default="demo_out", help="output folder")
     demo.add_argument("--fast", action="store_true", help="a smoke run of about a minute (no quality bar)")
     demo.add_argument("--steps", type=int, default=None, help="override the steps of both training stages")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and training")
     demo.add_argument(
-        "--from-scratch", action="store_true", help="start from the random-init tiny preset, not the shipped base"
+        "--from_scratch", action="store_true", help="start from the random-init tiny preset, not the shipped base"
     )
     demo.add_argument(
-        "--make-base",
+        "--make_base",
         metavar="DIR",
         help="instead of the demo, train the tiny stage-1/2 base checkpoint into DIR (about 50 minutes on 2 cores)",
     )
     demo.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace the output folder (--out, or --make-base DIR and DIR-work) when it already holds files",
+        help="replace the output folder (--out, or --make_base DIR and DIR-work) when it already holds files",
     )
     demo.set_defaults(func=_demo)
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .cli_parser import MODEL_HELP, RawDescriptionDefaultsHelpFormatter
+
 TARGETS = ("upstream", "citrus")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
@@ -22,15 +24,15 @@ def register_convert(sub: argparse._SubParsersAction) -> None:
         "convert",
         help="convert a model folder to the upstream Citrus-V layout (or back)",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawDescriptionDefaultsHelpFormatter,
     )
     parser.add_argument("--to", required=True, choices=TARGETS, help="layout to write")
-    parser.add_argument("--model", required=True, help="model folder to read")
+    parser.add_argument("--model", required=True, help=MODEL_HELP)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
         "--max_shard_size",
         default="5GB",
-        help="largest safetensors shard for --to upstream (default: 5GB, as upstream)",
+        help="largest safetensors shard for --to upstream (as upstream)",
     )
     parser.add_argument(
         "--torch_dtype",

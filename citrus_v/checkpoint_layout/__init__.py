@@ -18,6 +18,7 @@ from .files import (
     stored_shapes,
     weight_files,
 )
+from .names import SHIPPED_MODELS, resolve_model
 from .upstream import (
     META_PREFIX,
     HeaderShapes,
@@ -32,6 +33,7 @@ __all__ = [
     "CONFIG_FILE",
     "META_PREFIX",
     "REBUILD_HINT",
+    "SHIPPED_MODELS",
     "WEIGHTS_FILE",
     "WEIGHTS_INDEX_FILE",
     "CheckpointError",
@@ -40,6 +42,7 @@ __all__ = [
     "is_upstream_folder",
     "is_upstream_layout",
     "read_config_dict",
+    "resolve_model",
     "stored_names",
     "stored_shapes",
     "upstream_sam2_config",

@@ -31,6 +31,7 @@ from ..checkpoint_layout import (
     CheckpointError,
     is_upstream_layout,
     read_config_dict,
+    resolve_model,
     upstream_sam2_config,
     weight_files,
 )
@@ -150,17 +151,13 @@ class CitrusV(CitrusVPreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args, **kwargs) -> CitrusV:
         """Load a local Citrus-V folder — ours, or the released upstream layout — checking its files first.
 
-        Only local folders are read (nothing is downloaded). A folder that does not fit raises
-        :class:`CheckpointError` naming the file and the fix. An upstream-layout folder (SAM 2 under
-        ``grounding_encoder.sam2_model.`` in Meta's names) is renamed on the fly; its video/memory tensors are
-        kept aside in ``model.upstream_unused_tensors``. The dtype stays as stored unless ``dtype`` is given.
+        Only local folders are read (nothing is downloaded); ``tiny-base`` names the shipped checkpoint. A
+        folder that does not fit raises :class:`CheckpointError` naming the file and the fix. An upstream-layout
+        folder (SAM 2 under ``grounding_encoder.sam2_model.`` in Meta's names) is renamed on the fly; its
+        video/memory tensors are kept aside in ``model.upstream_unused_tensors``. The dtype stays as stored
+        unless ``dtype`` is given.
         """
-        path = Path(pretrained_model_name_or_path)
-        if not path.is_dir():
-            raise CheckpointError(
-                f"{path} is not a folder: Citrus-V loads local model folders only. Fix: give the folder "
-                "written by `citrus-v build` or `save_pretrained`"
-            )
+        path = resolve_model(pretrained_model_name_or_path)
         config_dict = read_config_dict(path)
         files = weight_files(path)
         if is_upstream_layout(files):

@@ -41,6 +41,7 @@ from ..checkpoint_layout import (
     CheckpointError,
     is_upstream_layout,
     read_config_dict,
+    resolve_model,
     weight_files,
 )
 from ..checkpoint_layout.sam2_variants import VARIANTS
@@ -360,7 +361,7 @@ def write_upstream(model_dir: str | Path, out: str | Path, max_shard_size: int |
     names under ``grounding_encoder.sam2_model.``, plus the set-aside video tensors when the folder has them),
     and the tokenizer and image-processor files. Tensors keep their dtype and values.
     """
-    model_dir, out = Path(model_dir), Path(out)
+    model_dir, out = resolve_model(model_dir), Path(out)
     if model_dir.resolve() == out.resolve():
         raise CheckpointError(f"--out {out} is the model folder itself; give a new folder")
     read_config_dict(model_dir)

@@ -20,6 +20,7 @@ from transformers.image_utils import SizeDict
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from .. import objectives
+from ..checkpoint_layout import CheckpointError, resolve_model
 from ..objectives.annotations import ANNOTATIONS, MASK_ANNOTATIONS
 from ..tokens import DEFAULT_SYSTEM, IGNORE_INDEX, SEG_TOKEN
 from .images import ImageInput, MaskInput, load_image, load_mask, mask_target, sam_pixel_values
@@ -138,9 +139,10 @@ class CitrusVProcessor:
         """Load from a folder written by :meth:`save_pretrained`, a Qwen2.5-VL folder holding ``[SEG]``, or a
         released upstream Citrus-V folder (its tokenizer gets ``[SEG]``, ``<bbox>``, ``</bbox>`` where missing,
         as upstream's loader does; the SAM sizes come from its SAM 2 configuration)."""
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise ProcessorError(f"{directory} is not a folder: give the model folder written by `citrus-v build`")
+        try:
+            directory = resolve_model(directory)
+        except CheckpointError as err:
+            raise ProcessorError(str(err)) from err
         if not (directory / "tokenizer.json").is_file() and not (directory / "tokenizer_config.json").is_file():
             raise ProcessorError(
                 f"{directory / 'tokenizer.json'} is missing: the folder has no tokenizer. Fix: copy the "

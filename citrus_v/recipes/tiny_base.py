@@ -40,7 +40,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-PACKAGED_BASE = Path(__file__).parent.parent / "weights" / "tiny-base"
+from ..checkpoint_layout import SHIPPED_MODELS
+
+PACKAGED_BASE = SHIPPED_MODELS["tiny-base"]
 # files of a training run's folder that are not part of the checkpoint
 RUN_RECORDS = ("training_args.bin", "logging.jsonl", "loss_curves.png", "sft_args.json")
 

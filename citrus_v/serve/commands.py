@@ -7,13 +7,17 @@ import os
 import sys
 from pathlib import Path
 
+from ..cli_parser import MODEL_HELP
+
 
 def add_parser(sub) -> None:
     """Register ``deploy`` (flag names as upstream's ``swift deploy``)."""
+    from .media import DEFAULT_MAX_IMAGE_PIXELS
+
     parser = sub.add_parser("deploy", help="serve an OpenAI-compatible API (chat completions with boxes and masks)")
-    parser.add_argument("--model", required=True, help="model folder (written by `citrus-v build` or training)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--model", required=True, help=MODEL_HELP)
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
     parser.add_argument("--served_model_name", help="the model name clients send (default: the folder's name)")
     parser.add_argument(
         "--api_key",
@@ -24,7 +28,9 @@ def add_parser(sub) -> None:
     parser.add_argument("--max_batch_size", type=int, default=8, help="most requests per generation (1: no batching)")
     parser.add_argument("--max_wait_ms", type=float, default=10.0, help="how long a batch waits to fill (ms)")
     parser.add_argument("--request_timeout", type=float, default=300.0, help="seconds before a request gets 504")
-    parser.add_argument("--max_image_pixels", type=int, default=None, help="largest image accepted (width × height)")
+    parser.add_argument(
+        "--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, help="largest image accepted, width × height"
+    )
     parser.add_argument("--max_body_mb", type=float, default=64.0, help="largest request body in MiB")
     parser.add_argument("--max_tokens", type=int, default=512, help="default max_tokens when a request gives none")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
@@ -34,7 +40,8 @@ def add_parser(sub) -> None:
         default=None,
         help="torch intra-op threads (default on CPU: all cores but one, which the HTTP side keeps)",
     )
-    parser.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    levels = ["critical", "error", "warning", "info", "debug"]
+    parser.add_argument("--log_level", default="info", choices=levels, help="server log level")
     parser.set_defaults(func=run)
 
 
@@ -44,7 +51,6 @@ def run(args: argparse.Namespace) -> int:
 
     from ..checkpoint_layout import CheckpointError
     from ..infer.predictor import CitrusVPredictor
-    from .media import DEFAULT_MAX_IMAGE_PIXELS
     from .threads import configure_threads
 
     try:
@@ -53,7 +59,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"citrus-v deploy: {err.name} is not installed: pip install 'citrus-v[serve]'", file=sys.stderr)
         return 1
 
-    folder = Path(args.model)
+    from ..checkpoint_layout import resolve_model
+
+    try:
+        folder = resolve_model(args.model)
+    except CheckpointError as err:
+        print(f"citrus-v deploy: {err}", file=sys.stderr)
+        return 1
     allowed = Path(args.allowed_local_media_path) if args.allowed_local_media_path else None
     if allowed is not None and not allowed.is_dir():
         print(f"citrus-v deploy: --allowed_local_media_path {allowed} is not a folder", file=sys.stderr)
@@ -85,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms,
         request_timeout=args.request_timeout,
-        max_image_pixels=args.max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS,
+        max_image_pixels=args.max_image_pixels,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         default_max_tokens=args.max_tokens,
     )

@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, get_type_hints
 
+from ..cli_parser import MODEL_HELP
+
 if TYPE_CHECKING:
     import torch
 
@@ -31,60 +33,69 @@ def str2bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+def _flag(default: Any, text: str) -> Any:
+    """A dataclass field with a default and its ``--help`` text."""
+    return field(default=default, metadata={"help": text})
+
+
 @dataclass
 class SftArguments:
     """All flags of ``citrus-v sft`` (upstream names), with upstream's defaults where they matter."""
 
-    model: str = field(metadata={"help": "model folder (citrus-v build output or a checkpoint)"})
+    model: str = field(metadata={"help": MODEL_HELP})
     dataset: list[str] = field(metadata={"help": "JSONL files, FILE#N to sample N rows, or folders of shards"})
-    output_dir: str = field(default="output", metadata={"help": "where checkpoints and logs go"})
-    template: str = field(default="citrus_v", metadata={"help": "chat template"})
-    stage: int | None = field(default=None, metadata={"help": "1-4: freeze preset (explicit flags override)"})
-    train_type: str = field(default="full", metadata={"help": "full or lora"})
-    torch_dtype: str = field(default="float32", metadata={"help": "float32, bfloat16 or float16"})
-    attn_impl: str | None = field(default=None, metadata={"help": "sdpa, eager or flash_attn"})
-    max_length: int = field(default=2048, metadata={"help": "longest sequence in tokens; longer rows are dropped"})
-    num_train_epochs: float = 1.0
-    max_steps: int = -1
-    learning_rate: float = 1e-5
-    warmup_ratio: float = 0.0
-    warmup_steps: int = 0
-    lr_scheduler_type: str = "cosine"
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    weight_decay: float = 0.1
-    max_grad_norm: float = 1.0
-    per_device_train_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    dataloader_num_workers: int = 0
-    dataset_num_proc: int = 1
-    freeze_vit: bool | None = None
-    freeze_aligner: bool | None = None
-    freeze_llm: bool | None = None
-    trainable_parameters: str | None = field(default=None, metadata={"help": "regex of parameters to train"})
-    freeze_parameters: str | None = field(default=None, metadata={"help": "regex of parameters to freeze"})
-    hook_grad_factor: float | None = field(default=None, metadata={"help": "HookGrad factor (stage 3: 0.001)"})
-    save_strategy: str = "steps"
-    save_steps: int = 500
-    save_total_limit: int | None = None
-    save_only_model: bool = False
-    logging_steps: int = 5
-    gradient_checkpointing: bool = False
-    ddp_find_unused_parameters: bool | None = None
-    packing: bool = False
-    streaming: bool = False
-    seed: int = 42
-    deepspeed: str | None = field(default=None, metadata={"help": "zero2, zero3 or a DeepSpeed JSON file"})
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "a checkpoint folder or 'latest'"})
-    overwrite_output_dir: bool = False
-    lora_rank: int = 8
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
-    strict: bool = field(default=False, metadata={"help": "stop at the first bad dataset row"})
-    mask_loss_weight: float | None = None
-    dice_loss_weight: float | None = None
+    output_dir: str = _flag("output", "where checkpoints and logs go")
+    template: str = _flag("citrus_v", "chat template")
+    stage: int | None = _flag(None, "1-4: freeze preset (explicit flags override)")
+    train_type: str = _flag("full", "full or lora")
+    torch_dtype: str = _flag("float32", "float32, bfloat16 or float16")
+    attn_impl: str | None = _flag(None, "sdpa, eager or flash_attn")
+    max_length: int = _flag(2048, "longest sequence in tokens; longer rows are dropped")
+    num_train_epochs: float = _flag(1.0, "passes over the dataset")
+    max_steps: int = _flag(-1, "total optimiser steps; -1: from the epochs")
+    learning_rate: float = _flag(1e-5, "peak learning rate")
+    warmup_ratio: float = _flag(0.0, "share of the steps spent warming up the learning rate")
+    warmup_steps: int = _flag(0, "warm-up steps (overrides --warmup_ratio when > 0)")
+    lr_scheduler_type: str = _flag("cosine", "learning-rate schedule: cosine, linear, constant, ...")
+    adam_beta1: float = _flag(0.9, "AdamW beta1")
+    adam_beta2: float = _flag(0.999, "AdamW beta2")
+    weight_decay: float = _flag(0.1, "AdamW weight decay")
+    max_grad_norm: float = _flag(1.0, "gradient clipping norm")
+    per_device_train_batch_size: int = _flag(1, "rows per device per step")
+    gradient_accumulation_steps: int = _flag(1, "steps whose gradients are summed before each update")
+    dataloader_num_workers: int = _flag(0, "data-loading worker processes")
+    dataset_num_proc: int = _flag(1, "preprocessing processes")
+    freeze_vit: bool | None = _flag(None, "freeze the vision tower (default: from --stage)")
+    freeze_aligner: bool | None = _flag(None, "freeze the vision-language merger (default: from --stage)")
+    freeze_llm: bool | None = _flag(None, "freeze the language model (default: from --stage)")
+    trainable_parameters: str | None = _flag(None, "regex of parameters to train")
+    freeze_parameters: str | None = _flag(None, "regex of parameters to freeze")
+    hook_grad_factor: float | None = _flag(None, "HookGrad factor (stage 3: 0.001)")
+    save_strategy: str = _flag("steps", "when to save: steps, epoch or no")
+    save_steps: int = _flag(500, "save every N steps")
+    save_total_limit: int | None = _flag(None, "keep at most N checkpoints (default: all)")
+    save_only_model: bool = _flag(False, "save the weights without the optimiser state")
+    logging_steps: int = _flag(5, "log every N steps")
+    gradient_checkpointing: bool = _flag(False, "recompute activations in the backward pass to save memory")
+    ddp_find_unused_parameters: bool | None = _flag(None, "DDP find_unused_parameters (default: auto)")
+    packing: bool = _flag(False, "pack several rows into one sequence of --max_length")
+    streaming: bool = _flag(False, "read the dataset lazily instead of loading it all")
+    seed: int = _flag(42, "random seed")
+    deepspeed: str | None = _flag(None, "zero2, zero3 or a DeepSpeed JSON file")
+    resume_from_checkpoint: str | None = _flag(None, "a checkpoint folder or 'latest'")
+    overwrite_output_dir: bool = _flag(False, "write into an --output_dir that already holds a run")
+    lora_rank: int = _flag(8, "LoRA rank")
+    lora_alpha: int = _flag(32, "LoRA alpha")
+    lora_dropout: float = _flag(0.05, "LoRA dropout")
+    target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"], metadata={"help": "LoRA targets (all-linear: every linear layer)"}
+    )
+    report_to: list[str] = field(
+        default_factory=lambda: ["tensorboard"], metadata={"help": "logging integrations: tensorboard, none, ..."}
+    )
+    strict: bool = _flag(False, "stop at the first bad dataset row")
+    mask_loss_weight: float | None = _flag(None, "weight of the mask BCE loss (default: the model config's)")
+    dice_loss_weight: float | None = _flag(None, "weight of the mask Dice loss (default: the model config's)")
     point_prompt_probability: float | None = field(
         default=None,
         metadata={"help": "share of training masks that also get a positive point inside the target (0-1)"},
