@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +123,128 @@ def test_vqa_rad_slake_pathvqa(tmp_path):
     files = [tmp_path / f for f in ("rad.jsonl", "slake.jsonl", "path.jsonl")]
     assert validate_files(files).ok == 4
     assert main(["data", "convert", "--from", "nope", str(tmp_path / "rad.json"), "--out", str(tmp_path / "o")]) == 1
+
+
+# --- the public releases as published, in miniature: no --image_root, splits kept ---------------------------
+def _jpeg(path: Path, size=(40, 32)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format="JPEG")
+
+
+def _split_of(rows: list[dict]) -> set[str]:
+    return {r["meta"]["split"] for r in rows}
+
+
+def test_vqa_rad_release_folder_keeps_its_split(tmp_path, capsys):
+    root = tmp_path / "VQA_RAD"
+    for name in ("synpic1.jpg", "synpic2.jpg"):
+        _jpeg(root / "VQA_RAD Image Folder" / name)
+    base = {"image_organ": "CHEST", "question_type": "PRES"}
+    items = [
+        {"qid": 1, "image_name": "synpic1.jpg", "question": "Is there a fracture?", "answer": "No",
+         "answer_type": "CLOSED", "phrase_type": "freeform", **base},
+        {"qid": 2, "image_name": "synpic1.jpg", "question": "Is a bone broken?", "answer": "No",
+         "answer_type": "CLOSED", "phrase_type": "para", **base},
+        {"qid": 3, "image_name": "synpic2.jpg", "question": "What organ is shown?", "answer": "lung",
+         "answer_type": "OPEN", "phrase_type": "test_freeform", **base},
+        {"qid": 4, "image_name": "synpic2.jpg", "question": "Which organ is this?", "answer": "lung",
+         "answer_type": "OPEN", "phrase_type": "test_para", **base},
+        {"qid": 5, "image_name": "synpic9.jpg", "question": "Is it normal?", "answer": "yes",
+         "answer_type": "CLOSED", "phrase_type": "freeform", **base},  # its image is not in the release
+    ]
+    (root / "VQA_RAD Dataset Public.json").write_text(json.dumps(items))
+    out = tmp_path / "rows"
+    assert main(["data", "convert", "--from", "vqa-rad", str(root), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    train, test = _rows(out / "train.jsonl"), _rows(out / "test.jsonl")
+    assert [r["meta"]["id"] for r in train] == [1, 2] and [r["meta"]["id"] for r in test] == [3, 4]
+    assert _split_of(train) == {"train"} and _split_of(test) == {"test"}
+    assert test[0]["meta"]["phrase_type"] == "test_freeform"
+    assert train[0]["images"] == ["../VQA_RAD/VQA_RAD Image Folder/synpic1.jpg"]
+    assert "images under " + str((root / "VQA_RAD Image Folder").resolve()) in printed
+    assert f"{out / 'train.jsonl'}: 2 row(s), split train" in printed
+    assert f"{out / 'test.jsonl'}: 2 row(s), split test" in printed
+    assert "wrote 4 row(s); skipped 1 row(s): missing_image 1" in printed
+    assert "VQA_RAD Image Folder/synpic9.jpg not found (looked under" in printed and "--image_root" in printed
+    assert "validation of the written rows: 4 row(s) ok, 0 rejected (2 file(s))" in printed
+    # an output file name gets one file per split next to it
+    assert main(["data", "convert", "--from", "vqa-rad", str(root / "VQA_RAD Dataset Public.json"),
+                 "--out", str(tmp_path / "rad.jsonl")]) == 0
+    assert len(_rows(tmp_path / "rad_train.jsonl")) == 2 and len(_rows(tmp_path / "rad_test.jsonl")) == 2
+    assert not (tmp_path / "rad.jsonl").exists()
+
+
+def test_slake_release_folder_one_file_per_split(tmp_path, capsys):
+    root = tmp_path / "Slake1.0"
+    for k in range(3):
+        _jpeg(root / "imgs" / f"xmlab{k}" / "source.jpg")
+    for k, name in enumerate(("train", "validate", "test")):
+        items = [
+            {"img_id": k, "img_name": f"xmlab{k}/source.jpg", "question": f"Which organ is shown in {name}?",
+             "answer": "Lung", "q_lang": "en", "answer_type": "OPEN", "modality": "CT", "location": "Chest",
+             "qid": 10 * k},
+            {"img_id": k, "img_name": f"xmlab{k}/source.jpg", "question": "哪个器官?", "answer": "肺",
+             "q_lang": "zh", "answer_type": "OPEN", "modality": "CT", "qid": 10 * k + 1},
+        ]
+        (root / f"{name}.json").write_text(json.dumps(items, ensure_ascii=False))
+    out = tmp_path / "slake_rows"
+    assert main(["data", "convert", "--from", "slake", str(root), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for split, k in (("train", 0), ("val", 1), ("test", 2)):
+        (row,) = _rows(out / f"{split}.jsonl")
+        assert row["meta"]["split"] == split and row["images"] == [f"../Slake1.0/imgs/xmlab{k}/source.jpg"]
+    assert "skipped 3 row(s): language 3" in printed and "one file per split" in printed
+    assert validate_files(sorted(out.glob("*.jsonl"))).ok == 3
+
+
+def test_pathvqa_release_folder_pickles_and_split_image_folders(tmp_path, capsys):
+    root = tmp_path / "pvqa"
+    for split in ("train", "val", "test"):
+        _jpeg(root / "images" / split / f"{split}_0000.jpg")
+        (root / "qas" / split).mkdir(parents=True)
+        items = [{"image": f"{split}_0000", "question": "Is this malignant?", "answer": "yes"}]
+        with open(root / "qas" / split / f"{split}_qa.pkl", "wb") as handle:
+            pickle.dump(items, handle)
+    out = tmp_path / "pvqa_rows"
+    assert main(["data", "convert", "--from", "pathvqa", str(root), "--out", str(out)]) == 0
+    for split in ("train", "val", "test"):
+        (row,) = _rows(out / f"{split}.jsonl")
+        assert row["images"] == [f"../pvqa/images/{split}/{split}_0000.jpg"] and row["meta"]["split"] == split
+    assert "validation of the written rows: 3 row(s) ok" in capsys.readouterr().out
+
+
+def test_mecovqa_g_finds_sa_med2d_beside_the_file(tmp_path):
+    root = tmp_path / "MeCoVQA"
+    _image(root / "SAMed2Dv1" / "images" / "ct_00--case--x_0040.png")
+    _mask(root / "SAMed2Dv1" / "masks" / "ct_00--case--x_0040--liver.png")
+    items = [{"id": "a1", "image": "images/ct_00--case--x_0040.png", "conversations": [
+        {"from": "human", "value": "<image>\nPlease segment the liver."},
+        {"from": "gpt", "value": "<SEG><mask>masks/ct_00--case--x_0040--liver.png</mask>"}]}]
+    (root / "MeCoVQA_Grounding_test.json").write_text(json.dumps(items))
+    out = tmp_path / "seg.jsonl"
+    report = convert_file("mecovqa-g", root / "MeCoVQA_Grounding_test.json", out)
+    assert report.ok and report.outputs == {"test": (out, 1)}
+    (row,) = _rows(out)
+    assert row["images"] == ["MeCoVQA/SAMed2Dv1/images/ct_00--case--x_0040.png"]
+    assert row["masks"] == ["MeCoVQA/SAMed2Dv1/masks/ct_00--case--x_0040--liver.png"]
+    assert row["meta"]["split"] == "test"
+
+
+def test_wrong_image_root_and_unreadable_images_fail_with_the_fix(tmp_path, capsys):
+    root = tmp_path / "Slake1.0"
+    _jpeg(root / "imgs" / "xmlab0" / "source.jpg")
+    items = [{"img_name": "xmlab0/source.jpg", "question": "Is this CT?", "answer": "Yes", "q_lang": "en",
+              "answer_type": "CLOSED"}]
+    (root / "test.json").write_text(json.dumps(items))
+    (tmp_path / "empty").mkdir()
+    args = ["data", "convert", "--from", "slake", str(root), "--out", str(tmp_path / "o"), "--image_root"]
+    assert main(args + [str(tmp_path / "empty")]) == 1
+    printed = capsys.readouterr().out
+    assert "wrote 0 row(s); skipped 1 row(s): missing_image 1" in printed
+    assert f"not found (looked under {(tmp_path / 'empty').resolve()}): give --image_root the folder" in printed
+    # a file that exists but is no image: written, then rejected by validation (exit 1, the reason printed)
+    (root / "imgs" / "xmlab0" / "source.jpg").write_bytes(b"not a jpeg at all")
+    assert main(args[:-1]) == 1
+    printed = capsys.readouterr().out
+    assert "wrote 1 row(s)" in printed and "validation of the written rows: 0 row(s) ok, 1 rejected" in printed

@@ -186,7 +186,7 @@ def test_bad_rows_are_rejected_with_file_line_and_reason(tmp_path, capsys):
     assert "more [SEG] than masks" in messages[7]
     assert "masks[0] is 32x32 but images[0] is 64x64" in messages[6]
     # the CLI prints the same summary and exits 1; --strict stops at the first bad row
-    assert main(["data", "validate", str(path), "--max-image-pixels", "1000000"]) == 1
+    assert main(["data", "validate", str(path), "--max_image_pixels", "1000000"]) == 1
     out = capsys.readouterr().out
     assert out.startswith("2 row(s) ok, 9 rejected (1 file(s))") and "  invalid_json: 1" in out
     assert f"{path}:4: [truncated_image]" in out
@@ -209,7 +209,7 @@ def test_schema_checks():
 
 
 def test_stats_counts_tasks_modalities_and_lengths(corpus, capsys):
-    assert main(["data", "stats", str(corpus / "train.jsonl"), "--min-pixels", "50176", "--max-pixels", "50176"]) == 0
+    assert main(["data", "stats", str(corpus / "train.jsonl"), "--min_pixels", "50176", "--max_pixels", "50176"]) == 0
     out = capsys.readouterr().out
     assert "rows per task:" in out and "segmentation" in out and "rows per modality:" in out and "CT" in out
     line = next(x for x in out.splitlines() if x.startswith("token length:"))

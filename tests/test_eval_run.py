@@ -171,8 +171,12 @@ def test_tiny_model_in_process_and_through_the_api_give_the_same_numbers(tiny_di
         )
         == 0
     )
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "seg: dice" in printed and "wrote" in printed
+    # two samples per task: each task's numbers come with a warning on stderr (and in report.md)
+    assert "citrus-v eval: warning: seg: only 2 sample(s) (--limit 2), under 30" in captured.err
+    assert "- **Warning:** seg: only 2 sample(s)" in (tmp_path / "local" / "report.md").read_text()
 
     for folder in ("local", "api"):
         for name in ("metrics.json", "report.md", "seg_dice.png", "predictions.jsonl", "run.json"):

@@ -239,3 +239,29 @@ def test_rle_and_polygon_masks():
     assert square.shape == (40, 30) and 90 <= square.sum() <= 121
     with pytest.raises(MedicalImageError, match="at least 3"):
         read_mask({"polygons": [[1, 2, 3, 4]], "size": [5, 5]})
+
+
+def test_nifti_from_bytes_names_its_source():
+    """A volume sent as bytes (a data: URL) reads like the file; every error names where the bytes came from."""
+    from citrus_v.media.nifti import is_nifti, read_nifti_bytes
+
+    for name in ("example4d.nii.gz", "anatomical.nii", "example_nifti2.nii.gz"):  # gzip, plain, NIfTI-2
+        path = os.path.join(NIBABEL_DATA, name)
+        with open(path, "rb") as handle:
+            data = handle.read()
+        assert is_nifti(data)
+        from_bytes, from_file = read_nifti_bytes(data, "the data: URL"), read_nifti(path)
+        assert np.array_equal(from_bytes.data, from_file.data) and np.array_equal(from_bytes.affine, from_file.affine)
+        assert from_bytes.picture(3) == read_image(f"{path}#slice=3")  # the same RGB slice as a file reference
+    with open(os.path.join(NIBABEL_DATA, "example4d.nii.gz"), "rb") as handle:
+        gz = handle.read()
+    assert not is_nifti(b"\x89PNG\r\n\x1a\n" + bytes(600)) and not is_nifti(gz[:40])
+    for broken, reason in ((gz[: len(gz) // 2], "not a readable NIfTI file"), (b"GIF89a" + bytes(600), "not a NIfTI")):
+        with pytest.raises(MedicalImageError, match=f"^the data: URL: {reason}") as caught:
+            read_nifti_bytes(broken, "the data: URL")
+        assert "BytesIO" not in str(caught.value)
+    with pytest.raises(MedicalImageError, match="^the data: URL: 294912 pixels is over the limit") as caught:
+        read_nifti_bytes(gz, "the data: URL", max_pixels=1000)  # refused from the header, before inflating
+    assert caught.value.reason == "image_too_large" and "--max_image_pixels" in str(caught.value)
+    with pytest.raises(MedicalImageError, match="not a NIfTI volume"):  # CIFTI-2 in a .nii file
+        read_nifti(os.path.join(NIBABEL_DATA, "row_major.dconn.nii"))

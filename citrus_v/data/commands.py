@@ -8,8 +8,10 @@ import sys
 
 def _add_bounds(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--processor", help="model or processor folder whose image bounds and tokenizer to use")
-    parser.add_argument("--min-pixels", type=int, help="smart-resize lower bound (default: the processor's or 200704)")
-    parser.add_argument("--max-pixels", type=int, help="smart-resize upper bound (default: the processor's or 1003520)")
+    parser.add_argument("--min_pixels", type=int,
+                        help="smart-resize lower bound (when not given: the processor's, else 200704)")
+    parser.add_argument("--max_pixels", type=int,
+                        help="smart-resize upper bound (when not given: the processor's, else 1003520)")
 
 
 def _options(args: argparse.Namespace, decode: bool):
@@ -70,7 +72,9 @@ def _convert(args: argparse.Namespace) -> int:
         print(f"citrus-v data convert: {err}", file=sys.stderr)
         return 1
     print(report.format())
-    print(f"next: citrus-v data validate {args.out}")
+    if not report.ok:
+        return 1
+    print("next: citrus-v data stats " + " ".join(str(path) for path, _ in report.outputs.values()))
     return 0
 
 
@@ -92,40 +96,51 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     validate = commands.add_parser("validate", help="check every row; print ok / rejected by reason with file:line")
     validate.add_argument("files", nargs="+", help="JSONL files")
     validate.add_argument("--strict", action="store_true", help="stop at the first bad row")
-    validate.add_argument("--headers-only", action="store_true", help="read image headers only (faster)")
-    validate.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
-                          help=f"reject larger images (decompression bombs; default {DEFAULT_MAX_IMAGE_PIXELS})")
-    validate.add_argument("--show", type=int, default=50, help="rejections listed (default 50)")
+    validate.add_argument("--headers_only", action="store_true",
+                          help="read image headers only (faster)")
+    validate.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                          help="reject larger images (decompression bombs)")
+    validate.add_argument("--show", type=int, default=50, help="rejections listed")
     _add_bounds(validate)
     validate.set_defaults(func=_validate)
 
-    stats = commands.add_parser("stats", help="rows per task and modality, token-length percentiles")
+    stats = commands.add_parser(
+        "stats", help="rows per task and modality, image references and distinct files, token-length percentiles"
+    )
     stats.add_argument("files", nargs="+", help="JSONL files")
-    stats.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS)
+    stats.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                       help="reject larger images (decompression bombs)")
     _add_bounds(stats)
     stats.set_defaults(func=_stats)
 
     convert = commands.add_parser("convert", help="convert a public dataset layout to Citrus-V rows")
     convert.add_argument("--from", dest="format", required=True, metavar="FORMAT",
                          help="source layout: mecovqa-g, medsegbench, detection, vqa-rad, slake, pathvqa")
-    convert.add_argument("input", help="source JSON / JSONL file")
-    convert.add_argument("--out", required=True, help="output JSONL file")
-    convert.add_argument("--image-root", help="folder the source image paths are relative to (default: input's)")
-    convert.add_argument("--mask-root", help="folder the source mask paths are relative to (default: image root)")
-    convert.add_argument("--lang", default="en", help="SLAKE question language to keep, or 'all' (default en)")
-    convert.add_argument("--image-suffix", default=".jpg", help="added to image names without one (PathVQA)")
+    convert.add_argument("input", help="the release's folder as published (VQA_RAD, Slake1.0, pvqa) or one "
+                         "source JSON / JSONL / pickle file")
+    convert.add_argument("--out", required=True,
+                         help="output folder (DIR/<split>.jsonl) or JSONL file (FILE_<split>.jsonl when the source "
+                         "has several splits)")
+    convert.add_argument("--image_root",
+                         help="folder the source image paths are relative to (when not given: the release's own "
+                         "image folder, e.g. 'VQA_RAD Image Folder', imgs, images/<split>, SAMed2Dv1)")
+    convert.add_argument("--mask_root",
+                         help="folder the source mask paths are relative to (when not given: the image folder)")
+    convert.add_argument("--lang", default="en", help="SLAKE question language to keep, or 'all'")
+    convert.add_argument("--image_suffix", default=".jpg",
+                         help="added to image names without one (PathVQA)")
     convert.add_argument("--strict", action="store_true", help="stop at the first item that cannot be converted")
     convert.set_defaults(func=_convert)
 
     synth = commands.add_parser("synth", help="write the synthetic medical corpus (train/val/test)")
     synth.add_argument("--out", required=True, help="output folder")
-    synth.add_argument("--n", type=int, default=200, help="number of source images (default 200)")
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--size", type=int, default=224, help="image side in pixels (default 224)")
+    synth.add_argument("--n", type=int, default=200, help="number of source images")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (the same seed writes the same corpus)")
+    synth.add_argument("--size", type=int, default=224, help="image side in pixels")
     synth.add_argument(
         "--test_images",
         type=int,
         default=0,
-        help="extra images in the test split only (default 0; the N images keep their splits)",
+        help="extra images in the test split only (the N images keep their splits)",
     )
     synth.set_defaults(func=_synth)

@@ -1,4 +1,9 @@
-"""Dataset statistics: rows per task and modality, and token-length percentiles (``citrus-v data stats``)."""
+"""Dataset statistics: rows per task and modality, and token-length percentiles (``citrus-v data stats``).
+
+Images are counted twice over: references (one per image a row names, so one scan asked about in five rows
+counts five times) and distinct image files (a file named by several rows, or several slices or frames of one
+volume, counts once).
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,23 @@ from pathlib import Path
 
 import numpy as np
 
+from ..media import MedicalImageError, parse_ref
 from ..processing.template import ChatTemplate, place_images
 from .rows import RowRecord, render_objects
 from .validate import RowInfo, ValidationOptions, ValidationReport, validate_files
 
 PERCENTILES = (50, 90, 95, 99, 100)
+
+
+def row_image_files(record: RowRecord) -> set[Path]:
+    """The files a row's image references name (fragments such as ``#slice=40`` dropped)."""
+    files = set()
+    for ref in record.row.get("images") or []:
+        try:
+            files.add(parse_ref(ref, record.base_dir).path.resolve())
+        except MedicalImageError:
+            continue  # a row with a bad reference is rejected by validation before it is counted
+    return files
 
 
 def token_length(record: RowRecord, info: RowInfo, template: ChatTemplate, options: ValidationOptions) -> int:
@@ -31,7 +48,8 @@ class DatasetStats:
     modalities: Counter = field(default_factory=Counter)
     lengths: list[int] = field(default_factory=list)
     masks: int = 0
-    images: int = 0
+    image_refs: int = 0
+    image_files: set[Path] = field(default_factory=set)
 
     def percentiles(self) -> dict[int, int]:
         if not self.lengths:
@@ -40,7 +58,10 @@ class DatasetStats:
         return {p: int(v) for p, v in zip(PERCENTILES, values, strict=True)}
 
     def format(self) -> str:
-        lines = [self.report.format(limit=10), f"images {self.images}, masks {self.masks}"]
+        lines = [
+            self.report.format(limit=10),
+            f"image references {self.image_refs} (distinct image files {len(self.image_files)}), masks {self.masks}",
+        ]
         lines.append("rows per task: " + ", ".join(f"{k} {v}" for k, v in sorted(self.tasks.items())))
         lines.append("rows per modality: " + ", ".join(f"{k} {v}" for k, v in sorted(self.modalities.items())))
         pct = self.percentiles()
@@ -60,7 +81,8 @@ def dataset_stats(
     for record, info in report.infos:
         stats.tasks[info.task] += 1
         stats.modalities[info.modality] += 1
-        stats.images += len(info.image_sizes)
+        stats.image_refs += len(info.image_sizes)
+        stats.image_files.update(row_image_files(record))
         stats.masks += info.num_seg
         stats.lengths.append(token_length(record, info, template, options))
     report.infos.clear()

@@ -101,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
     except EvalDataError as err:
         print(f"citrus-v eval: {err}", file=sys.stderr)
         return 1
+    for line in result.warnings:
+        print(f"citrus-v eval: warning: {line}", file=sys.stderr)
     print(headline(result.tasks))
     print(f"wrote {', '.join(str(p) for p in result.files.values())}")
     return 0

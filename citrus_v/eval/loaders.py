@@ -14,9 +14,7 @@ rows without findings, rows of tasks that are not evaluated) are counted by reas
 from __future__ import annotations
 
 import csv
-import io
 import json
-import pickle
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -33,6 +31,8 @@ from ..data.converters import (
     convert_slake,
     convert_vqa_rad,
     read_items,
+    read_pickle_items,
+    vqa_rad_split,
 )
 from ..data.rows import (
     RowIssue,
@@ -307,10 +307,10 @@ def load_vqa_rad(path: Path, name: str, options: LoadOptions) -> Loaded:
         (p for p in (file.parent / "VQA_RAD Image Folder", file.parent / "images") if p.is_dir()), file.parent
     )
     items = list(read_items(file))
-    has_split = any(isinstance(i, dict) and "phrase_type" in i for _, i in items)
+    has_split = any(isinstance(i, dict) and vqa_rad_split(i) for _, i in items)
 
     def keep(item: dict) -> bool:
-        return not has_split or str(item.get("phrase_type", "")).startswith("test")
+        return not has_split or vqa_rad_split(item) == "test"
 
     return _converted(name, path, file, convert_vqa_rad, root, "VQA-RAD", keep=keep, items=items)
 
@@ -322,21 +322,6 @@ def load_slake(path: Path, name: str, options: LoadOptions) -> Loaded:
     return _converted(name, path, file, convert_slake, root, "SLAKE")
 
 
-class _PlainUnpickler(pickle.Unpickler):
-    """Reads pickles of plain lists, dicts, strings and numbers only: a dataset file must not run code."""
-
-    def find_class(self, module: str, name: str):  # noqa: D401 - pickle API
-        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a dataset pickle")
-
-
-def _pickle_items(file: Path) -> list[tuple[int, Any]]:
-    with open(file, "rb") as handle:
-        data = _PlainUnpickler(io.BufferedReader(handle)).load()
-    if isinstance(data, dict):
-        data = next((v for v in data.values() if isinstance(v, list)), [data])
-    return list(enumerate(data, start=1))
-
-
 def load_pathvqa(path: Path, name: str, options: LoadOptions) -> Loaded:
     """PathVQA: ``qas/test/test_qa.pkl`` (or a JSON/JSONL export) and ``images/test/<image>.jpg``."""
     file = _json_file(name, path, ("qas/test/test_qa.pkl", "qas/test_qa.pkl", "test_qa.pkl", "test.json", "test.jsonl"))
@@ -345,9 +330,9 @@ def load_pathvqa(path: Path, name: str, options: LoadOptions) -> Loaded:
     items = None
     if file.suffix == ".pkl":
         try:
-            items = _pickle_items(file)
-        except (pickle.UnpicklingError, EOFError, ValueError) as err:
-            raise _fail(name, path, f"{file} is not a plain pickle of question dicts ({err})") from None
+            items = read_pickle_items(file)  # plain data only: a dataset file must not run code
+        except ValueError as err:
+            raise _fail(name, path, str(err)) from None
     return _converted(name, path, file, convert_pathvqa, root, "PathVQA", items=items)
 
 

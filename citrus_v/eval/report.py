@@ -1,7 +1,8 @@
 """Writing a run's results: ``metrics.json``, ``report.md`` (a table per task) and ``seg_dice.png``.
 
 The tables print fractions as percentages (×100, CIDEr too, as papers print it) and HD95 in mm; counts of
-unparsable and failed samples stand next to every task's numbers.
+unparsable and failed samples stand next to every task's numbers. Warnings (a task without samples, or with too
+few for its numbers to mean much) stand at the top.
 """
 
 from __future__ import annotations
@@ -114,6 +115,9 @@ def write_report(out: Path, run: dict[str, Any], tasks: dict[str, dict[str, Any]
         "- numbers are percentages (CIDEr ×100 too), HD95 in mm; per-sample records: `predictions.jsonl`",
         "",
     ]
+    warnings = run.get("warnings") or []
+    if warnings:
+        lines += ["## Warnings", ""] + [f"- **Warning:** {line}" for line in warnings] + [""]
     for task, summary in tasks.items():
         counts = summary["counts"]
         lines += [f"## {TASK_TITLES[task]} (`{task}`)", ""]

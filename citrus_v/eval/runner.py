@@ -32,7 +32,7 @@ from .references import check_sample, load_images
 from .report import write_figure, write_metrics, write_report
 from .samples import TASKS, EvalDataError, EvalSample
 from .scoring import failed_record, score
-from .summary import summarize
+from .summary import sample_size_warnings, summarize
 
 PREDICTIONS = "predictions.jsonl"
 RUN_FILE = "run.json"
@@ -70,6 +70,11 @@ class EvalResult:
     tasks: dict[str, dict[str, Any]]
     run: dict[str, Any]
     files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def warnings(self) -> list[str]:
+        """Lines about tasks without samples or with too few (also at the top of ``report.md``)."""
+        return list(self.run.get("warnings", []))
 
 
 def parse_tasks(text: str) -> list[str]:
@@ -251,6 +256,7 @@ def run_eval(config: EvalConfig, backend: Backend) -> EvalResult:
     run["seconds"] = round(time.monotonic() - started, 1)
     (out / RUN_FILE).write_text(json.dumps(run, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     tasks = summarize(ordered, config.tasks)
+    run["warnings"] = sample_size_warnings(tasks, config.limit)
     figure = None
     if "seg" in tasks:
         figure = write_figure(out, [r for r in ordered if r["task"] == "seg"], tasks["seg"])

@@ -2,7 +2,10 @@
 
 Metrics are fractions (0–1; CIDEr on the COCO toolkit's 0–10 scale; HD95 in mm). Failed samples are left out
 and counted; unparsable ones are in, scored as wrong. Groups are the samples' ``dataset``, ``modality``,
-``region`` and ``answer_type`` (whichever the set has); each group gets the task's metrics on its samples.
+``region`` and ``answer_type`` (whichever the set has); each group gets the task's metrics on its samples,
+except what needs the whole evaluated set: a group's CIDEr uses the set's document frequencies.
+
+:func:`sample_size_warnings` says when a task has no samples or too few for its numbers to mean much.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from . import det_metrics, text_metrics
 
 Record = dict[str, Any]
 GROUP_KEYS = ("dataset", "modality", "region", "answer_type", "organ", "question_type")
+# Below this many samples one answer moves an accuracy by more than 3 points, and the 95% interval of a
+# proportion near one half is wider than ±18 points: the report warns that the numbers are rough.
+SMALL_SPLIT_SAMPLES = 30
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -68,12 +74,19 @@ def vqa_metrics(records: Sequence[Record]) -> dict[str, Any]:
     }
 
 
-def report_metrics(records: Sequence[Record]) -> dict[str, Any]:
-    """Corpus BLEU-1..4 and CIDEr-D; mean ROUGE-L and METEOR."""
+def report_metrics(records: Sequence[Record], corpus: Sequence[Record] | None = None) -> dict[str, Any]:
+    """Corpus BLEU-1..4 and CIDEr-D; mean ROUGE-L and METEOR.
+
+    ``corpus``: the whole evaluated set when ``records`` is one group of it. CIDEr's IDF is a property of the
+    reference corpus: recomputed on a group of a few reports, an n-gram found in all of them weighs nothing (a
+    one-report group scores 0 whatever the answer), so a group is scored with the whole set's document
+    frequencies, and the groups' CIDEr then average to the overall one. BLEU needs no corpus statistics.
+    """
     hyps = [r["parsed"]["tokens"] for r in records]
     refs = [[r["reference"]["tokens"]] for r in records]
     bleu = text_metrics.corpus_bleu(hyps, refs) if records else [None] * 4
-    cider = text_metrics.cider_d(hyps, refs)[0] if records else None
+    idf_corpus = text_metrics.cider_document_frequency([[r["reference"]["tokens"]] for r in corpus or records])
+    cider = text_metrics.cider_d(hyps, refs, corpus=idf_corpus)[0] if records else None
     out: dict[str, Any] = {"n": len(records)}
     out.update({f"bleu{n + 1}": bleu[n] for n in range(4)})
     out.update(rouge_l=_mean(_scores(records, "rouge_l")), meteor=_mean(_scores(records, "meteor")), cider=cider)
@@ -105,7 +118,7 @@ def cot_metrics(records: Sequence[Record]) -> dict[str, Any]:
     }
 
 
-TASK_METRICS: dict[str, Callable[[Sequence[Record]], dict[str, Any]]] = {
+TASK_METRICS: dict[str, Callable[..., dict[str, Any]]] = {
     "seg": seg_metrics,
     "det": det_metrics_of,
     "vqa": vqa_metrics,
@@ -113,18 +126,21 @@ TASK_METRICS: dict[str, Callable[[Sequence[Record]], dict[str, Any]]] = {
     "doc": doc_metrics_of,
     "cot": cot_metrics,
 }
+# tasks whose metrics take the whole set (``corpus``) when scoring one group of it
+CORPUS_METRICS = {"report"}
 
 
 def summarize_task(task: str, records: Sequence[Record]) -> dict[str, Any]:
     """``{"counts", "overall", "groups", "failed", "unparsable"}`` of one task's records."""
     scored = [r for r in records if r["status"] != "failed"]
     metric = TASK_METRICS[task]
+    extra = {"corpus": scored} if task in CORPUS_METRICS else {}
     groups: dict[str, dict[str, Any]] = {}
     for key in GROUP_KEYS:
         values = sorted({str(r["groups"][key]) for r in scored if key in r.get("groups", {})})
         if values:
             groups[key] = {
-                value: metric([r for r in scored if str(r["groups"].get(key)) == value]) for value in values
+                value: metric([r for r in scored if str(r["groups"].get(key)) == value], **extra) for value in values
             }
     return {
         "counts": {
@@ -143,3 +159,19 @@ def summarize_task(task: str, records: Sequence[Record]) -> dict[str, Any]:
 def summarize(records: Sequence[Record], tasks: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Every requested task's summary (tasks without samples get zero counts and empty metrics)."""
     return {task: summarize_task(task, [r for r in records if r["task"] == task]) for task in tasks}
+
+
+def sample_size_warnings(tasks: dict[str, dict[str, Any]], limit: int | None = None) -> list[str]:
+    """One line per requested task that has no samples, or fewer than :data:`SMALL_SPLIT_SAMPLES`."""
+    lines = []
+    for task, summary in tasks.items():
+        count = summary["counts"]["samples"]
+        if count == 0:
+            lines.append(f"{task}: no samples of this task in the data; nothing was scored (check --data and --split)")
+        elif count < SMALL_SPLIT_SAMPLES:
+            cause = f" (--limit {limit})" if limit is not None and count >= limit else ""
+            lines.append(
+                f"{task}: only {count} sample(s){cause}, under {SMALL_SPLIT_SAMPLES}: one answer moves an accuracy "
+                f"by {100 / count:.1f} points; treat these numbers as rough"
+            )
+    return lines

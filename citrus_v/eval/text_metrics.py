@@ -19,7 +19,8 @@ rouge-score's tokeniser without stemming.
 - CIDEr (CIDEr-D, as the COCO caption toolkit computes it): n-grams n = 1..4 weighted by TF-IDF with the
   document frequency taken over the references of the evaluated set, cosine similarity per n with
   clipping, a Gaussian length penalty (σ = 6, lengths counted in bigrams as the toolkit does), averaged
-  over n, times 10; the mean over samples.
+  over n, times 10; the mean over samples. The document frequencies are a property of the whole corpus: a
+  subset of it (one group of a report) is scored with the whole set's (``corpus``), never its own.
 
 **Open questions**: token recall = |common| / |reference tokens| and token F1 (SQuAD style) on bags of
 tokens, after removing the articles a/an/the; an empty reference scores 1 only for an empty answer.
@@ -136,26 +137,36 @@ def meteor(hypothesis: Sequence[str], reference: Sequence[str]) -> float:
 
 
 # --- CIDEr-D -------------------------------------------------------------------------------------------------
+def _cider_grams(tokens: Sequence[str], n: int) -> Counter:
+    counts: Counter = Counter()
+    for k in range(1, n + 1):
+        counts.update(_ngrams(tokens, k))
+    return counts
+
+
+def cider_document_frequency(references: Sequence[Sequence[Sequence[str]]], n: int = 4) -> tuple[Counter, int]:
+    """``(document frequency of each n-gram, number of documents)`` over reference sets: CIDEr's IDF corpus."""
+    document_frequency: Counter = Counter()
+    for refs in references:
+        document_frequency.update({gram for ref in refs for gram in _cider_grams(ref, n)})
+    return document_frequency, len(references)
+
+
 def cider_d(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]],
-            n: int = 4, sigma: float = 6.0) -> tuple[float, list[float]]:
-    """``(mean, per-sample scores)`` of CIDEr-D (the COCO caption toolkit's definition, ×10)."""
+            n: int = 4, sigma: float = 6.0, corpus: tuple[Counter, int] | None = None) -> tuple[float, list[float]]:
+    """``(mean, per-sample scores)`` of CIDEr-D (the COCO caption toolkit's definition, ×10).
+
+    ``corpus`` (from :func:`cider_document_frequency`) gives the document frequencies when the samples are
+    part of a larger evaluated set; by default they are taken over ``references``.
+    """
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference lists")
     if not hypotheses:
         return 0.0, []
-
-    def grams(tokens: Sequence[str]) -> Counter:
-        counts: Counter = Counter()
-        for k in range(1, n + 1):
-            counts.update(_ngrams(tokens, k))
-        return counts
-
-    hyp_counts = [grams(h) for h in hypotheses]
-    ref_counts = [[grams(r) for r in refs] for refs in references]
-    document_frequency: Counter = Counter()
-    for refs in ref_counts:
-        document_frequency.update({gram for counts in refs for gram in counts})
-    log_docs = math.log(float(len(references)))
+    hyp_counts = [_cider_grams(h, n) for h in hypotheses]
+    ref_counts = [[_cider_grams(r, n) for r in refs] for refs in references]
+    document_frequency, documents = corpus if corpus is not None else cider_document_frequency(references, n)
+    log_docs = math.log(float(documents))
 
     def vector(counts: Counter) -> tuple[list[dict], list[float], int]:
         vec: list[dict] = [{} for _ in range(n)]

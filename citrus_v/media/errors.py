@@ -16,11 +16,14 @@ class MedicalImageError(ValueError):
         self.reason = reason
 
 
-def check_pixels(path: Path, pixels: int, max_pixels: int | None) -> None:
-    """Refuse an image of more than ``max_pixels`` pixels (``None``: no limit), before its pixels are decoded."""
+def check_pixels(path: Path | str, pixels: int, max_pixels: int | None) -> None:
+    """Refuse an image of more than ``max_pixels`` pixels (``None``: no limit), before its pixels are decoded.
+
+    ``path`` names the image in the message: a file, or where bytes came from ("the data: URL").
+    """
     if max_pixels is not None and pixels > max_pixels:
         raise MedicalImageError(
             f"{path}: {pixels} pixels is over the limit of {max_pixels} (a decompression bomb or a huge image). "
-            "Fix: downsample the image, or raise the limit (--max-image-pixels)",
+            "Fix: downsample the image, or raise the limit (--max_image_pixels)",
             "image_too_large",
         )

@@ -2,19 +2,31 @@
 
 The volume is brought to RAS+ first; a slice is shown with superior/anterior at the top and in radiological
 left-right. :class:`NiftiVolume` keeps the affine so that masks drawn on slices go back into the original voxel
-grid. nibabel is imported on first use.
+grid. A volume that arrives as bytes (a ``data:`` URL) is recognised by :func:`is_nifti` and read by
+:func:`read_nifti_bytes`, whose errors name the source it was given. nibabel is imported on first use.
 """
 
 from __future__ import annotations
 
 import functools
+import gzip
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from .errors import DEFAULT_MAX_IMAGE_PIXELS, MedicalImageError, check_pixels
+from .windowing import Window, apply_window, full_range_window, parse_window
+
+# NIfTI-1 keeps its magic at byte 344 of the 348-byte header, NIfTI-2 at byte 4 of its 540-byte header.
+_NIFTI1_MAGIC, _NIFTI2_MAGIC = b"n+1\0", b"n+2\0"
+_HEADER_BYTES = 544
+_GZIP_MAGIC = b"\x1f\x8b"
+# a volume holds many slices: allow this many images' worth of voxels before calling it a bomb
+_VOLUME_IMAGES = 64
 
 
 def to_display(plane: np.ndarray, axis: int) -> np.ndarray:
@@ -52,6 +64,14 @@ class NiftiVolume:
         if not 0 <= index < count:
             raise MedicalImageError(f"slice {index} is outside 0..{count - 1} along axis {axis}", "bad_reference")
         return to_display(np.take(self.data, index, axis=axis), axis)
+
+    def picture(self, index: int | None = None, axis: int = 2, window: str | Window | None = None) -> Image.Image:
+        """One slice as an 8-bit RGB image; without ``window``, one full-range window for the whole volume, so
+        that every slice of a series looks alike."""
+        plane = self.slice(index, axis)
+        return Image.fromarray(apply_window(plane, parse_window(window) or full_range_window(self.data))).convert(
+            "RGB"
+        )
 
     def slices(self, axis: int = 2) -> list[np.ndarray]:
         """Every slice along ``axis``, in display orientation."""
@@ -125,24 +145,79 @@ def nifti_display_size(path: Path, axis: int | None = None) -> tuple[int, int]:
 def _read_nifti_cached(path: str, _mtime: int, _size: int, t: int | None, max_pixels: int | None) -> NiftiVolume:
     import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
-    from nibabel.orientations import apply_orientation, io_orientation
 
     path = Path(path)
     try:
         image = nib.load(path)
     except (ImageFileError, OSError, EOFError, ValueError) as err:
         raise MedicalImageError(f"{path}: not a readable NIfTI file ({err})", "unreadable_image") from err
+    return _volume(image, str(path), t, max_pixels)
+
+
+def _volume(image: Any, source: str, t: int | None, max_pixels: int | None) -> NiftiVolume:
+    """A loaded nibabel image as a RAS+ :class:`NiftiVolume`; errors name ``source``."""
+    from nibabel.orientations import apply_orientation, io_orientation
+
+    if getattr(image, "affine", None) is None:  # nibabel loads CIFTI-2 (.dconn.nii, ...) as a matrix, not a volume
+        raise MedicalImageError(
+            f"{source}: a {type(image).__name__} without a voxel-to-world affine, not a NIfTI volume",
+            "unreadable_image",
+        )
     shape = tuple(int(s) for s in image.shape)
     if len(shape) < 3:
         shape = shape + (1,) * (3 - len(shape))
-    # a volume holds many slices: allow 64 images' worth of voxels before calling it a bomb
-    check_pixels(path, int(np.prod(shape[:3])), None if max_pixels is None else max_pixels * 64)
-    data = _read_voxels(path, image, shape, t)
+    check_pixels(source, int(np.prod(shape[:3])), None if max_pixels is None else max_pixels * _VOLUME_IMAGES)
+    data = _read_voxels(source, image, shape, t)
     ornt = io_orientation(image.affine)
     return NiftiVolume(apply_orientation(data, ornt), np.asarray(image.affine), shape[:3], ornt, image.header)
 
 
-def _read_voxels(path: Path, image: Any, shape: tuple[int, ...], t: int | None) -> np.ndarray:
+def _header_bytes(data: bytes) -> bytes:
+    """The first bytes of a NIfTI file given whole, gzip-compressed or not (only the header is inflated)."""
+    if data[:2] != _GZIP_MAGIC:
+        return data[:_HEADER_BYTES]
+    try:
+        return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data, _HEADER_BYTES)
+    except zlib.error:
+        return b""
+
+
+def is_nifti(data: bytes) -> bool:
+    """Whether ``data`` holds a single-file NIfTI-1 or NIfTI-2 image (``.nii`` or ``.nii.gz``), by its magic."""
+    head = _header_bytes(data)
+    return head[344:348] == _NIFTI1_MAGIC or head[4:8] == _NIFTI2_MAGIC
+
+
+def read_nifti_bytes(
+    data: bytes, source: str, t: int | None = None, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> NiftiVolume:
+    """A NIfTI volume from the bytes of a ``.nii`` or ``.nii.gz`` file; every error names ``source``.
+
+    The voxel count is checked from the header before the data is inflated (a gzip bomb is refused unread).
+    """
+    import nibabel as nib
+
+    if not is_nifti(data):
+        raise MedicalImageError(
+            f"{source}: not a NIfTI file (no NIfTI-1/2 header); send a .nii or .nii.gz file", "unreadable_image"
+        )
+    head = _header_bytes(data)
+    kind = nib.Nifti2Image if head[4:8] == _NIFTI2_MAGIC else nib.Nifti1Image
+    size = kind.header_class.template_dtype.itemsize
+    try:
+        header = kind.header_class(head[:size], check=False)
+        shape = tuple(int(s) for s in header.get_data_shape()[:3])
+        check_pixels(source, int(np.prod(shape)), None if max_pixels is None else max_pixels * _VOLUME_IMAGES)
+        raw = gzip.decompress(data) if data[:2] == _GZIP_MAGIC else data
+        image = kind.from_bytes(raw)
+    except MedicalImageError:
+        raise
+    except Exception as err:  # nibabel, gzip and numpy raise varied types for broken data
+        raise MedicalImageError(f"{source}: not a readable NIfTI file ({err})", "unreadable_image") from err
+    return _volume(image, source, t, max_pixels)
+
+
+def _read_voxels(path: Path | str, image: Any, shape: tuple[int, ...], t: int | None) -> np.ndarray:
     """The ``[X, Y, Z]`` voxels of volume ``t`` (default 0) in file order, reading only that volume of a 4-D file."""
     try:
         proxy = image.dataobj
