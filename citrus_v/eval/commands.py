@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from ..cli_parser import MODEL_HELP
+
 TASK_HELP = "seg, det, vqa, report, doc, cot (comma-separated) or all"
 
 
@@ -27,13 +29,13 @@ def add_parser(sub) -> None:
     parser.add_argument("--split", default="test", help="split file of a rows folder (default: test)")
     parser.add_argument("--image_root", help="folder the set's image paths are relative to (default: the set's own)")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="model folder, run in this process")
+    source.add_argument("--model", help=MODEL_HELP + ", run in this process")
     source.add_argument("--api", metavar="URL", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     parser.add_argument("--served_model_name", help="the model name the endpoint serves (required with --api)")
     parser.add_argument("--api_key", default=None, help="API key (default: $OPENAI_API_KEY, else none)")
-    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight with --api (default 4)")
-    parser.add_argument("--retries", type=int, default=2, help="retries per request with --api (default 2)")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request with --api (default 300)")
+    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight with --api")
+    parser.add_argument("--retries", type=int, default=2, help="retries per request with --api")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request with --api")
     parser.add_argument(
         "--box_format", default="pixels", choices=["pixels", "qwen", "norm1000"],
         help="how to read boxes from answer text when the endpoint returns no grounding object (default: pixels)",
