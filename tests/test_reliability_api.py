@@ -9,6 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from citrus_v.serve.protocol import N_MAX
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from fuzz_api import DEPLOY_FLAGS, run_fuzz  # noqa: E402
@@ -47,7 +49,7 @@ def test_integer_bounds_are_stated_in_the_schema(server):
     for name in ("max_tokens", "max_completion_tokens"):
         integer = next(s for s in schema["properties"][name]["anyOf"] if s.get("type") == "integer")
         assert integer.get("minimum") == 1 and "ge" not in integer, integer
-    assert schema["properties"]["n"]["minimum"] == 1 and schema["properties"]["n"]["maximum"] == 1
+    assert schema["properties"]["n"]["minimum"] == 1 and schema["properties"]["n"]["maximum"] == N_MAX
 
 
 @pytest.mark.parametrize("seed", [2**64 + 383, -(2**70), 0, 2**64 - 1])

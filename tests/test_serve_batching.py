@@ -6,6 +6,7 @@ import pytest
 
 from citrus_v.infer import Request
 from citrus_v.serve.batching import DynamicBatcher, Job, JobResult, run_in_batcher
+from citrus_v.serve.row_sampling import SamplingParams
 
 from .conftest import phantom
 from .test_serve_support import PLAIN_ANSWER, SEGMENT_ANSWER, ScriptedPredictor
@@ -51,19 +52,19 @@ def test_batched_masks_equal_masks_computed_alone(predictor):
             assert (x.mask == y.mask).mean() > 0.999
 
 
-def test_different_sampling_settings_are_not_mixed(predictor):
+def test_different_sampling_settings_share_a_batch_and_seeded_samples_run_alone(predictor):
     batcher = DynamicBatcher(predictor, max_batch_size=8, max_wait_ms=200)
     jobs = [
         Job(_segment(1), 8),
-        Job(_segment(2), 8, temperature=0.7, top_p=0.9),
-        Job(_segment(3), 8),
-        Job(_segment(4), 8, temperature=0.7, seed=1),
-        Job(_segment(5), 8, temperature=0.7, seed=1),
+        Job(_segment(2), 8, SamplingParams(temperature=0.7, top_p=0.9)),
+        Job(_segment(3), 8, SamplingParams(repetition_penalty=1.3, top_k=5)),
+        Job(_segment(4), 8, SamplingParams(temperature=0.7, seed=1)),
+        Job(_segment(5), 8, SamplingParams(temperature=0.7, seed=1)),
     ]
     results = run_in_batcher(batcher, jobs)
     assert all(isinstance(r, JobResult) for r in results)
-    # greedy pair, the unseeded sample, and each seeded sample alone
-    assert batcher.batches_run == 4 and [r.batch_size for r in results] == [2, 1, 2, 1, 1]
+    # each row samples with its own settings, so the unseeded ones share one generation; a seeded one runs alone
+    assert batcher.batches_run == 3 and [r.batch_size for r in results] == [3, 3, 3, 1, 1]
 
 
 def test_max_batch_size_one_turns_batching_off(predictor):

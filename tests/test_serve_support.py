@@ -109,15 +109,15 @@ def running_server(app, timeout: float = 30.0) -> Iterator[str]:
 
 
 @contextmanager
-def deployed_server(model_dir, port: int, flags=(), timeout: float = 180.0):
-    """``citrus-v deploy --model MODEL_DIR --port PORT FLAGS`` in a subprocess on 127.0.0.1; yields
-    ``(process, log)`` once ``/health`` answers (the server's output goes to the temporary file ``log``, which
-    a long run cannot fill up as it would a pipe); stops the process afterwards."""
+def deployed_server(model_dir, port: int, flags=(), timeout: float = 180.0, env: dict[str, str] | None = None):
+    """``citrus-v deploy --model MODEL_DIR --port PORT FLAGS`` in a subprocess on 127.0.0.1, with ``env`` added to
+    the environment; yields ``(process, log)`` once ``/health`` answers (the server's output goes to the temporary
+    file ``log``, which a long run cannot fill up as it would a pipe); stops the process afterwards."""
     import tempfile
 
     import httpx
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
     command = [sys.executable, "-m", "citrus_v.cli", "deploy", "--model", str(model_dir), "--port", str(port), *flags]
     with tempfile.TemporaryFile(mode="w+") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)

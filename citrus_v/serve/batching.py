@@ -1,17 +1,20 @@
 """Dynamic batching: concurrent requests wait briefly in an asyncio queue and run as one ``predict_batch``.
 
 One worker thread owns the model. The batching loop takes the first waiting job, then gathers more jobs
-with the same sampling settings until ``max_batch_size`` or ``max_wait_ms`` after the first; ``max_batch_size
+that may share its generation until ``max_batch_size`` or ``max_wait_ms`` after the first; ``max_batch_size
 = 1`` turns batching off. While requests keep coming, the window stays open ``max_wait_ms`` past the latest
 one, and requests the server has accepted but is still preparing (decoding their images, marked with
 :meth:`DynamicBatcher.arriving`) are waited for, both up to ``max_arrival_wait_ms`` after the first: clients
 answered by one batch come back spread over a few tens of milliseconds, and a window that closes among them
 splits them into smaller batches that then stay split.
 
-Per-row limits that ``generate`` does not know about — each request's own ``max_tokens`` and ``stop``
-strings, cancellation after a timeout, streaming — are handled by :class:`RowControl`, a logits processor
-that watches every step and ends a row by forcing its end-of-turn token, so one request's limits never cut
-another request short.
+Per-row settings that ``generate`` does not know about are handled by two logits processors: each request's
+own sampling (temperature, ``top_p``, ``top_k``, penalties, ``logit_bias``, seed, log-probabilities) by
+:class:`~citrus_v.serve.row_sampling.RowSampling`, and its ``max_tokens`` and ``stop`` strings, cancellation
+after a timeout and streaming by :class:`RowControl`, which watches every step and ends a row by forcing its
+end-of-turn token. So requests with different settings share one generation, and one request's settings
+never reach another. Only a seeded sample runs alone: its answer then depends on its seed, not on the
+requests it happened to share a batch with.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..infer.predictor import CitrusVPredictor, Request
 from ..infer.results import Prediction, cut_at_stop
+from .row_sampling import RowSampling, SamplingParams, StepLogprobs
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +48,7 @@ class Job:
 
     request: Request
     max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: Sequence[str] = ()
     on_text: TextCallback | None = None  # called from the worker thread with the text that is safe to show
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -54,23 +56,24 @@ class Job:
     enqueued: float = field(default_factory=time.monotonic)
 
     def group(self) -> tuple:
-        """Jobs batch together only when ``generate`` would treat them alike."""
-        if self.temperature <= 0:
-            return ("greedy",)
-        if self.seed is not None:  # a seeded sample runs alone, so its result depends on the seed only
+        """Jobs of one group may share a generation: all of them, except that a seeded sample runs alone."""
+        if not self.sampling.greedy and self.sampling.seed is not None:
             return ("seeded", id(self))
-        return ("sample", self.temperature, self.top_p)
+        return ("shared",)
 
 
 @dataclass
 class JobResult:
-    """A finished job: the prediction (text cut at a stop string) and the OpenAI finish reason and usage."""
+    """A finished job: the prediction (text cut at a stop string), the OpenAI finish reason and usage, the
+    generated token ids (before any stop-string cut) and, when the job asked, each token's log-probabilities."""
 
     prediction: Prediction
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
     batch_size: int = 1
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[StepLogprobs] | None = None
 
 
 class RowControl(LogitsProcessor):
@@ -305,28 +308,32 @@ class DynamicBatcher:
     def _generate(self, jobs: list[Job]) -> list[JobResult]:
         predictor = self.predictor
         tokenizer = predictor.processor.tokenizer
+        sampler = RowSampling([job.sampling for job in jobs], tokenizer.pad_token_id)
         control = RowControl(jobs, tokenizer, predictor.eos_token_ids, tokenizer.pad_token_id)
-        first = jobs[0]
+        # the sampler chooses each row's token, then the control may end the row instead; generate runs
+        # greedy and takes what is left
         predictions = predictor.predict_batch(
             [job.request for job in jobs],
-            logits_processor=LogitsProcessorList([control]),
+            logits_processor=LogitsProcessorList([sampler, control]),
             max_new_tokens=max(job.max_tokens for job in jobs) + 1,  # room for each row's end-of-turn token
-            temperature=first.temperature,
-            top_p=first.top_p,
-            seed=first.seed,
+            temperature=0.0,
         )
         results = []
         for row, (job, prediction) in enumerate(zip(jobs, predictions, strict=True)):
             prediction, stopped = cut_at_stop(prediction, job.stop)
             stopped = stopped or control.stopped[row]
             finish = "length" if control.at_limit[row] and not stopped else "stop"
+            generated = control.completion_tokens(row)  # the tokens before the row's end: the sampler's choices
+            record = sampler.logprobs[row]
             results.append(
                 JobResult(
                     prediction=prediction,
                     finish_reason=finish,
                     prompt_tokens=int(control.prompt_tokens[row]),
-                    completion_tokens=control.completion_tokens(row),
+                    completion_tokens=generated,
                     batch_size=len(jobs),
+                    token_ids=sampler.chosen[row][:generated],
+                    logprobs=None if record is None else record[:generated],
                 )
             )
         return results

@@ -1,9 +1,9 @@
 """OpenAI chat messages -> a predictor :class:`~citrus_v.infer.predictor.Request`.
 
 System (and ``developer``) messages come first and become the system prompt; the last message is the user's
-question; earlier user/assistant turns become the history. Each ``image_url`` part becomes an ``<image>``
-placeholder at its place in the text, and images are numbered in order over the whole conversation
-(masks and boxes refer to image 0).
+question; earlier user/assistant turns become the history. Each image part — OpenAI's ``image_url`` or
+ms-swift's ``image`` — becomes an ``<image>`` placeholder at its place in the text, and images are numbered in
+order over the whole conversation (masks and boxes refer to image 0).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from ..tokens import (
     VISION_START,
 )
 from .media import MediaError
-from .protocol import ChatMessage, ImagePart, TextPart
+from .protocol import ChatMessage, ImagePart, ImageURL, SwiftImagePart, TextPart
 
-ImageLoader = Callable[[str, str], Image.Image]  # (url, param name) -> image
+ImageLoader = Callable[[str, str], Image.Image]  # (reference, param name) -> image
 
 # Tokens that structure the prompt (turns, image slots): typed into a message they would forge turns or
 # image slots, so they are refused. ``[SEG]`` and box tokens may appear (earlier answers hold them).
@@ -43,7 +43,20 @@ RESERVED = (
 )
 
 
-def _content(message: ChatMessage, index: int, load: ImageLoader, images: list[Image.Image], allow_images: bool) -> str:
+def _image(part: ImagePart | SwiftImagePart, param: str, load: ImageLoader, load_value: ImageLoader) -> Image.Image:
+    """The image of an ``image_url`` part (a URL) or of an ms-swift ``image`` part (a URL, path or base64)."""
+    if isinstance(part, ImagePart):
+        value = part.image_url
+        inner = f"{param}.image_url" + (".url" if isinstance(value, ImageURL) else "")
+        return load(value.url if isinstance(value, ImageURL) else value, inner)
+    value = part.image
+    inner = f"{param}.image" + (".url" if isinstance(value, ImageURL) else "")
+    return load_value(value.url if isinstance(value, ImageURL) else value, inner)
+
+
+def _content(
+    message: ChatMessage, index: int, loaders: tuple[ImageLoader, ImageLoader], images: list, allow_images: bool
+) -> str:
     content = message.content
     parts = [TextPart(type="text", text=content)] if isinstance(content, str) else content
     pieces: list[str] = []
@@ -52,12 +65,12 @@ def _content(message: ChatMessage, index: int, load: ImageLoader, images: list[I
         if isinstance(part, TextPart):
             reserved = next((token for token in RESERVED if token in part.text), None)
             if reserved is not None:
-                hint = "; send each image as an image_url content part" if reserved == IMAGE_PLACEHOLDER else ""
+                hint = "; send each image as an image or image_url part" if reserved == IMAGE_PLACEHOLDER else ""
                 raise MediaError(
                     f"text must not contain the reserved token {reserved}{hint}", "invalid_message", 400, param
                 )
             pieces.append(part.text)
-        elif isinstance(part, ImagePart):
+        else:
             if not allow_images:
                 raise MediaError(
                     f"{message.role} messages cannot hold images; put images in user messages",
@@ -65,13 +78,15 @@ def _content(message: ChatMessage, index: int, load: ImageLoader, images: list[I
                     400,
                     param,
                 )
-            images.append(load(part.image_url.url, f"{param}.image_url.url"))
+            images.append(_image(part, param, *loaders))
             pieces.append(IMAGE_PLACEHOLDER)
     return "".join(pieces)
 
 
-def to_request(messages: list[ChatMessage], load: ImageLoader) -> Request:
-    """Turn OpenAI ``messages`` into a :class:`Request`, loading images through ``load``."""
+def to_request(messages: list[ChatMessage], load: ImageLoader, load_value: ImageLoader | None = None) -> Request:
+    """Turn OpenAI ``messages`` into a :class:`Request`, loading ``image_url`` URLs through ``load`` and ms-swift
+    ``image`` values through ``load_value`` (default: ``load``)."""
+    loaders = (load, load_value or load)
     images: list[Image.Image] = []
     systems: list[str] = []
     turns: list[dict] = []
@@ -81,9 +96,9 @@ def to_request(messages: list[ChatMessage], load: ImageLoader) -> Request:
                 raise MediaError(
                     "system messages must come before the conversation", "invalid_message", 400, f"messages.{index}"
                 )
-            systems.append(_content(message, index, load, images, allow_images=False))
+            systems.append(_content(message, index, loaders, images, allow_images=False))
             continue
-        text = _content(message, index, load, images, allow_images=message.role == "user")
+        text = _content(message, index, loaders, images, allow_images=message.role == "user")
         turns.append({"role": message.role, "content": text})
     if not turns or turns[-1]["role"] != "user":
         raise MediaError("the last message must be the user's", "invalid_message", 400, "messages")

@@ -16,6 +16,21 @@ Each answer's message carries the usual ``content`` and a ``grounding`` object::
 
 All coordinates are pixels of the original image (not the model's resized image). Boxes come from the
 answer text; masks are one per ``[SEG]`` token. ``grounding`` is ``null`` for a request without images.
+
+Compatibility with upstream Citrus-V's clients (ms-swift's ``swift deploy``): requests may send images as
+ms-swift content parts ``{"type": "image", "image": "data:image/png;base64,..." | "<base64>" | "path"}``, and
+every answer also carries upstream's top-level ``raw_response`` object::
+
+    "raw_response": {
+      "seg_masks_rle": [{"size": [H, W], "counts": "..."}],  # the first choice's masks, one per [SEG], in order
+      "image_grid_thw": [[1, h, w]]}                        # per image: merged-token grid, h·28 × w·28 pixels
+
+``seg_masks_rle`` holds the same masks as ``grounding.masks`` (COCO RLE, pycocotools), at the original image's
+size: upstream's clients resize each mask to the original size with nearest neighbour, which leaves these as
+they are. ``image_grid_thw`` counts the image's merged tokens (patch × merge = 28 pixels each), so that
+``h * 28`` × ``w * 28`` is the smart-resized size the model's box coordinates refer to, as upstream's clients
+compute it. (The Qwen2-VL processor's own ``image_grid_thw`` counts 14-pixel patches: twice these values.)
+``grounding`` is the documented object; ``raw_response`` is for upstream's clients and holds nothing more.
 """
 
 from __future__ import annotations
@@ -61,10 +76,19 @@ class TextPart(_Strict):
 
 class ImagePart(_Strict):
     type: Literal["image_url"]
-    image_url: ImageURL
+    image_url: ImageURL | StrictStr = Field(description="OpenAI's {url: ...}, or the URL alone as ms-swift sends it")
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class SwiftImagePart(_Strict):
+    """ms-swift's image part, as upstream Citrus-V's clients send it."""
+
+    type: Literal["image"]
+    image: StrictStr | ImageURL = Field(
+        description="a data: URL, bare base64 image bytes, or a local path / file:// URL when the server allows"
+    )
+
+
+ContentPart = Annotated[TextPart | ImagePart | SwiftImagePart, Field(discriminator="type")]
 
 
 class ChatMessage(_Strict):
@@ -77,20 +101,75 @@ class StreamOptions(_Strict):
     include_usage: StrictBool = False
 
 
+N_MAX = 8  # most choices one request may ask for
+TOP_LOGPROBS_MAX = 20  # OpenAI's bound
+LOGIT_BIAS_MAX = 100.0  # OpenAI's bound, either sign
+
+
 class ChatCompletionRequest(_Strict):
-    """``POST /v1/chat/completions``. Unknown fields are ignored, as OpenAI-compatible servers do."""
+    """``POST /v1/chat/completions``: OpenAI's fields, plus ms-swift's ``top_k`` and ``repetition_penalty``.
+
+    Every field either takes effect, or is accepted as metadata (``user``, ``metadata``...), or is refused with
+    a 400 naming it; a field this server does not know is refused the same way (see ``request_fields``).
+    """
+
+    model_config = ConfigDict(strict=True, extra="allow")
 
     model: StrictStr
     messages: list[ChatMessage] = Field(min_length=1)
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    top_k: _whole(ge=-1) | None = Field(
+        default=None, description="ms-swift: keep the k most likely tokens; 0 or -1: all"
+    )
+    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = Field(
+        default=None, description="ms-swift / transformers: >1 discourages every token already in the conversation"
+    )
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    logit_bias: dict[StrictStr, Annotated[float, Field(ge=-LOGIT_BIAS_MAX, le=LOGIT_BIAS_MAX)]] | None = Field(
+        default=None, description="token id (as a string) -> bias added to its logit"
+    )
     max_tokens: _whole(ge=1) | None = None
     max_completion_tokens: _whole(ge=1) | None = None
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
     seed: _whole() | None = None  # any integer: the server reduces it modulo 2**64 (what torch.manual_seed takes)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    n: _whole(ge=1, le=1) = 1
+    n: _whole(ge=1, le=N_MAX) = 1
+    logprobs: StrictBool | None = None
+    top_logprobs: _whole(ge=0, le=TOP_LOGPROBS_MAX) | None = None
+    # accepted as metadata: they change nothing in the answer
+    user: StrictStr | None = None
+    safety_identifier: StrictStr | None = None
+    metadata: dict[StrictStr, StrictStr] | None = None
+    prompt_cache_key: StrictStr | None = None
+    prompt_cache_retention: StrictStr | None = None
+    prompt_cache_options: dict[StrictStr, Any] | None = None
+    service_tier: StrictStr | None = None
+    prediction: dict[StrictStr, Any] | None = None
+    parallel_tool_calls: StrictBool | None = None
+    # taken only at their neutral values (see request_fields); anything else is refused with a 400
+    store: StrictBool | None = None
+    tools: list[Any] | None = None
+    tool_choice: StrictStr | dict[StrictStr, Any] | None = None
+    functions: list[Any] | None = None
+    function_call: StrictStr | dict[StrictStr, Any] | None = None
+    response_format: dict[StrictStr, Any] | None = None
+    modalities: list[StrictStr] | None = None
+    audio: dict[StrictStr, Any] | None = None
+    reasoning_effort: StrictStr | None = None
+    verbosity: StrictStr | None = None
+    web_search_options: dict[StrictStr, Any] | None = None
+    moderation: Any = None
+    # ms-swift's RequestConfig and multimodal fields, as its own client sends them
+    num_beams: _whole(ge=1) | None = None
+    best_of: _whole(ge=1) | None = None
+    length_penalty: float | None = None
+    images: list[Any] | None = None
+    audios: list[Any] | None = None
+    videos: list[Any] | None = None
+    objects: dict[StrictStr, Any] | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -131,6 +210,35 @@ class Grounding(BaseModel):
 
 
 # --- response ------------------------------------------------------------------------------------------------
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: float = Field(description="natural log of the token's probability under the model (-9999.0: ~0)")
+    bytes: list[int] | None = Field(default=None, description="the token's own bytes (UTF-8 pieces included)")
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None
+    refusal: list[TokenLogprob] | None = None
+
+
+class RawResponse(BaseModel):
+    """Upstream Citrus-V's top-level compatibility object (see the module docstring); ``grounding`` is ours."""
+
+    seg_masks_rle: list[RLE] = Field(
+        default_factory=list, description="the first choice's masks, one per [SEG], COCO RLE at the original size"
+    )
+    image_grid_thw: list[list[int]] = Field(
+        default_factory=list, description="per image [t, h, w] in merged tokens: h*28 x w*28 is the model's image"
+    )
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -142,7 +250,7 @@ class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class Usage(BaseModel):
@@ -158,6 +266,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[Choice]
     usage: Usage
+    raw_response: RawResponse | None = Field(default=None, description="upstream Citrus-V's compatibility field")
 
 
 class Delta(BaseModel):
@@ -171,11 +280,12 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
-    """One server-sent event of a streamed answer; the last content chunk's delta holds ``grounding``."""
+    """One server-sent event of a streamed answer; each choice's last content chunk holds its ``grounding`` (and
+    its ``logprobs`` when asked), and choice 0's also the top-level ``raw_response``."""
 
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
@@ -183,6 +293,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
+    raw_response: RawResponse | None = None
 
 
 class ModelCard(BaseModel):
