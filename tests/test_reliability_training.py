@@ -30,7 +30,7 @@ def _args(tiny_dir: Path, dataset: Path, out: Path) -> list[str]:
     return [
         "--model", str(tiny_dir), "--dataset", str(dataset), "--stage", "3", "--max_steps", str(MAX_STEPS),
         "--per_device_train_batch_size", "1", "--learning_rate", "1e-3", "--save_steps", "2", "--logging_steps", "1",
-        "--report_to", "none", "--seed", "7", "--output_dir", str(out),
+        "--report_to", "none", "--seed", "7", "--output_dir", str(out), "--gradient_checkpointing", "false",
     ]  # fmt: skip
 
 

@@ -75,6 +75,27 @@ def load_item(record: RowRecord, options: ValidationOptions) -> dict[str, Any] |
         return SkippedRow(RowIssue(str(record.file), record.line, problem.reason, str(problem)))
 
 
+def measure_record(
+    record: RowRecord, options: ValidationOptions, template=None, max_length: int | None = None
+) -> int | RowIssue | None:
+    """The row's token length under ``template`` (None without one), or the issue that drops it: a problem
+    with its images, masks or boxes, or more than ``max_length`` tokens (dropped, never cut)."""
+    from .stats import token_length
+
+    try:
+        info = inspect_row(record, options)
+    except RowProblem as problem:
+        return RowIssue(str(record.file), record.line, problem.reason, str(problem))
+    if template is None:
+        return None
+    length = token_length(record, info, template, options)
+    if max_length is not None and length > max_length:
+        return RowIssue(
+            str(record.file), record.line, "too_long", f"{length} tokens > max_length {max_length}; dropped, never cut"
+        )
+    return length
+
+
 class RowDataset(Dataset):
     """Validated rows; ``dataset[i]`` is a processor-ready item (see the module docstring)."""
 
@@ -109,8 +130,6 @@ class RowDataset(Dataset):
             decode: decode every image now (finds truncated files up front; slower).
             strict: raise :class:`~citrus_v.data.rows.DataError` at the first bad row.
         """
-        from .stats import token_length
-
         if options is None:
             options = ValidationOptions.for_processor(processor) if processor is not None else ValidationOptions()
         options = ValidationOptions(**{**options.__dict__, "decode": decode})
@@ -118,21 +137,14 @@ class RowDataset(Dataset):
             raise ValueError("max_length needs a processor to count tokens")
         skips = SkipCounter(strict=strict)
         records, lengths = [], []
+        template = processor.template if processor is not None else None
         for record in iter_rows(paths, skips):
-            try:
-                info = inspect_row(record, options)
-            except RowProblem as problem:
-                skips.record(RowIssue(str(record.file), record.line, problem.reason, str(problem)))
+            outcome = measure_record(record, options, template, max_length)
+            if isinstance(outcome, RowIssue):
+                skips.record(outcome)
                 continue
-            if processor is not None:
-                length = token_length(record, info, processor.template, options)
-                if max_length is not None and length > max_length:
-                    skips.record(
-                        RowIssue(str(record.file), record.line, "too_long",
-                                 f"{length} tokens > max_length {max_length}; dropped, never cut")
-                    )
-                    continue
-                lengths.append(length)
+            if outcome is not None:
+                lengths.append(outcome)
             records.append(record)
         return cls(records, options, lengths if processor is not None else None, skips)
 

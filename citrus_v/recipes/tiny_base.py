@@ -179,6 +179,8 @@ def run_stage(
         lr_scheduler_type="cosine",
         warmup_steps=min(warmup_steps, steps // 10),
         weight_decay=0.0,
+        adam_beta2=0.999,  # what the demo and the shipped base were trained with, as upstream's stage 3-4 lines pass
+        gradient_checkpointing=False,  # the tiny model fits in memory; recomputing would only slow the CPU
         max_length=1024,
         save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 500,

@@ -46,37 +46,50 @@ class SftArguments:
     dataset: list[str] = field(metadata={"help": "JSONL files, FILE#N to sample N rows, or folders of shards"})
     output_dir: str = _flag("output", "where checkpoints and logs go")
     template: str = _flag("citrus_v", "chat template")
-    stage: int | None = _flag(None, "1-4: freeze preset (explicit flags override)")
+    stage: int | None = _flag(
+        None, "1-4: a freeze preset (freeze flags given beside it override it); unset: --freeze_vit, "
+        "--freeze_aligner and --freeze_llm all false is stage 3, all true is stage 4"
+    )
     train_type: str = _flag("full", "full or lora")
-    torch_dtype: str = _flag("float32", "float32, bfloat16 or float16")
+    torch_dtype: str | None = _flag(None, "float32, bfloat16 or float16; unset: the checkpoint's config.json dtype")
     attn_impl: str | None = _flag(None, "sdpa, eager or flash_attn")
     max_length: int = _flag(2048, "longest sequence in tokens; longer rows are dropped")
-    num_train_epochs: float = _flag(1.0, "passes over the dataset")
+    num_train_epochs: float = _flag(3.0, "passes over the dataset")
     max_steps: int = _flag(-1, "total optimiser steps; -1: from the epochs")
-    learning_rate: float = _flag(1e-5, "peak learning rate")
+    learning_rate: float | None = _flag(None, "peak learning rate; unset: 1e-5 for full training, 1e-4 for LoRA")
     warmup_ratio: float = _flag(0.0, "share of the steps spent warming up the learning rate")
     warmup_steps: int = _flag(0, "warm-up steps (overrides --warmup_ratio when > 0)")
     lr_scheduler_type: str = _flag("cosine", "learning-rate schedule: cosine, linear, constant, ...")
     adam_beta1: float = _flag(0.9, "AdamW beta1")
-    adam_beta2: float = _flag(0.999, "AdamW beta2")
+    adam_beta2: float = _flag(0.95, "AdamW beta2")
     weight_decay: float = _flag(0.1, "AdamW weight decay")
     max_grad_norm: float = _flag(1.0, "gradient clipping norm")
     per_device_train_batch_size: int = _flag(1, "rows per device per step")
     gradient_accumulation_steps: int = _flag(1, "steps whose gradients are summed before each update")
     dataloader_num_workers: int = _flag(0, "data-loading worker processes")
-    dataset_num_proc: int = _flag(1, "preprocessing processes")
-    freeze_vit: bool | None = _flag(None, "freeze the vision tower (default: from --stage)")
-    freeze_aligner: bool | None = _flag(None, "freeze the vision-language merger (default: from --stage)")
-    freeze_llm: bool | None = _flag(None, "freeze the language model (default: from --stage)")
-    trainable_parameters: str | None = _flag(None, "regex of parameters to train")
-    freeze_parameters: str | None = _flag(None, "regex of parameters to freeze")
+    dataset_num_proc: int = _flag(1, "processes that check and measure the dataset's rows before training")
+    freeze_vit: bool | None = _flag(None, "freeze the vision tower; unset: as --stage says, else true")
+    freeze_aligner: bool | None = _flag(None, "freeze the vision-language merger; unset: as --stage says, else true")
+    freeze_llm: bool | None = _flag(None, "freeze the language model; unset: as --stage says, else false")
+    freeze_parameters: list[str] = field(
+        default_factory=list, metadata={"help": "parameter-name prefixes to freeze (after the stage and freeze flags)"}
+    )
+    freeze_parameters_regex: str | None = _flag(None, "regex of parameter names to freeze")
+    freeze_parameters_ratio: float = _flag(0.0, "freeze this share (0-1) of all parameters, first layers first")
+    freeze_custom_parameters_json: str | None = _flag(
+        None, "JSON file listing exact parameter names to freeze (upstream's stage-4 list)"
+    )
+    trainable_parameters: list[str] = field(
+        default_factory=list, metadata={"help": "parameter-name prefixes to train, whatever froze them"}
+    )
+    trainable_parameters_regex: str | None = _flag(None, "regex of parameter names to train, whatever froze them")
     hook_grad_factor: float | None = _flag(None, "HookGrad factor (stage 3: 0.001)")
     save_strategy: str = _flag("steps", "when to save: steps, epoch or no")
     save_steps: int = _flag(500, "save every N steps")
     save_total_limit: int | None = _flag(None, "keep at most N checkpoints (default: all)")
     save_only_model: bool = _flag(False, "save the weights without the optimiser state")
     logging_steps: int = _flag(5, "log every N steps")
-    gradient_checkpointing: bool = _flag(False, "recompute activations in the backward pass to save memory")
+    gradient_checkpointing: bool = _flag(True, "recompute activations in the backward pass to save memory")
     ddp_find_unused_parameters: bool | None = _flag(None, "DDP find_unused_parameters (default: auto)")
     packing: bool = _flag(False, "pack several rows into one sequence of --max_length")
     streaming: bool = _flag(False, "read the dataset lazily instead of loading it all")
@@ -103,8 +116,12 @@ class SftArguments:
 
     @property
     def dtype(self) -> torch.dtype:
+        """``--torch_dtype`` as a torch dtype; unset, the checkpoint's (as ms-swift reads it)."""
         import torch  # here, not at the top: `citrus-v --help` builds this parser without loading torch
 
+        from .resolve import default_torch_dtype
+
+        name = self.torch_dtype if self.torch_dtype is not None else default_torch_dtype(self.model)[0]
         return {
             "float32": torch.float32,
             "fp32": torch.float32,
@@ -112,7 +129,7 @@ class SftArguments:
             "bf16": torch.bfloat16,
             "float16": torch.float16,
             "fp16": torch.float16,
-        }[self.torch_dtype]
+        }[name]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -148,10 +165,14 @@ def parse_namespace(namespace: argparse.Namespace) -> SftArguments:
         raise ValueError(f"--template {args.template!r} is not available; templates: {', '.join(TEMPLATES)}")
     if args.train_type not in ("full", "lora"):
         raise ValueError(f"--train_type must be full or lora, got {args.train_type!r}")
-    if args.torch_dtype not in ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
+    if args.torch_dtype not in (None, "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
         raise ValueError(f"--torch_dtype must be float32, bfloat16 or float16, got {args.torch_dtype!r}")
     if args.stage is not None and args.stage not in (1, 2, 3, 4):
         raise ValueError(f"--stage must be 1, 2, 3 or 4, got {args.stage}")
+    if not 0.0 <= args.freeze_parameters_ratio <= 1.0:
+        raise ValueError(f"--freeze_parameters_ratio must be within 0 and 1, got {args.freeze_parameters_ratio}")
+    if args.dataset_num_proc < 1:
+        raise ValueError(f"--dataset_num_proc must be at least 1, got {args.dataset_num_proc}")
     if args.save_strategy not in ("steps", "epoch", "no"):
         raise ValueError(f"--save_strategy must be steps, epoch or no, got {args.save_strategy!r}")
     return args

@@ -13,8 +13,10 @@ def register_sft(subparsers) -> None:
     parser = subparsers.add_parser(
         "sft",
         help="train (four-stage recipe; upstream `swift sft` flags)",
-        description="Fine-tune Citrus-V. Upstream `swift sft` command lines work with `swift` -> `citrus-v`. "
-        "NPROC_PER_NODE=N runs N processes under torchrun.",
+        description="Fine-tune Citrus-V. Upstream `swift sft` command lines work with `swift` -> `citrus-v`: "
+        "without --stage, the stage follows from the freeze flags, and unset flags take ms-swift's defaults. "
+        "NPROC_PER_NODE=N runs N processes under torchrun; NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT "
+        "spread them over several machines, as in ms-swift.",
     )
     add_arguments(parser)
     parser.set_defaults(func=_run_sft)
@@ -25,17 +27,19 @@ def _run_sft(args: argparse.Namespace) -> int:
     from ..processing.processor import ProcessorError
     from .arguments import parse_namespace
     from .data import DatasetError
-    from .launch import launch_torchrun, nproc_per_node, under_torchrun
+    from .launch import launch_torchrun, topology, under_torchrun
     from .sft import SftError, run_sft
     from .stages import StageError
     from .trainer import CheckpointSaveError, NonFiniteLossError
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
-        nproc = nproc_per_node()
-        if nproc > 1 and not under_torchrun():
-            return launch_torchrun(sys.argv[1:], nproc)
-        run_sft(parse_namespace(args))
+        parsed = parse_namespace(args)  # a bad flag is reported once, before any process starts
+        if not under_torchrun():
+            where = topology()
+            if where.distributed:
+                return launch_torchrun(sys.argv[1:], where)
+        run_sft(parsed)
     except (
         SftError, DatasetError, StageError, CheckpointError, ProcessorError, NonFiniteLossError, CheckpointSaveError,
         ValueError,

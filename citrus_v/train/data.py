@@ -1,8 +1,8 @@
 """Training data for ``citrus-v sft``: ``--dataset`` entries -> a dataset and the batch collator.
 
 Rows are read, checked and measured by :mod:`citrus_v.data` (bad rows skipped and counted by reason with
-``file:line``, or ``--strict``); ``--packing`` packs samples into ``--max_length`` rows; ``--streaming``
-iterates shards without indexing them, with a resumable position.
+``file:line``, or ``--strict``), in ``--dataset_num_proc`` processes; ``--packing`` packs samples into
+``--max_length`` rows; ``--streaming`` iterates shards without indexing them, with a resumable position.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from ..data.streaming import StreamingJsonlDataset
 from ..data.validate import ValidationOptions
 from ..processing.processor import CitrusVProcessor
 from ..tokens import IGNORE_INDEX
+from .parallel_rows import measure_rows
 
 # Keys the collator adds for bookkeeping; the trainer removes them before the model sees the batch.
 BOOKKEEPING_KEYS = ("sample_ids", "skipped_rows", "stream_positions", "num_samples", "num_real_tokens")
@@ -143,10 +144,17 @@ def build_train_dataset(args, processor: CitrusVProcessor) -> tuple[Any, TrainCo
             raise DatasetError("--streaming reads whole shards: FILE#N sampling needs a map-style dataset")
         dataset = StreamingJsonlDataset([f for f, _ in files], options=options, seed=args.seed)
         summary = f"dataset: streaming {len(files)} shard(s); bad rows are skipped and counted as they come"
+        if args.dataset_num_proc > 1:
+            summary += (
+                f"\n--dataset_num_proc {args.dataset_num_proc}: a stream is checked as it is read, in the loader; "
+                "use --dataloader_num_workers to spread that work"
+            )
         return dataset, TrainCollator(inner), summary
+    num_proc = args.dataset_num_proc
     try:
-        dataset = RowDataset.from_jsonl(
-            [f for f, _ in files], processor, options=options, max_length=args.max_length, strict=args.strict
+        dataset = measure_rows(
+            [f for f, _ in files], processor, options, max_length=args.max_length, strict=args.strict,
+            num_proc=num_proc,
         )
     except DataError as err:
         raise DatasetError(str(err)) from err
@@ -154,7 +162,8 @@ def build_train_dataset(args, processor: CitrusVProcessor) -> tuple[Any, TrainCo
     if len(dataset) == 0:
         reasons = dataset.skips.summary()
         raise DatasetError(f"--dataset {' '.join(args.dataset)}: no usable rows ({reasons})")
-    summary = f"dataset: {len(dataset)} rows; {dataset.skips.summary()}"
+    checked = f" (checked in {num_proc} processes)" if num_proc > 1 else ""
+    summary = f"dataset: {len(dataset)} rows{checked}; {dataset.skips.summary()}"
     if dataset.skips.total:
         first = dataset.skips.issues[:5]
         summary += "".join(f"\n  {issue.file}:{issue.line}: {issue.reason}" for issue in first)

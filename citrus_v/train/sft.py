@@ -1,8 +1,10 @@
 """The ``citrus-v sft`` recipe: load, set up, train, save — one readable script on transformers' Trainer.
 
 Steps:
-1. check the flags against this machine (fall back or clamp, one line each);
-2. load model and processor from ``--model``; apply the stage preset / freeze flags / regexes; LoRA if asked;
+1. fill in the unset flags as upstream users mean them (the stage from the freeze flags, ms-swift's defaults),
+   check them against this machine (fall back or clamp, one line each) and print the stage and every setting;
+2. load model and processor from ``--model``; apply the stage preset, the freeze flags and ms-swift's lists of
+   names; LoRA if asked;
 3. read the datasets (bad rows skipped and counted, or ``--strict``);
 4. train with :class:`CitrusVTrainer` (progress bar, per-step logs to console, ``logging.jsonl`` and
    TensorBoard, staged checkpoints, resume);
@@ -15,6 +17,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -26,7 +29,8 @@ from .arguments import SftArguments, adapt_to_machine
 from .callbacks import DdpDigestCallback, JsonlLoggerCallback, LossCurveCallback
 from .data import build_train_dataset, skipped_summary
 from .lora import apply_lora
-from .stages import FreezePlan, parameter_table
+from .resolve import machine_sources, resolve_arguments, settings_block
+from .stages import FreezePlan, parameter_table, read_freeze_names
 from .trainer import CitrusVTrainer, latest_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -158,10 +162,38 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
-def run_sft(args: SftArguments) -> Path:
-    """Train; return the folder of the final model."""
+def resolve_and_report(args: SftArguments) -> None:
+    """Fill in the unset flags as upstream users mean them, fit the machine, and print the stage (and why) and
+    every resolved setting in one block."""
+    resolution = resolve_arguments(args)
+    before = {f.name: getattr(args, f.name) for f in fields(args)}
     for notice in adapt_to_machine(args):
         _say(notice)
+    machine_sources(before, args, resolution.sources)
+    _say(resolution.stage_line)
+    _say(settings_block(args, resolution.sources))
+
+
+def freeze_plan(args: SftArguments) -> FreezePlan:
+    """The freeze plan the (resolved) flags describe."""
+    names = read_freeze_names(args.freeze_custom_parameters_json) if args.freeze_custom_parameters_json else []
+    return FreezePlan(
+        stage=args.stage,
+        freeze_vit=args.freeze_vit,
+        freeze_aligner=args.freeze_aligner,
+        freeze_llm=args.freeze_llm,
+        freeze_parameters=list(args.freeze_parameters),
+        freeze_parameters_regex=args.freeze_parameters_regex,
+        freeze_parameters_ratio=args.freeze_parameters_ratio,
+        freeze_names=names,
+        trainable_parameters=list(args.trainable_parameters),
+        trainable_parameters_regex=args.trainable_parameters_regex,
+    )
+
+
+def run_sft(args: SftArguments) -> Path:
+    """Train; return the folder of the final model."""
+    resolve_and_report(args)
     if args.streaming and args.max_steps <= 0:
         raise SftError("--streaming needs --max_steps: a stream of shards has no length to count epochs by")
     prepare_output_dir(args)
@@ -169,18 +201,9 @@ def run_sft(args: SftArguments) -> Path:
     set_seed(args.seed)
 
     model, processor = load_model(args)
-    plan = FreezePlan(
-        stage=args.stage,
-        freeze_vit=args.freeze_vit,
-        freeze_aligner=args.freeze_aligner,
-        freeze_llm=args.freeze_llm,
-        trainable_parameters=args.trainable_parameters,
-        freeze_parameters=args.freeze_parameters,
-    )
-    plan.apply(model)
-    factor = args.hook_grad_factor if args.hook_grad_factor is not None else plan.hook_grad_factor()
-    if factor is not None:
-        model.config.hook_grad_factor = factor
+    freeze_plan(args).apply(model)
+    if args.hook_grad_factor is not None:
+        model.config.hook_grad_factor = args.hook_grad_factor
     if args.train_type == "lora":
         model = apply_lora(model, args)
     if args.gradient_checkpointing:

@@ -1,4 +1,4 @@
-"""Training stages as freeze presets, explicit flags on top, and a table of what trains.
+"""Training stages as freeze presets, ms-swift's freeze flags and name lists on top, and a table of what trains.
 
 | stage | trains                                   | frozen                |
 |-------|------------------------------------------|-----------------------|
@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -56,30 +56,47 @@ def component_of(name: str) -> str:
     return "other"
 
 
+# characters that mark a regex given where a name prefix is expected (a dot is common to both)
+REGEX_SIGNS = "*+?[](){}|^$\\"
+# ms-swift's freeze flags and the component each one freezes
+FREEZE_FLAGS: dict[str, str] = {"freeze_vit": "vision encoder", "freeze_aligner": "aligner", "freeze_llm": "llm"}
+
+
+def describe_components(trained: set[str]) -> str:
+    """``everything`` or the trained components in table order, for one printed line."""
+    if trained >= set(COMPONENTS):
+        return "everything"
+    return ", ".join(c for c in COMPONENTS if c in trained) or "nothing"
+
+
 @dataclass
 class FreezePlan:
-    """What trains: a stage preset, then the upstream freeze flags, then regexes (in that order)."""
+    """What trains. First the stage preset and the freeze flags pick whole components; then, in ms-swift's
+    order, ``freeze_parameters_ratio``, the ``freeze_parameters`` prefixes, ``freeze_parameters_regex`` and
+    upstream's list of names freeze, and last the ``trainable_parameters`` prefixes and
+    ``trainable_parameters_regex`` make trainable whatever the steps before froze."""
 
     stage: int | None = None
     freeze_vit: bool | None = None
     freeze_aligner: bool | None = None
     freeze_llm: bool | None = None
-    trainable_parameters: str | None = None
-    freeze_parameters: str | None = None
+    freeze_parameters: list[str] = field(default_factory=list)
+    freeze_parameters_regex: str | None = None
+    freeze_parameters_ratio: float = 0.0
+    freeze_names: list[str] = field(default_factory=list)
+    trainable_parameters: list[str] = field(default_factory=list)
+    trainable_parameters_regex: str | None = None
 
     def trainable_components(self) -> set[str]:
         if self.stage is not None and self.stage not in STAGES:
             raise StageError(f"--stage must be 1, 2, 3 or 4; got {self.stage}")
         trained = set(STAGES[self.stage][0]) if self.stage is not None else set(COMPONENTS)
-        for flag, components in (
-            (self.freeze_vit, {"vision encoder"}),
-            (self.freeze_aligner, {"aligner"}),
-            (self.freeze_llm, {"llm"}),
-        ):
-            if flag is True:
-                trained -= components
-            elif flag is False:
-                trained |= components
+        for flag, component in FREEZE_FLAGS.items():
+            value = getattr(self, flag)
+            if value is True:
+                trained.discard(component)
+            elif value is False:
+                trained.add(component)
         return trained
 
     def hook_grad_factor(self) -> float | None:
@@ -90,15 +107,101 @@ class FreezePlan:
         trained = self.trainable_components()
         if self.stage == 4 and not any(n.startswith("seg_projector") for n, _ in model.named_parameters()):
             raise StageError("stage 4 trains the seg projector and SAM 2, but this model has no seg modules")
-        train_re = re.compile(self.trainable_parameters) if self.trainable_parameters else None
-        freeze_re = re.compile(self.freeze_parameters) if self.freeze_parameters else None
-        for name, param in model.named_parameters():
-            trainable = component_of(name) in trained
-            if train_re is not None and train_re.search(name):
-                trainable = True
-            if freeze_re is not None and freeze_re.search(name):
-                trainable = False
-            param.requires_grad_(trainable)
+        params = list(model.named_parameters())
+        names = [name for name, _ in params]
+        flags = {name: component_of(name) in trained for name in names}
+        steps = (
+            (ratio_frozen(params, self.freeze_parameters_ratio), False),
+            (_by_prefix(names, self.freeze_parameters, "--freeze_parameters"), False),
+            (_by_regex(names, self.freeze_parameters_regex, "--freeze_parameters_regex"), False),
+            (_named(names, self.freeze_names, "--freeze_custom_parameters_json"), False),
+            (_by_prefix(names, self.trainable_parameters, "--trainable_parameters"), True),
+            (_by_regex(names, self.trainable_parameters_regex, "--trainable_parameters_regex"), True),
+        )
+        for chosen, trainable in steps:
+            for name in chosen:
+                flags[name] = trainable
+        for name, param in params:
+            param.requires_grad_(flags[name])
+
+
+def read_freeze_names(path: str) -> list[str]:
+    """The parameter names of a ``--freeze_custom_parameters_json`` file: a JSON list of strings, as upstream's
+    ``projects/vlm_7B_params.json``."""
+    import json
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise StageError(f"--freeze_custom_parameters_json {file}: no such file")
+    try:
+        names = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise StageError(f"--freeze_custom_parameters_json {file} line {err.lineno}: invalid JSON ({err.msg})") from err
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise StageError(
+            f"--freeze_custom_parameters_json {file}: expected a JSON list of parameter names, such as "
+            '["mllm.lm_head.weight", ...]'
+        )
+    return names
+
+
+def ratio_frozen(params: list[tuple[str, nn.Parameter]], ratio: float) -> list[str]:
+    """The first parameters, in the model's order, that together hold at most ``ratio`` of all its values (as
+    ms-swift's ``--freeze_parameters_ratio`` counts them)."""
+    if ratio <= 0:
+        return []
+    budget = int(sum(p.numel() for _, p in params) * ratio)
+    frozen, total = [], 0
+    for name, param in params:
+        total += param.numel()
+        if total > budget:
+            break
+        frozen.append(name)
+    return frozen
+
+
+def _by_prefix(names: list[str], prefixes: list[str], flag: str) -> list[str]:
+    """Names that start with one of ``prefixes``; a prefix that matches none is an error, not a no-op."""
+    found = []
+    for prefix in prefixes:
+        matched = [name for name in names if name.startswith(prefix)]
+        if not matched:
+            hint = f"; for a regex use {flag}_regex" if set(prefix) & set(REGEX_SIGNS) else ""
+            raise StageError(
+                f"{flag} {prefix}: no parameter name starts with it (a prefix such as {_example(names)}){hint}"
+            )
+        found += matched
+    return found
+
+
+def _by_regex(names: list[str], pattern: str | None, flag: str) -> list[str]:
+    """Names the regex finds (``re.search``); an invalid regex or one that finds nothing is an error."""
+    if pattern is None:
+        return []
+    try:
+        compiled = re.compile(pattern)
+    except re.error as err:
+        raise StageError(f"{flag} {pattern!r} is not a valid regular expression ({err})") from err
+    found = [name for name in names if compiled.search(name)]
+    if not found:
+        raise StageError(f"{flag} {pattern!r} matches no parameter name (names look like {_example(names)})")
+    return found
+
+
+def _named(names: list[str], wanted: list[str], flag: str) -> list[str]:
+    """``wanted``, each of which must be a parameter name of the model."""
+    known = set(names)
+    missing = [name for name in wanted if name not in known]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise StageError(f"{flag}: {len(missing)} name(s) are not parameters of this model: {shown}")
+    return list(wanted)
+
+
+def _example(names: list[str]) -> str:
+    middle = names[len(names) // 2] if names else "mllm.model.language_model"
+    return ".".join(middle.split(".")[:3])
 
 
 def parameter_table(model: nn.Module) -> str:
