@@ -399,8 +399,8 @@ def test_a_checkpoint_is_staged_and_rotated_without_touching_the_arguments(tiny_
     ``save_total_limit``; the trainer's ``output_dir`` and ``save_total_limit`` read the same throughout."""
     from transformers import Trainer
 
+    from citrus_v.train.checkpoints import STAGING_PREFIX
     from citrus_v.train.sft import run_sft
-    from citrus_v.train.trainer import STAGING_PREFIX
 
     out = tmp_path / "run"
     seen = []

@@ -1,8 +1,13 @@
-"""Training callbacks: per-step logs to ``logging.jsonl`` and a PNG of the loss curves at the end."""
+"""Training callbacks: per-step logs to ``logging.jsonl`` and a PNG of the loss curves at the end.
+
+Neither stops a run when its file cannot be written (a full disk): each says so on stderr, and the run's
+checkpoints, which do stop it with a message, decide whether training can go on.
+"""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -17,13 +22,28 @@ class JsonlLoggerCallback(TrainerCallback):
 
     def __init__(self, output_dir: str | Path) -> None:
         self.path = Path(output_dir) / "logging.jsonl"
+        self._failing = False  # the last append failed: warn once per run of failures, and when it recovers
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
         record = {"step": state.global_step, **logs}
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as err:
+            if not self._failing:
+                print(
+                    f"warning: cannot append to {self.path} ({err}); the log records from step {state.global_step} "
+                    "are missing from it until the disk has room (the console log has them)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            self._failing = True
+            return
+        if self._failing:
+            print(f"{self.path}: writing again from step {state.global_step}", file=sys.stderr, flush=True)
+        self._failing = False
 
 
 def plot_loss_curves(log_file: str | Path, out_file: str | Path) -> Path | None:
@@ -62,7 +82,11 @@ class LossCurveCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         log_file = self.output_dir / "logging.jsonl"
         if state.is_world_process_zero and log_file.is_file():
-            plot_loss_curves(log_file, self.output_dir / "loss_curves.png")
+            out_file = self.output_dir / "loss_curves.png"
+            try:
+                plot_loss_curves(log_file, out_file)
+            except OSError as err:
+                print(f"warning: cannot write {out_file} ({err})", file=sys.stderr, flush=True)
 
 
 def weight_digest(model) -> str:

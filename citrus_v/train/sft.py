@@ -8,7 +8,8 @@ Steps:
 3. read the datasets (bad rows skipped and counted, or ``--strict``);
 4. train with :class:`CitrusVTrainer` (progress bar, per-step logs to console, ``logging.jsonl`` and
    TensorBoard, staged checkpoints, resume);
-5. save the final model and processor into ``output_dir`` and draw the loss curves.
+5. save the final model and processor into ``output_dir`` (staged, checksummed, moved into place when complete)
+   and draw the loss curves.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ from ..modeling.modeling_citrus_v import CitrusV
 from ..processing.processor import CitrusVProcessor
 from .arguments import SftArguments, adapt_to_machine
 from .callbacks import DdpDigestCallback, JsonlLoggerCallback, LossCurveCallback
+from .checkpoints import latest_checkpoint, verify_checkpoint
 from .data import build_train_dataset, skipped_summary
 from .lora import apply_lora
 from .resolve import machine_sources, resolve_arguments, settings_block
 from .stages import FreezePlan, parameter_table, read_freeze_names
-from .trainer import CitrusVTrainer, latest_checkpoint
+from .trainer import CitrusVTrainer
 
 logger = logging.getLogger(__name__)
 DEEPSPEED_CONFIGS = Path(__file__).with_name("deepspeed")
@@ -72,8 +74,12 @@ def resolve_resume(args: SftArguments) -> str | None:
         _say(f"resuming from {found}")
         return str(found)
     path = Path(args.resume_from_checkpoint)
-    if not (path / "trainer_state.json").is_file():
-        raise SftError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no trainer_state.json)")
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise SftError(
+            f"--resume_from_checkpoint {path}: not a complete, intact checkpoint: {problem}. Resume from another "
+            "checkpoint (--resume_from_checkpoint latest takes the newest intact one in --output_dir)"
+        )
     return str(path)
 
 
@@ -228,9 +234,8 @@ def run_sft(args: SftArguments) -> Path:
     )
     trainer.train(resume_from_checkpoint=resume)
     _say(skipped_summary(trainer.skipped_rows))
-    final = Path(args.output_dir)
-    trainer.save_model(str(final))
-    if trainer.args.should_save:
-        (final / "sft_args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
-        _say(f"saved the trained model to {final}")
+    final = trainer.save_final_model(
+        args.output_dir, {"sft_args.json": json.dumps(vars(args), indent=2, default=str) + "\n"}
+    )
+    _say(f"saved the trained model to {final}")
     return final

@@ -6,7 +6,11 @@
 - A checkpoint is written into a hidden staging folder, flushed, and renamed into place only when complete, so
   a kill at any moment leaves the last complete checkpoint for ``--resume_from_checkpoint latest``; that one is
   verified (readable state, weights and archives) and a corrupt newest checkpoint falls back to the one before.
-- A failed save (disk full) removes its partial files and stops every process with :class:`CheckpointSaveError`.
+- Every file of a checkpoint gets its size and SHA-256 in ``checkpoint_manifest.json``, written last; resuming
+  checks them, so a file changed in place (same size, other bytes) is caught, not loaded.
+- A failed save (disk full, whatever the writer raises) removes its partial files and stops every process with
+  :class:`CheckpointSaveError`, naming the folder and its free space. The final model is staged the same way
+  and moved into ``output_dir`` with its ``config.json`` last, so no config is ever left without its weights.
 - A non-finite loss stops the run with the step number and the ids of that batch's samples.
 """
 
@@ -14,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -28,12 +31,17 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .. import objectives
 from ..data.streaming import StreamingJsonlDataset
+from .checkpoints import (
+    STAGING_PREFIX,
+    STREAM_STATE_PREFIX,
+    CheckpointSaveError,
+    describe_error,
+    free_space,
+    list_checkpoints,
+    move_into_place,
+    seal,
+)
 from .data import BOOKKEEPING_KEYS
-
-STAGING_PREFIX = ".staging-"
-STREAM_STATE_PREFIX = "stream_state_rank"
-_CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
-
 
 # output field -> logged name of each core loss component; the objectives' losses come by log name
 CORE_LOSSES = (
@@ -47,113 +55,6 @@ COMPONENT_NAMES = (*(name for _, name in CORE_LOSSES), *objectives.log_names())
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (staging folders are never complete)."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CHECKPOINT_RE.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-class CheckpointSaveError(RuntimeError):
-    """Writing a checkpoint failed (e.g. the disk is full); nothing half-written was left in place."""
-
-
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
-# torch.save files: zip archives whose central directory sits at the end, so a truncated one fails to open
-ARCHIVE_PATTERNS = ("optimizer.pt", "scheduler.pt", "rng_state*.pth", "training_args.bin")
-
-
-def _check_safetensors(path: Path) -> None:
-    """The header parses and every tensor's bytes lie inside the file (a truncated file fails)."""
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-        if len(head) < 8:
-            raise ValueError("shorter than a safetensors header")
-        length = int.from_bytes(head, "little")
-        if length > size - 8:
-            raise ValueError("the header runs past the end of the file")
-        header = json.loads(handle.read(length))
-    ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
-    if 8 + length + max(ends, default=0) > size:
-        raise ValueError(f"truncated: {size} bytes, tensors need {8 + length + max(ends, default=0)}")
-
-
-def verify_checkpoint(path: str | Path) -> str | None:
-    """``None`` when the checkpoint folder looks complete and readable, else what is wrong with it.
-
-    Cheap checks that catch truncated and garbled files without loading the tensors: the trainer state is
-    JSON with a step, the weights' safetensors headers fit their files, each torch archive opens.
-    """
-    import zipfile
-
-    path = Path(path)
-    try:
-        state = json.loads((path / "trainer_state.json").read_text())
-        if not isinstance(state, dict) or "global_step" not in state:
-            return "trainer_state.json holds no global_step"
-    except (OSError, ValueError) as err:
-        return f"trainer_state.json is unreadable ({err})"
-    weights = [path / name for name in WEIGHT_FILES if (path / name).is_file()]
-    if not weights:
-        return f"no weights ({' or '.join(WEIGHT_FILES)})"
-    shards = [p for p in weights if p.suffix == ".safetensors"]
-    for index in (p for p in weights if p.name.endswith(".index.json")):
-        try:
-            shards += [path / name for name in set(json.loads(index.read_text())["weight_map"].values())]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            return f"{index.name} is unreadable ({err})"
-    for shard in shards:
-        try:
-            _check_safetensors(shard)
-        except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
-            return f"{shard.name} is unreadable ({err})"
-    for pattern in ARCHIVE_PATTERNS:
-        for archive in path.glob(pattern):
-            try:
-                with zipfile.ZipFile(archive):
-                    pass
-            except (OSError, zipfile.BadZipFile) as err:
-                return f"{archive.name} is unreadable ({err})"
-    return None
-
-
-def latest_checkpoint(output_dir: str | Path, report=None) -> Path | None:
-    """The newest checkpoint that :func:`verify_checkpoint` accepts; broken newer ones are skipped and named.
-
-    ``report`` (default: print to stderr) gets one line per skipped folder, saying what is wrong with it.
-    """
-    import sys
-
-    def say_once(text: str) -> None:  # one line per run, not one per process
-        if os.environ.get("RANK", "0") == "0":
-            print(text, file=sys.stderr, flush=True)
-
-    say = report or say_once
-    for path in reversed(list_checkpoints(output_dir)):
-        problem = verify_checkpoint(path)
-        if problem is None:
-            return path
-        say(f"checkpoint {path} is incomplete or corrupt ({problem}); falling back to the one before it")
-    return None
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush every file and the folder itself, so that a renamed checkpoint survives a crash of the machine."""
-    for item in sorted(folder.rglob("*")):
-        if item.is_file():
-            with open(item, "rb") as handle:
-                os.fsync(handle.fileno())
-    for directory in [*(p for p in folder.rglob("*") if p.is_dir()), folder]:
-        descriptor = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
 
 
 class CitrusVTrainer(Trainer):
@@ -272,8 +173,9 @@ class CitrusVTrainer(Trainer):
         return super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model, trial) -> None:
-        """Write ``checkpoint-N`` into a staging folder, then rename it into place when complete and rotate
-        the run folder's checkpoints (``save_total_limit``). The training arguments are left as they are."""
+        """Write ``checkpoint-N`` into a staging folder, seal it (manifest, flush), then rename it into place
+        and rotate the run folder's checkpoints (``save_total_limit``). The training arguments are left as
+        they are."""
         run_dir = Path(self._get_output_dir(trial=trial))
         step = self.state.global_step
         staging = run_dir / f"{STAGING_PREFIX}{step}"
@@ -282,34 +184,20 @@ class CitrusVTrainer(Trainer):
             shutil.rmtree(staging)
         self._barrier()
         limit = self.args.save_total_limit
-        failure: OSError | None = None
+        failure: Exception | None = None
         try:
             self._checkpoint_root = str(staging)
             super()._save_checkpoint(model, trial)
             if self.streaming:
                 state_file = staging / final.name / f"{STREAM_STATE_PREFIX}{self.args.process_index}.json"
                 state_file.write_text(json.dumps(self.train_dataset.state_dict()))
-        except OSError as err:  # disk full, quota, I/O error: every rank must learn of it, or the others hang
+        # a full disk surfaces as whatever the writer raises (OSError, safetensors' SafetensorError, torch's
+        # RuntimeError): every rank must learn of it, or the others hang
+        except Exception as err:  # noqa: BLE001
             failure = err
         finally:
             self._checkpoint_root = None
-        # every rank's files are written once all agree; then the main process flushes them to disk
-        if not self._any_rank(failure is not None) and self.args.should_save:
-            try:
-                _fsync_tree(staging)
-            except OSError as err:
-                failure = err
-        if self._any_rank(failure is not None):
-            if self.args.should_save:
-                shutil.rmtree(staging, ignore_errors=True)
-            self._barrier()
-            previous = latest_checkpoint(run_dir, report=lambda _: None)
-            reason = f"{failure}" if failure is not None else "it failed on another process"
-            raise CheckpointSaveError(
-                f"saving {final.name} failed: {reason}. The partial files were removed; the last complete "
-                f"checkpoint is {previous or 'none'}. Free disk space, then continue with "
-                "--resume_from_checkpoint latest"
-            ) from failure
+        self._finish_staged_save(staging, staging / final.name, run_dir, failure, what=f"saving {final.name}")
         if self.args.should_save:
             # rename the old folder away first: a kill between two renames never leaves a half-deleted checkpoint
             trash = run_dir / f"{STAGING_PREFIX}{step}-old"
@@ -321,6 +209,55 @@ class CitrusVTrainer(Trainer):
             shutil.rmtree(trash, ignore_errors=True)
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=limit, use_mtime=False)
         self._barrier()
+
+    def _finish_staged_save(self, staging: Path, sealed: Path, out: Path, failure: Exception | None, what: str) -> None:
+        """Once every rank has written its files: the main process seals ``sealed`` (the saved folder inside
+        ``staging``); when any rank failed, ``staging`` is removed and every rank raises
+        :class:`CheckpointSaveError`."""
+        if not self._any_rank(failure is not None) and self.args.should_save:
+            try:
+                seal(sealed)
+            except Exception as err:  # noqa: BLE001 - same as the writers' failures
+                failure = err
+        if not self._any_rank(failure is not None):
+            return
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self._barrier()
+        # checkpoints are renamed into place only when sealed: the newest one in place is complete
+        previous = (list_checkpoints(out) or [None])[-1]
+        last = "none"
+        if previous is not None:
+            size = sum(p.stat().st_size for p in previous.rglob("*") if p.is_file())
+            last = f"{previous} ({size / 2**20:.1f} MiB)"
+        raise CheckpointSaveError(
+            f"{what} failed: {describe_error(failure)}. {out} has {free_space(out)}. The partial files were removed; "
+            f"the last complete checkpoint is {last}. Free disk space, then continue with "
+            "--resume_from_checkpoint latest"
+        ) from failure
+
+    def save_final_model(self, output_dir: str | Path, extra_files: dict[str, str] | None = None) -> Path:
+        """Save the trained model and processor (and ``extra_files``: name -> text) into ``output_dir`` through
+        a staging folder, sealed with a manifest and moved into place when complete (:func:`move_into_place`).
+        A failure leaves no partial model and raises :class:`CheckpointSaveError` on every rank."""
+        out = Path(output_dir)
+        staging = out / f"{STAGING_PREFIX}final"
+        if self.args.should_save and staging.exists():
+            shutil.rmtree(staging)
+        self._barrier()
+        failure: Exception | None = None
+        try:
+            self.save_model(str(staging))
+            if self.args.should_save:
+                for name, text in (extra_files or {}).items():
+                    (staging / name).write_text(text)
+        except Exception as err:  # noqa: BLE001 - see _save_checkpoint
+            failure = err
+        self._finish_staged_save(staging, staging, out, failure, what=f"saving the final model into {out}")
+        if self.args.should_save:
+            move_into_place(staging, out)
+        self._barrier()
+        return out
 
     def _any_rank(self, flag: bool) -> bool:
         """``flag`` or-ed over all processes (so that every rank takes the same branch)."""
