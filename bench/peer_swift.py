@@ -12,10 +12,14 @@
    (same batch, accumulation, max_length, learning rate, seed, data order), alternating A B A B A B, with and
    without packing; reports samples/s, tokens/s, peak memory and ours/theirs, and compares the loss curves.
 4. Times the loader alone (samples/s) against the training step rate.
-5. Serves the checkpoint with ``swift deploy --infer_backend transformers`` and ``citrus-v deploy``, and
-   measures requests/s, p50 and p95 at concurrency 1 and 8 with the same prompts and ``max_tokens``.
+5. Serves the checkpoint with ``swift deploy --infer_backend transformers`` (``--max_batch_size`` 1, its
+   default, and 8) and ``citrus-v deploy``, and measures requests/s, p50 and p95 at concurrency 1 and 8 with the
+   same prompts and ``max_tokens``, in ``--serve_rounds`` rounds (the servers' order reversed every other round).
+   By default ms-swift runs with the torch thread count ``citrus-v deploy`` sets (all cores but one), so both
+   sides compute on the same cores: with torch's default (one thread per core) ms-swift's speed swings with
+   whatever else the machine runs (``--swift_threads default`` measures it so).
 
-    python bench/peer_swift.py [--steps 12] [--repeats 3] [--serve-seconds 20] [--json FILE]
+    python bench/peer_swift.py [--steps 12] [--repeats 3] [--serve_seconds 20] [--serve_rounds 1] [--json FILE]
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -367,13 +373,15 @@ def _wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float =
 
 
 def serve_side(label: str, command: list[str], port: int, name: str, scan: str, max_tokens: int,
-               concurrency: list[int], seconds: float, log: Path) -> list[dict]:
-    """Start one server, warm it up, load it at each concurrency, stop it."""
+               concurrency: list[int], seconds: float, log: Path, env: dict[str, str] | None = None) -> list[dict]:
+    """Start one server (``env`` added to its environment), warm it up, load it at each concurrency, stop it."""
     import httpx
 
     rows = []
     with log.open("w") as handle:
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=_env())
+        # a session of its own: `swift deploy` serves from a child process, which must stop with it
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env={**_env(), **(env or {})},
+                                   start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(url, process, log)
@@ -384,23 +392,53 @@ def serve_side(label: str, command: list[str], port: int, name: str, scan: str, 
         for c in concurrency:  # warm-up: every batch shape once
             asyncio.run(_load(url, body, c, 0.1))
         for c in concurrency:
+            cpu = _server_cpu_s(process.pid)
             latencies, wall = asyncio.run(_load(url, body, c, seconds))
             rows.append({
                 "side": label, "concurrency": c, "requests": len(latencies),
                 "requests_per_s": len(latencies) / wall,
                 "p50_ms": 1000 * statistics.median(latencies),
                 "p95_ms": 1000 * statistics.quantiles(latencies, n=20)[-1] if len(latencies) > 1 else float("nan"),
+                "cpu_ms_per_request": 1000 * (_server_cpu_s(process.pid) - cpu) / max(len(latencies), 1),
                 "answer": answer, "completion_tokens": tokens,
             })
             print(f"  {label:<24} concurrency {c}: {rows[-1]['requests_per_s']:6.2f} req/s  "
-                  f"p50 {rows[-1]['p50_ms']:6.0f} ms  p95 {rows[-1]['p95_ms']:6.0f} ms", flush=True)
+                  f"p50 {rows[-1]['p50_ms']:6.0f} ms  p95 {rows[-1]['p95_ms']:6.0f} ms  "
+                  f"server CPU {rows[-1]['cpu_ms_per_request']:5.0f} ms/request", flush=True)
     finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        _stop_group(process)
     return rows
+
+
+def _server_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by a server and its child processes: what it spends per
+    request, which other jobs on a shared machine change far less than its latency."""
+    import psutil
+
+    total = 0.0
+    root = psutil.Process(pid)
+    for process in (root, *root.children(recursive=True)):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    """Stop a server started in a session of its own, with every process of its group."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(30)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):  # children still shutting down after the parent left
+        deadline = time.perf_counter() + 30
+        while time.perf_counter() < deadline:
+            os.killpg(process.pid, 0)
+            time.sleep(0.5)
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 # --- report ------------------------------------------------------------------------------------------------------
@@ -435,17 +473,115 @@ def paired_ratios(runs: dict[tuple[str, bool], list[dict]], packing: bool) -> li
     return [b["samples_per_s"] / a["samples_per_s"] for a, b in zip(theirs, ours, strict=False) if "error" not in b]
 
 
-def serving_table(rows: list[dict], base_label: str) -> list[str]:
-    lines = ["| server | concurrency | requests/s | p50 ms | p95 ms | ours / ms-swift default (req/s) |",
-             "|---|---|---|---|---|---|"]
-    base = {r["concurrency"]: r for r in rows if r["side"] == base_label}
+SWIFT_DEFAULT = "ms-swift (max_batch_size 1, default)"
+SWIFT_BATCHED = "ms-swift (max_batch_size 8)"
+OURS = "citrus-v (max_batch_size 8, default)"
+
+
+def serving_medians(rows: list[dict]) -> list[dict]:
+    """One row per server and concurrency: the median over the rounds of requests/s, p50 and p95."""
+    groups: dict[tuple[str, int], list[dict]] = {}
     for r in rows:
-        ratio = "-"
-        if r["side"].startswith("citrus-v") and r["concurrency"] in base:
-            ratio = f"{r['requests_per_s'] / base[r['concurrency']]['requests_per_s']:.2f}"
-        lines.append(f"| {r['side']} | {r['concurrency']} | {r['requests_per_s']:.2f} | {r['p50_ms']:.0f} | "
-                     f"{r['p95_ms']:.0f} | {ratio} |")
+        groups.setdefault((r["side"], r["concurrency"]), []).append(r)
+    return [
+        {"side": side, "concurrency": c, "rounds": len(group),
+         **{k: statistics.median(r[k] for r in group)
+            for k in ("requests_per_s", "p50_ms", "p95_ms", "cpu_ms_per_request")}}
+        for (side, c), group in groups.items()
+    ]
+
+
+def serving_table(rows: list[dict]) -> list[str]:
+    """Medians over the rounds, with ours against ms-swift's default and against its own batching."""
+    lines = ["| server | concurrency | rounds | requests/s | p50 ms | p95 ms | server CPU ms/request | "
+             "ours / ms-swift default | ours / ms-swift batch 8 |", "|---|---|---|---|---|---|---|---|---|"]
+    medians = serving_medians(rows)
+    by = {(r["side"], r["concurrency"]): r for r in medians}
+    for r in medians:
+        ratios = ["-", "-"]
+        if r["side"] == OURS:
+            for i, base in enumerate((SWIFT_DEFAULT, SWIFT_BATCHED)):
+                other = by.get((base, r["concurrency"]))
+                if other:
+                    ratios[i] = f"{r['requests_per_s'] / other['requests_per_s']:.2f}"
+        lines.append(f"| {r['side']} | {r['concurrency']} | {r['rounds']} | {r['requests_per_s']:.2f} | "
+                     f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['cpu_ms_per_request']:.0f} | {ratios[0]} | "
+                     f"{ratios[1]} |")
     return lines
+
+
+def round_ratios(rows: list[dict]) -> dict[int, list[dict]]:
+    """Per concurrency, each round's ours / ms-swift batch 8 (requests/s) and both p95s: the servers of one
+    round ran minutes apart, under much the same load."""
+    out: dict[int, list[dict]] = {}
+    for r in rows:
+        if r["side"] != OURS:
+            continue
+        theirs = next((t for t in rows if t["side"] == SWIFT_BATCHED and t["concurrency"] == r["concurrency"]
+                       and t["round"] == r["round"]), None)
+        if theirs:
+            out.setdefault(r["concurrency"], []).append({
+                "round": r["round"], "ratio": r["requests_per_s"] / theirs["requests_per_s"],
+                "p95_ours_ms": r["p95_ms"], "p95_theirs_ms": theirs["p95_ms"]})
+    return out
+
+
+def swift_threads(choice: str) -> int | None:
+    """The torch threads ms-swift's servers get: ``same`` as ``citrus-v deploy`` sets, ``default`` (torch's own:
+    ``None``), or a number."""
+    if choice == "default":
+        return None
+    if choice == "same":
+        from citrus_v.serve.threads import default_num_threads
+
+        return default_num_threads("cpu")
+    if not choice.isdigit() or int(choice) < 1:
+        raise SystemExit(f"--swift_threads {choice!r}: give same, default or a number of threads of at least 1")
+    return int(choice)
+
+
+def run_serving(args: argparse.Namespace, qwen: Path, citrus: Path, dataset: Path, work: Path) -> dict:
+    """Every server at every concurrency, ``args.serve_rounds`` times; the table and the figures."""
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    if args.serve_rounds < 1:
+        raise SystemExit(f"--serve_rounds {args.serve_rounds}: give at least 1")
+    scan = _scan_url(dataset)
+    threads = swift_threads(args.swift_threads)
+    swift_env = {} if threads is None else {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    print(f"\nServing: one 224-px scan + question, max_tokens {args.max_tokens}, temperature 0, "
+          f"{args.serve_seconds:g} s per concurrency, {args.serve_rounds} round(s); ms-swift's torch threads: "
+          f"{threads or 'torch default'}", flush=True)
+
+    def swift(port: int, extra: list[str]) -> list[str]:
+        return [str(VENV / "bin" / "swift"), "deploy", "--model", str(qwen), "--model_type", "qwen2_5_vl",
+                "--template", "qwen2_5_vl", "--infer_backend", "transformers", "--torch_dtype", "float32",
+                "--host", "127.0.0.1", "--port", str(port), "--served_model_name", "tiny", *extra]
+
+    def ours(port: int) -> list[str]:
+        return [str(VENV / "bin" / "citrus-v"), "deploy", "--model", str(citrus), "--port", str(port),
+                "--served_model_name", "tiny", "--log_level", "warning"]
+
+    servers = [(SWIFT_DEFAULT, lambda port: swift(port, []), swift_env),
+               (SWIFT_BATCHED, lambda port: swift(port, ["--max_batch_size", "8"]), swift_env),
+               (OURS, ours, {})]
+    rows: list[dict] = []
+    for round_ in range(args.serve_rounds):
+        for label, command, env in servers if round_ % 2 == 0 else servers[::-1]:
+            port = _free_port()
+            log = work / f"serve_{round_}_{len(rows)}.log"
+            measured = serve_side(label, command(port), port, "tiny", scan, args.max_tokens, concurrency,
+                                  args.serve_seconds, log, env)
+            rows += [{**r, "round": round_} for r in measured]
+    print("\n".join(serving_table(rows)))
+    ratios = round_ratios(rows)
+    for c, per_round in ratios.items():
+        print(f"ours / ms-swift batch 8 at concurrency {c}, per round: "
+              + ", ".join(f"{r['ratio']:.2f} (p95 {r['p95_ours_ms']:.0f} vs {r['p95_theirs_ms']:.0f} ms)"
+                          for r in per_round))
+    same = len({r["answer"] for r in rows}) == 1
+    print(f"greedy answers identical on all servers: {same}")
+    return {"serving": rows, "serving_medians": serving_medians(rows), "serving_round_ratios": ratios,
+            "serving_answers_identical": same, "swift_threads": threads}
 
 
 # --- main --------------------------------------------------------------------------------------------------------
@@ -453,17 +589,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per training run")
     parser.add_argument("--repeats", type=int, default=3, help="runs per side (alternating A B A B ...)")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--accumulation", type=int, default=1)
-    parser.add_argument("--max_length", type=int, default=1024)
-    parser.add_argument("--learning_rate", type=float, default=1e-4)
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--batch", type=int, default=4, help="per-device batch size of both trainers")
+    parser.add_argument("--accumulation", type=int, default=1, help="gradient accumulation steps of both trainers")
+    parser.add_argument("--max_length", type=int, default=1024, help="longest sample, in tokens")
+    parser.add_argument("--learning_rate", type=float, default=1e-4, help="peak learning rate (cosine schedule)")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the weights, the data and both trainers")
     parser.add_argument("--loss_steps", type=int, default=5, help="first steps whose losses must agree")
     parser.add_argument("--loss_tolerance", type=float, default=0.01, help="largest allowed absolute loss gap")
-    parser.add_argument("--serve-seconds", type=float, default=20.0, help="load time per concurrency")
-    parser.add_argument("--concurrency", default="1,8")
-    parser.add_argument("--max_tokens", type=int, default=32)
-    parser.add_argument("--skip", choices=("train", "serve"), action="append", default=[])
+    parser.add_argument("--serve_seconds", type=float, default=20.0, help="load time per server and concurrency")
+    parser.add_argument("--serve_rounds", type=int, default=1,
+                        help="times every server is measured (order reversed every other round); medians reported")
+    parser.add_argument("--swift_threads", default="same",
+                        help="torch threads of the ms-swift servers: 'same' as citrus-v deploy sets (all cores but "
+                             "one), 'default' (torch's own, one per core) or a number")
+    parser.add_argument("--concurrency", default="1,8", help="comma-separated numbers of closed-loop clients")
+    parser.add_argument("--max_tokens", type=int, default=32, help="max_tokens of every served request")
+    parser.add_argument("--skip", choices=("train", "serve"), action="append", default=[],
+                        help="leave out the training or the serving part (repeatable)")
+    parser.add_argument("--work_dir", type=Path, default=PEER / "work",
+                        help="where the checkpoints, data and logs of this run go (emptied first)")
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     args = parser.parse_args()
 
@@ -476,7 +620,7 @@ def main() -> None:
     import torch
 
     started = time.perf_counter()
-    work = PEER / "work"
+    work = args.work_dir.resolve()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     rows = args.steps * args.batch * args.accumulation  # one pass, no epoch wrap
@@ -488,12 +632,14 @@ def main() -> None:
     dataset = write_dataset(work / "data", rows, args.seed)
     per_sample = tokens_per_sample(citrus, dataset)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    print(f"machine: {machine}; threads {torch.get_num_threads()}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"machine: {machine}; threads {torch.get_num_threads()}; load average at start {load:.2f}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     print(f"data: {rows} rows, {per_sample:.0f} tokens per row on average (64 image tokens), "
           f"batch {args.batch} x accumulation {args.accumulation}, {args.steps} steps, max_length {args.max_length}",
           flush=True)
-    report: dict = {"versions": versions, "machine": machine, "tokens_per_sample": per_sample, "args": vars(args)}
+    report: dict = {"versions": versions, "machine": machine, "tokens_per_sample": per_sample, "args": vars(args),
+                    "load_average_start": load}
 
     if "train" not in args.skip:
         flags = common_flags(args.steps, args.batch, args.accumulation, args.max_length, args.learning_rate, args.seed)
@@ -540,33 +686,11 @@ def main() -> None:
                   f"({rate / step:.0f}x headroom)")
 
     if "serve" not in args.skip:
-        concurrency = [int(c) for c in args.concurrency.split(",")]
-        scan = _scan_url(dataset)
-        rows_out: list[dict] = []
-        print(f"\nServing: one 224-px scan + question, max_tokens {args.max_tokens}, temperature 0, "
-              f"{args.serve_seconds:g} s per concurrency", flush=True)
-        for label, extra in (("ms-swift (max_batch_size 1, default)", []),
-                             ("ms-swift (max_batch_size 8)", ["--max_batch_size", "8"])):
-            port = _free_port()
-            command = [str(VENV / "bin" / "swift"), "deploy", "--model", str(qwen), "--model_type", "qwen2_5_vl",
-                       "--template", "qwen2_5_vl", "--infer_backend", "transformers", "--torch_dtype", "float32",
-                       "--host", "127.0.0.1", "--port", str(port), "--served_model_name", "tiny", *extra]
-            rows_out += serve_side(label, command, port, "tiny", scan, args.max_tokens, concurrency,
-                                   args.serve_seconds, work / f"serve_{len(rows_out)}.log")
-        port = _free_port()
-        command = [str(VENV / "bin" / "citrus-v"), "deploy", "--model", str(citrus), "--port", str(port),
-                   "--served_model_name", "tiny", "--log_level", "warning"]
-        rows_out += serve_side("citrus-v (max_batch_size 8, default)", command, port, "tiny", scan, args.max_tokens,
-                               concurrency, args.serve_seconds, work / "serve_ours.log")
-        report["serving"] = rows_out
-        print("\n".join(serving_table(rows_out, "ms-swift (max_batch_size 1, default)")))
-        answers = {r["side"]: r["answer"] for r in rows_out}
-        same = len(set(answers.values())) == 1
-        print(f"greedy answers identical on all servers: {same}")
-        report["serving_answers_identical"] = same
+        report.update(run_serving(args, qwen, citrus, dataset, work))
 
     report["total_s"] = time.perf_counter() - started
-    print(f"\ntotal {report['total_s'] / 60:.1f} min")
+    report["load_average_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"\ntotal {report['total_s'] / 60:.1f} min; load average at the end {report['load_average_end']:.2f}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
 

@@ -81,14 +81,15 @@ def test_the_wait_for_prepared_requests_is_bounded(predictor):
 
 
 def test_requests_trickling_in_keep_the_window_open(predictor):
-    """Each job comes within ``max_wait`` of the one before, the last long after the first's window."""
+    """Two jobs together open the window; each later one comes within ``max_wait`` of the one before, the last
+    long after the first's window."""
     batcher = DynamicBatcher(predictor, 8, max_wait_ms=150, max_arrival_wait_ms=10_000)
 
     async def main() -> list:
         await batcher.start()
         try:
-            futures = []
-            for seed in range(5):
+            futures = [batcher.submit(_job(0))]
+            for seed in range(1, 5):
                 futures.append(batcher.submit(_job(seed)))
                 await asyncio.sleep(0.05)
             return await asyncio.gather(*futures)

@@ -1,12 +1,14 @@
 """Dynamic batching: concurrent requests wait briefly in an asyncio queue and run as one ``predict_batch``.
 
-One worker thread owns the model. The batching loop takes the first waiting job, then gathers more jobs
-that may share its generation until ``max_batch_size`` or ``max_wait_ms`` after the first; ``max_batch_size
-= 1`` turns batching off. While requests keep coming, the window stays open ``max_wait_ms`` past the latest
-one, and requests the server has accepted but is still preparing (decoding their images, marked with
-:meth:`DynamicBatcher.arriving`) are waited for, both up to ``max_arrival_wait_ms`` after the first: clients
-answered by one batch come back spread over a few tens of milliseconds, and a window that closes among them
-splits them into smaller batches that then stay split.
+One worker thread owns the model. The batching loop takes the first waiting job and every waiting job that may
+share its generation, up to ``max_batch_size`` (1 turns batching off). It then waits for more only when more are
+expected (:meth:`DynamicBatcher.company_expected`): a request the server has accepted but is still preparing
+(decoding its images, marked with :meth:`DynamicBatcher.arriving`), clients just answered together by the
+previous batch (they tend to come back together), or requests arriving closer together than ``max_wait_ms``.
+A request that arrives alone starts generating at once. Once open, the window stays open ``max_wait_ms`` past
+the latest joiner, and while requests are still being prepared, up to ``max_arrival_wait_ms`` after the first:
+clients answered by one batch come back spread over a few tens of milliseconds, and a window that closes among
+them splits them into smaller batches that then stay split.
 
 Per-row settings that ``generate`` does not know about are handled by two logits processors: each request's
 own sampling (temperature, ``top_p``, ``top_k``, penalties, ``logit_bias``, seed, log-probabilities) by
@@ -24,7 +26,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -77,13 +79,26 @@ class JobResult:
 
 
 class RowControl(LogitsProcessor):
-    """Per-row limits inside one batched ``generate``: max tokens, stop strings, cancellation, streaming."""
+    """Per-row limits inside one batched ``generate``: max tokens, stop strings, cancellation, streaming.
 
-    def __init__(self, jobs: Sequence[Job], tokenizer, end_token_ids: Sequence[int], pad_token_id: int | None):
+    ``steps`` is the generation's ``max_new_tokens``, the largest row limit: a row allowed that many tokens takes
+    its last one at the last step, with no step after it to force an end-of-turn token, so that step records
+    whether the token it takes (the greedy choice: ``generate`` runs greedy) ends the row or reaches its limit.
+    """
+
+    def __init__(
+        self,
+        jobs: Sequence[Job],
+        tokenizer,
+        end_token_ids: Sequence[int],
+        pad_token_id: int | None,
+        steps: int | None = None,
+    ):
         self.jobs = list(jobs)
         self.tokenizer = tokenizer
         self.end_token_ids = list(end_token_ids)
         self.pad_token_id = pad_token_id
+        self.steps = steps if steps is not None else max((job.max_tokens for job in self.jobs), default=0) + 1
         self.prompt_length: int | None = None
         self.prompt_tokens = [0] * len(self.jobs)
         self.finished = [False] * len(self.jobs)
@@ -103,6 +118,7 @@ class RowControl(LogitsProcessor):
                 self.prompt_tokens = [input_ids.shape[1]] * len(self.jobs)
         self.calls += 1
         generated = input_ids[:, self.prompt_length :]
+        last_step = generated.shape[1] + 1 >= self.steps
         for row, job in enumerate(self.jobs):
             if self.finished[row]:
                 continue
@@ -124,13 +140,18 @@ class RowControl(LogitsProcessor):
             if end:
                 scores[row] = float("-inf")
                 scores[row, self.end_token_ids[0]] = 0.0
+            elif last_step:  # this row's token now is its last: it ends the row or reaches the row's limit
+                self.finished[row] = True
+                ends = int(scores[row].argmax()) in self.end_token_ids
+                self.lengths[row] = len(tokens) + (0 if ends else 1)
+                self.at_limit[row] = not ends
         return scores
 
     def completion_tokens(self, row: int) -> int:
         """Tokens generated for ``row`` before its end-of-turn token.
 
-        Every row ends with an end-of-turn token (``generate`` is given one step more than the largest
-        ``max_tokens``, and each row's own limit forces it), so a row not seen ending ended at the last step.
+        A row ends with an end-of-turn token seen at a later step, at the last step (recorded there), or at the
+        step where every row ended (``generate`` stops): then its tokens are those before that step.
         """
         length = self.lengths[row]
         return max(self.calls - 1, 0) if length is None else length
@@ -142,7 +163,8 @@ class DynamicBatcher:
     Args:
         predictor: the model; only ``predict_batch`` and ``processor`` are used.
         max_batch_size: most requests in one generation (1 = no batching).
-        max_wait_ms: how long the first request of a batch waits for others to join.
+        max_wait_ms: how long a batch waits for others to join, past the latest joiner, when others are
+            expected (:meth:`company_expected`); a request that arrives alone does not wait.
         max_arrival_wait_ms: the longest a batch waits, from its first request, while requests keep joining or
             are still being prepared (with ``max_wait_ms = 0`` the batcher never waits).
     """
@@ -172,6 +194,15 @@ class DynamicBatcher:
         self._running: list[Job] = []
         self.batches_run = 0
         self.largest_batch = 0
+        self.batch_sizes: Counter[int] = Counter()  # how many batches ran with each size
+        # what the window's decision reads (event loop only): jobs not answered yet, the last arrival of a
+        # request and its gap to the one before (when that one was still unanswered), the last batch
+        self._unanswered = 0
+        self._last_request: Request | None = None
+        self._last_arrival: float | None = None
+        self._arrival_gap: float | None = None
+        self._last_batch_size = 0
+        self._last_batch_end: float | None = None
 
     # --- lifecycle --------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -217,11 +248,41 @@ class DynamicBatcher:
         """Queue ``job``; the returned future resolves to a :class:`JobResult` (or the error)."""
         if self._queue is None:
             raise RuntimeError("the batcher is not started: call `await batcher.start()` first")
-        job.future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        job.future = loop.create_future()
         # a job abandoned after a timeout may still fail later: mark its error as seen
         job.future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        if job.request is not self._last_request:  # the choices of one request are one arrival
+            now = loop.time()
+            # a gap counts only between requests outstanding together: a lone client's next request comes
+            # after its answer, however short the gap
+            together = self._unanswered > 0 and self._last_arrival is not None
+            self._arrival_gap = now - self._last_arrival if together else None
+            self._last_arrival, self._last_request = now, job.request
+        self._unanswered += 1
+        job.future.add_done_callback(self._answered)
         self._queue.put_nowait(job)
         return job.future
+
+    def _answered(self, _future: asyncio.Future) -> None:
+        self._unanswered -= 1
+
+    def company_expected(self, now: float) -> bool:
+        """Whether a batch being formed at ``now`` should wait for more requests.
+
+        Yes while a request is being prepared; when the last batch answered several clients and ended within
+        ``max_arrival_wait_ms`` (they tend to come back together); and when the last request arrived less than
+        ``max_wait_ms`` after another one that was still unanswered (requests come in faster than the window).
+        Otherwise the request is alone, and waiting would only delay it.
+        """
+        if self.max_wait <= 0:
+            return False
+        if self._arriving:
+            return True
+        if self._last_batch_size > 1 and self._last_batch_end is not None:
+            if now - self._last_batch_end <= max(self.max_wait, self.max_arrival_wait):
+                return True
+        return self._arrival_gap is not None and self._arrival_gap <= self.max_wait
 
     # --- the loop ---------------------------------------------------------------------------------------
     async def _next_batch(self) -> list[Job]:
@@ -235,7 +296,10 @@ class DynamicBatcher:
             if job.group() == key:
                 self._pending.remove(job)
                 batch.append(job)
+        self._take_queued(batch, key)
         loop = asyncio.get_running_loop()
+        if len(batch) >= self.max_batch_size or not self.company_expected(loop.time()):
+            return batch  # full, or nobody to wait for: start at once
         deadline = loop.time() + self.max_wait
         latest = loop.time() + max(self.max_wait, self.max_arrival_wait)
         while len(batch) < self.max_batch_size:
@@ -259,6 +323,13 @@ class DynamicBatcher:
                 self._pending.append(job)
             deadline = max(deadline, min(loop.time() + self.max_wait, latest))  # more may follow this one
         return batch
+
+    def _take_queued(self, batch: list[Job], key: tuple) -> None:
+        """Move the jobs already queued into ``batch`` (those of its group, while there is room) or pending."""
+        assert self._queue is not None
+        while len(batch) < self.max_batch_size and not self._queue.empty():
+            job = self._queue.get_nowait()
+            (batch if job.group() == key else self._pending).append(job)
 
     async def _loop(self) -> None:
         while True:
@@ -285,6 +356,8 @@ class DynamicBatcher:
             self._running = []
         self.batches_run += 1
         self.largest_batch = max(self.largest_batch, len(live))
+        self.batch_sizes[len(live)] += 1
+        self._last_batch_size, self._last_batch_end = len(live), asyncio.get_running_loop().time()
         for job, outcome in zip(live, outcomes, strict=True):
             if job.future.done():
                 continue
@@ -308,14 +381,15 @@ class DynamicBatcher:
     def _generate(self, jobs: list[Job]) -> list[JobResult]:
         predictor = self.predictor
         tokenizer = predictor.processor.tokenizer
-        sampler = RowSampling([job.sampling for job in jobs], tokenizer.pad_token_id)
-        control = RowControl(jobs, tokenizer, predictor.eos_token_ids, tokenizer.pad_token_id)
+        steps = max(job.max_tokens for job in jobs)  # the longest row's last token needs no step after it
+        sampler = RowSampling([job.sampling for job in jobs], tokenizer.pad_token_id, steps)
+        control = RowControl(jobs, tokenizer, predictor.eos_token_ids, tokenizer.pad_token_id, steps)
         # the sampler chooses each row's token, then the control may end the row instead; generate runs
         # greedy and takes what is left
         predictions = predictor.predict_batch(
             [job.request for job in jobs],
             logits_processor=LogitsProcessorList([sampler, control]),
-            max_new_tokens=max(job.max_tokens for job in jobs) + 1,  # room for each row's end-of-turn token
+            max_new_tokens=steps,
             temperature=0.0,
         )
         results = []

@@ -47,7 +47,15 @@ def _flags() -> list[tuple[tuple[str, ...], dict[str, Any]]]:
         ),
         (("--template",), {"choices": TEMPLATES, "help": "upstream's template name; both mean the model's own"}),
         (("--max_batch_size",), {"type": int, "default": 8, "help": "most requests per generation (1: no batching)"}),
-        (("--max_wait_ms",), {"type": float, "default": 10.0, "help": "how long a batch waits to fill (ms)"}),
+        (
+            ("--max_wait_ms",),
+            {
+                "type": float,
+                "default": 10.0,
+                "help": "how long a batch waits for more requests when more are expected, past the latest one (ms); "
+                "a request that arrives alone starts at once",
+            },
+        ),
         (("--request_timeout",), {"type": float, "default": 300.0, "help": "seconds before a request gets 504"}),
         (
             ("--max_image_pixels",),

@@ -19,6 +19,11 @@ Meanings, as the OpenAI and ms-swift APIs give them:
 It also records, per row, the token it chose at each step and, when asked, its log-probability and the most
 likely alternatives under the model's own distribution (the log-softmax of the logits it received, before
 penalties, bias and temperature: what ms-swift and vLLM return).
+
+A row that asks for nothing of this (greedy, no penalty, no bias, no log-probabilities: most requests) is left
+to ``generate``'s own greedy choice, which is the same token: its logits are not copied, searched or replaced,
+and its tokens are read back from ``input_ids`` at the next step. On a large vocabulary that per-step work is a
+sizeable part of a small model's decoding step.
 """
 
 from __future__ import annotations
@@ -67,21 +72,38 @@ def row_generator(seed: int | None) -> torch.Generator:
 
 
 class RowSampling(LogitsProcessor):
-    """Choose each row's next token with that row's :class:`SamplingParams` (see the module docstring)."""
+    """Choose each row's next token with that row's :class:`SamplingParams` (see the module docstring).
 
-    def __init__(self, params: Sequence[SamplingParams], pad_token_id: int | None = None) -> None:
+    ``steps``: the generation's ``max_new_tokens``, when known. A plain row's token of the last step is never read
+    back from ``input_ids``, so at that step it is taken from the scores (the same greedy choice).
+    """
+
+    def __init__(
+        self, params: Sequence[SamplingParams], pad_token_id: int | None = None, steps: int | None = None
+    ) -> None:
         self.params = list(params)
         self.pad_token_id = pad_token_id
+        self.steps = steps
         self.generators = [None if p.greedy else row_generator(p.seed) for p in self.params]
         self.prompt_length: int | None = None
         self.chosen: list[list[int]] = [[] for _ in self.params]
         self.logprobs: list[list[StepLogprobs] | None] = [[] if p.logprobs else None for p in self.params]
+        # rows whose choice is generate's own greedy one: read back, never computed here
+        self.plain = [row for row, p in enumerate(self.params) if _plain_greedy(p)]
+        self.custom = [row for row, p in enumerate(self.params) if not _plain_greedy(p)]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.prompt_length is None:
             self.prompt_length = input_ids.shape[1]
-        out = torch.full_like(scores, float("-inf"))
-        for row, params in enumerate(self.params):
+        elif self.plain:  # the token generate took for each plain row at the previous step
+            last = input_ids[:, -1].tolist()
+            for row in self.plain:
+                self.chosen[row].append(last[row])
+        if self.plain and self.steps is not None and input_ids.shape[1] - self.prompt_length + 1 >= self.steps:
+            for row in self.plain:  # the last step: no later step reads these back
+                self.chosen[row].append(int(scores[row].argmax()))
+        for row in self.custom:
+            params = self.params[row]
             raw = scores[row].float()
             logits = self.adjusted(params, input_ids[row], raw)
             token = self.choose(row, params, logits)
@@ -89,8 +111,9 @@ class RowSampling(LogitsProcessor):
             record = self.logprobs[row]
             if record is not None:
                 record.append(_step_logprobs(raw, token, params.top_logprobs))
-            out[row, token] = 0.0
-        return out
+            scores[row] = float("-inf")  # after the reads above: ``raw`` may be this very row
+            scores[row, token] = 0.0
+        return scores
 
     def adjusted(self, params: SamplingParams, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """One row's float ``logits`` with its repetition/presence/frequency penalties and bias applied (a copy;
@@ -133,6 +156,15 @@ class RowSampling(LogitsProcessor):
             logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
         probs = logits.softmax(dim=-1).cpu()  # the generator lives on the CPU: a seed draws alike on every device
         return int(torch.multinomial(probs, 1, generator=self.generators[row]))
+
+
+def _plain_greedy(params: SamplingParams) -> bool:
+    """Greedy with nothing to apply or record: ``generate``'s own choice is this row's choice."""
+    return (
+        params.greedy
+        and params.repetition_penalty == 1.0
+        and not (params.presence_penalty or params.frequency_penalty or params.logit_bias or params.logprobs)
+    )
 
 
 def _step_logprobs(raw: torch.Tensor, token: int, top: int) -> StepLogprobs:
