@@ -21,7 +21,7 @@ from ..media import MedicalImageError, read_image, read_mask
 from ..objectives import annotations
 from ..objectives.annotations import AnnotationError
 from .rows import RowIssue, RowProblem, RowRecord, SkipCounter, iter_rows, render_objects
-from .validate import ValidationOptions, inspect_row
+from .validate import ValidationOptions, inspect_row, internal_issue, media_problem
 
 
 @dataclass
@@ -41,14 +41,16 @@ def load_sample(record: RowRecord, options: ValidationOptions) -> dict[str, Any]
     for k, ref in enumerate(row.get("images") or []):
         try:
             images.append(read_image(ref, base, max_pixels=options.max_image_pixels))
-        except MedicalImageError as err:
-            raise RowProblem(err.reason, f"images[{k}]: {err}") from err
+        except (MedicalImageError, OSError, ValueError) as err:
+            raise media_problem(f"images[{k}]", err) from err
     masks = []
     for k, ref in enumerate(row.get("masks") or []):
         try:
-            mask = read_mask(ref, base, size=images[0].size if images else None)
-        except MedicalImageError as err:
-            raise RowProblem(err.reason, f"masks[{k}]: {err}") from err
+            mask = read_mask(
+                ref, base, size=images[0].size if images else None, max_pixels=options.max_image_pixels
+            )
+        except (MedicalImageError, OSError, ValueError) as err:
+            raise media_problem(f"masks[{k}]", err) from err
         if images and mask.shape != (images[0].height, images[0].width):
             raise RowProblem(
                 "mask_size", f"masks[{k}] is {mask.shape[1]}x{mask.shape[0]} but images[0] is "
@@ -68,27 +70,33 @@ def load_sample(record: RowRecord, options: ValidationOptions) -> dict[str, Any]
 
 
 def load_item(record: RowRecord, options: ValidationOptions) -> dict[str, Any] | SkippedRow:
-    """``{"sample": ..., "where": "file:line"}`` for the collator, or a :class:`SkippedRow`."""
+    """``{"sample": ..., "where": "file:line"}`` for the collator, or a :class:`SkippedRow` (an unexpected
+    exception included: one row never stops the run)."""
     try:
         return {"sample": load_sample(record, options), "where": record.where}
     except RowProblem as problem:
         return SkippedRow(RowIssue(str(record.file), record.line, problem.reason, str(problem)))
+    except Exception as err:
+        return SkippedRow(internal_issue(record, err))
 
 
 def measure_record(
     record: RowRecord, options: ValidationOptions, template=None, max_length: int | None = None
 ) -> int | RowIssue | None:
     """The row's token length under ``template`` (None without one), or the issue that drops it: a problem
-    with its images, masks or boxes, or more than ``max_length`` tokens (dropped, never cut)."""
+    with its images, masks or boxes, an unexpected exception (``internal``), or more than ``max_length`` tokens
+    (dropped, never cut)."""
     from .stats import token_length
 
     try:
         info = inspect_row(record, options)
+        if template is None:
+            return None
+        length = token_length(record, info, template, options)
     except RowProblem as problem:
         return RowIssue(str(record.file), record.line, problem.reason, str(problem))
-    if template is None:
-        return None
-    length = token_length(record, info, template, options)
+    except Exception as err:  # one row never stops the run: counted with its file:line
+        return internal_issue(record, err)
     if max_length is not None and length > max_length:
         return RowIssue(
             str(record.file), record.line, "too_long", f"{length} tokens > max_length {max_length}; dropped, never cut"

@@ -31,11 +31,36 @@ from ..media.boxes import Box
 from ..objectives import annotations
 from ..objectives.annotations import AnnotationError
 from ..processing.boxes import BoxScaler
-from ..tokens import BBOX_PLACEHOLDER, IMAGE_PLACEHOLDER, REF_PLACEHOLDER, SEG_TOKEN
+from ..tokens import (
+    BBOX_PLACEHOLDER,
+    ENDOFTEXT,
+    IM_END,
+    IM_START,
+    IMAGE_PAD,
+    IMAGE_PLACEHOLDER,
+    REF_PLACEHOLDER,
+    SEG_TOKEN,
+    VIDEO_PAD,
+    VISION_END,
+    VISION_START,
+)
 
 logger = logging.getLogger("citrus_v.data")
 
 ROLES = ("system", "user", "assistant")
+
+# Tokens that structure the prompt (turns, image slots), refused in a row's text as the server refuses them in a
+# request (citrus_v/serve/messages.py). ``[SEG]`` and the grounding tokens may appear: answers hold them.
+RESERVED_TOKENS = (
+    IM_START,
+    IM_END,
+    ENDOFTEXT,
+    VISION_START,
+    VISION_END,
+    "<|vision_pad|>",
+    IMAGE_PAD,
+    VIDEO_PAD,
+)
 
 
 class RowProblem(ValueError):
@@ -122,11 +147,16 @@ class SkipCounter:
 def read_jsonl(path: str | Path) -> Iterator[RowRecord | RowIssue]:
     """Yield each non-blank line of a JSONL file as a :class:`RowRecord`, or a :class:`RowIssue` if not JSON."""
     path = Path(path)
-    if not path.is_file():
-        yield RowIssue(str(path), 0, "missing_file", f"dataset file not found: {path}")
+    try:
+        if not path.is_file():
+            yield RowIssue(str(path), 0, "missing_file", f"dataset file not found: {path}")
+            return
+        # read bytes: one line that is not UTF-8 is a bad row, not the end of the whole file
+        handle = open(path, "rb")
+    except (OSError, ValueError) as err:  # no permission, a name too long, a NUL byte in the path
+        yield RowIssue(str(path), 0, "unreadable_file", f"the dataset file cannot be opened ({err})")
         return
-    # read bytes: one line that is not UTF-8 is a bad row, not the end of the whole file
-    with open(path, "rb") as handle:
+    with handle:
         for number, raw in enumerate(handle, start=1):
             try:
                 line = raw.decode("utf-8")
@@ -166,6 +196,8 @@ def check_schema(row: Mapping[str, Any], require_answer: bool = True) -> None:
             raise RowProblem("schema", f"messages[{index}].content must be a string")
     if require_answer and not any(m["role"] == "assistant" for m in messages):
         raise RowProblem("schema", "the row has no assistant message: there is nothing to train on")
+    _check_turns(messages, require_answer)
+    _check_text(messages, row.get("system"))
     for key in ("images", "masks"):
         value = row.get(key)
         if value is not None and not isinstance(value, list):
@@ -199,6 +231,56 @@ def check_schema(row: Mapping[str, Any], require_answer: bool = True) -> None:
             f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) for {num_images} image(s): give one per image"
             + ("" if has_user else ", or a user message for them to go before"),
         )
+
+
+def _check_turns(messages: list[dict[str, Any]], require_answer: bool) -> None:
+    """The conversation rules the server applies to a request: system messages first, then user and assistant
+    turns alternating; a training row also ends with the assistant's reply (the part that is learnt)."""
+    turns = [(k, m["role"]) for k, m in enumerate(messages) if m["role"] != "system"]
+    for index, message in enumerate(messages):
+        if message["role"] == "system" and turns and index > turns[0][0]:
+            raise RowProblem(
+                "turn_order", f"messages[{index}] is a system message after the conversation began: put system "
+                "messages first (or use the row's 'system' key)"
+            )
+    for (_, previous), (index, role) in zip(turns, turns[1:], strict=False):
+        if role == previous:
+            raise RowProblem(
+                "turn_order", f"messages[{index}] is a second {role} message in a row: user and assistant messages "
+                "must alternate. Fix: merge the two messages into one"
+            )
+    if require_answer and turns and turns[-1][1] == "user":
+        raise RowProblem(
+            "turn_order", f"messages[{turns[-1][0]}] is a user message with no assistant reply after it: there is "
+            "nothing to learn from it. Fix: add the reply or drop the message"
+        )
+
+
+def _check_text(messages: list[dict[str, Any]], system: Any) -> None:
+    """No typed special tokens (they would forge turns or image slots, as the server refuses them), images only
+    in user messages, and text that is valid Unicode (no lone surrogates from ``\\ud800`` escapes)."""
+    texts = [(f"messages[{k}].content", m["content"], m["role"]) for k, m in enumerate(messages)]
+    if isinstance(system, str):
+        texts.append(("system", system, "system"))
+    for where, text, role in texts:
+        token = next((t for t in RESERVED_TOKENS if t in text), None)
+        if token is not None:
+            raise RowProblem(
+                "reserved_token", f"{where} contains the special token {token}, which only the chat template may "
+                "write. Fix: remove it from the text"
+            )
+        if role != "user" and IMAGE_PLACEHOLDER in text:
+            raise RowProblem(
+                "image_count", f"{where}: {role} messages cannot hold images ({IMAGE_PLACEHOLDER}); put each image "
+                "in a user message"
+            )
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise RowProblem(
+                "invalid_text", f"{where} holds {text[err.start]!r} at character {err.start}, a lone surrogate that "
+                "is not valid Unicode. Fix: write the character itself (or its surrogate pair)"
+            ) from err
 
 
 def count_text(row: Mapping[str, Any], needle: str, role: str | None = None) -> int:

@@ -17,6 +17,7 @@ from ..objectives.annotations import AnnotationError
 from ..processing.boxes import BoxScaler, model_size, parse_boxes
 from ..tokens import SEG_TOKEN
 from .rows import (
+    DataError,
     RowIssue,
     RowProblem,
     RowRecord,
@@ -116,9 +117,33 @@ def _image_sizes(row: dict, base: Path, options: ValidationOptions) -> list[tupl
                 sizes.append(read_image(ref, base, max_pixels=options.max_image_pixels).size)
             else:
                 sizes.append(image_size(ref, base, max_pixels=options.max_image_pixels))
-        except MedicalImageError as err:
-            raise RowProblem(err.reason, f"images[{k}]: {err}") from err
+        except (MedicalImageError, OSError, ValueError) as err:
+            raise media_problem(f"images[{k}]", err) from err
     return sizes
+
+
+def media_problem(what: str, err: Exception) -> RowProblem:
+    """The :class:`RowProblem` for an image or mask field ``what`` that could not be read: a media error keeps
+    its reason; an OS error on the path (a name too long, a NUL byte, a symbolic-link loop) is ``unreadable_image``."""
+    if isinstance(err, MedicalImageError):
+        return RowProblem(err.reason, f"{what}: {err}")
+    name = getattr(err, "filename", None)
+    detail = f"{name}: {err.strerror}" if name is not None and getattr(err, "strerror", None) else str(err)
+    return RowProblem(
+        "unreadable_image",
+        f"{what}: the file cannot be opened ({detail}). Fix: check the path (each name at most 255 bytes, no NUL "
+        "byte, no symbolic-link loop)",
+    )
+
+
+def internal_issue(record: RowRecord, err: Exception) -> RowIssue:
+    """An unexpected exception while checking or loading a row, as a counted ``internal`` issue at its
+    ``file:line``: the run goes on, and the message keeps the exception for a bug report."""
+    return RowIssue(
+        str(record.file), record.line, "internal",
+        f"unexpected {type(err).__name__} while checking the row: {err}. This is a bug in Citrus-V's checks; "
+        "please report it with this row",
+    )  # fmt: skip
 
 
 def _check_seg_masks(num_seg: int, num_masks: int, sizes: list[tuple[int, int]]) -> None:
@@ -139,12 +164,11 @@ def _check_mask_sizes(named: list, base: Path, sizes: list[tuple[int, int]], opt
     for what, ref in named:
         try:
             if options.decode or isinstance(ref, dict):
-                shape = read_mask(ref, base, size=sizes[0]).shape
-                height, width = shape
+                height, width = read_mask(ref, base, size=sizes[0], max_pixels=options.max_image_pixels).shape
             else:
                 width, height = image_size(ref, base, max_pixels=options.max_image_pixels)
-        except MedicalImageError as err:
-            raise RowProblem(err.reason, f"{what}: {err}") from err
+        except (MedicalImageError, OSError, ValueError) as err:
+            raise media_problem(what, err) from err
         if (width, height) != sizes[0]:
             raise RowProblem(
                 "mask_size",
@@ -219,16 +243,42 @@ def validate_files(
     strict: bool = False,
     keep_infos: bool = False,
 ) -> ValidationReport:
-    """Validate every row of the JSONL files; in ``strict`` mode stop at the first bad row (:class:`DataError`)."""
+    """Validate every row of the JSONL files; in ``strict`` mode stop at the first bad row (:class:`DataError`).
+
+    Nothing but strict mode stops it: an unexpected exception on a row is counted as an ``internal`` issue at
+    that row's ``file:line``, one while reading a file as an ``internal`` issue of that file, and the next row
+    or file follows.
+    """
     options = options or ValidationOptions()
     report = ValidationReport([str(p) for p in paths], skips=SkipCounter(strict=strict))
-    for record in iter_rows(paths, report.skips):
-        try:
-            info = inspect_row(record, options)
-        except RowProblem as problem:
-            report.skips.record(RowIssue(str(record.file), record.line, problem.reason, str(problem)))
-            continue
-        report.ok += 1
-        if keep_infos:
-            report.infos.append((record, info))
+    for path in paths:
+        _validate_file(path, options, report, keep_infos)
     return report
+
+
+def _validate_file(path: str | Path, options: ValidationOptions, report: ValidationReport, keep_infos: bool) -> None:
+    """Validate the rows of one file into ``report``."""
+    line = 0
+    try:
+        for record in iter_rows([path], report.skips):
+            line = record.line
+            try:
+                info = inspect_row(record, options)
+            except RowProblem as problem:
+                report.skips.record(RowIssue(str(record.file), record.line, problem.reason, str(problem)))
+                continue
+            except Exception as err:  # a bug in a check must not hide the other rows' results
+                report.skips.record(internal_issue(record, err))
+                continue
+            report.ok += 1
+            if keep_infos:
+                report.infos.append((record, info))
+    except DataError:
+        raise
+    except Exception as err:  # reading the file itself failed part-way: count it, go on with the next file
+        report.skips.record(
+            RowIssue(
+                str(path), line + 1, "internal",
+                f"reading the file stopped after line {line}: {type(err).__name__}: {err}",
+            )  # fmt: skip
+        )

@@ -116,23 +116,33 @@ def read_nifti(
     many slices of one volume in a row.
     """
     path = Path(path)
-    if not path.is_file():
-        raise MedicalImageError(f"image file not found: {path}", "missing_file")
-    stat = path.stat()
-    return _read_nifti_cached(str(path.resolve()), stat.st_mtime_ns, stat.st_size, t, max_pixels)
+    try:
+        if not path.is_file():
+            raise MedicalImageError(f"image file not found: {path}", "missing_file")
+        stat = path.stat()
+        resolved = str(path.resolve())
+    except (OSError, ValueError) as err:  # a name too long, a NUL byte, a symbolic-link loop
+        if isinstance(err, MedicalImageError):
+            raise
+        raise MedicalImageError(
+            f"{path}: the file cannot be opened ({getattr(err, 'strerror', None) or err}). Fix: check the path "
+            "(each name at most 255 bytes, no NUL byte, no symbolic-link loop)",
+            "unreadable_image",
+        ) from err
+    return _read_nifti_cached(resolved, stat.st_mtime_ns, stat.st_size, t, max_pixels)
 
 
 def nifti_display_size(path: Path, axis: int | None = None) -> tuple[int, int]:
     """``(width, height)`` of a display slice along ``axis`` (default 2), from the header only."""
     import nibabel as nib
-    from nibabel.orientations import io_orientation
 
     try:
         image = nib.load(path)
     except Exception as err:  # nibabel raises several types for broken headers
         raise MedicalImageError(f"{path}: not a readable NIfTI file ({err})", "unreadable_image") from err
+    _check_dimensions(str(path), tuple(int(s) for s in image.shape))
     shape = list(image.shape[:3]) + [1] * (3 - len(image.shape[:3]))
-    ornt = io_orientation(image.affine)
+    ornt = _orientation(image, str(path))
     canonical = [0, 0, 0]
     for src, (dst, _flip) in enumerate(ornt):
         canonical[int(dst)] = shape[src]
@@ -154,21 +164,61 @@ def _read_nifti_cached(path: str, _mtime: int, _size: int, t: int | None, max_pi
     return _volume(image, str(path), t, max_pixels)
 
 
-def _volume(image: Any, source: str, t: int | None, max_pixels: int | None) -> NiftiVolume:
-    """A loaded nibabel image as a RAS+ :class:`NiftiVolume`; errors name ``source``."""
-    from nibabel.orientations import apply_orientation, io_orientation
+def _orientation(image: Any, source: str) -> np.ndarray:
+    """The axis mapping of ``image``'s voxel-to-world affine to RAS+; an affine that is missing, holds NaN or
+    infinite values, or is singular (an axis with no direction) is refused before any voxel is read."""
+    from nibabel.orientations import io_orientation
 
     if getattr(image, "affine", None) is None:  # nibabel loads CIFTI-2 (.dconn.nii, ...) as a matrix, not a volume
         raise MedicalImageError(
             f"{source}: a {type(image).__name__} without a voxel-to-world affine, not a NIfTI volume",
             "unreadable_image",
         )
+    affine = np.asarray(image.affine, dtype=np.float64)
+    fix = "Fix: write a valid sform or qform into the file (e.g. nibabel's set_sform) or re-export it"
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        raise MedicalImageError(
+            f"{source}: the voxel-to-world affine holds NaN or infinite values, so no slice orientation can be "
+            f"derived. {fix}",
+            "bad_affine",
+        )
+    try:
+        ornt = io_orientation(affine)
+    except (np.linalg.LinAlgError, ValueError) as err:
+        raise MedicalImageError(f"{source}: the voxel-to-world affine cannot be decomposed ({err}). {fix}",
+                                "bad_affine") from err
+    if not np.isfinite(ornt).all():
+        raise MedicalImageError(
+            f"{source}: the voxel-to-world affine is singular (a voxel axis has no direction in space). {fix}",
+            "bad_affine",
+        )
+    return ornt
+
+
+def _check_dimensions(source: str, shape: tuple[int, ...]) -> None:
+    """A 3-D volume or a 4-D series (one volume of it is read); more dimensions, or none of some size, are
+    refused from the header, before any voxel is read."""
+    if any(s < 1 for s in shape):
+        raise MedicalImageError(f"{source}: the volume has no voxels (shape {shape})", "unreadable_image")
+    if any(s != 1 for s in shape[4:]):
+        raise MedicalImageError(
+            f"{source}: a {len(shape)}-D volume (shape {shape}) is not supported. Fix: give a 3-D volume or a 4-D "
+            "series (one volume of it is read, chosen with #t=N)",
+            "unsupported_image",
+        )
+
+
+def _volume(image: Any, source: str, t: int | None, max_pixels: int | None) -> NiftiVolume:
+    """A loaded nibabel image as a RAS+ :class:`NiftiVolume`; errors name ``source``."""
+    from nibabel.orientations import apply_orientation
+
+    ornt = _orientation(image, source)
     shape = tuple(int(s) for s in image.shape)
+    _check_dimensions(source, shape)
     if len(shape) < 3:
         shape = shape + (1,) * (3 - len(shape))
     check_pixels(source, int(np.prod(shape[:3])), None if max_pixels is None else max_pixels * _VOLUME_IMAGES)
     data = _read_voxels(source, image, shape, t)
-    ornt = io_orientation(image.affine)
     return NiftiVolume(apply_orientation(data, ornt), np.asarray(image.affine), shape[:3], ornt, image.header)
 
 
@@ -206,6 +256,7 @@ def read_nifti_bytes(
     size = kind.header_class.template_dtype.itemsize
     try:
         header = kind.header_class(head[:size], check=False)
+        _check_dimensions(source, tuple(int(s) for s in header.get_data_shape()))
         shape = tuple(int(s) for s in header.get_data_shape()[:3])
         check_pixels(source, int(np.prod(shape)), None if max_pixels is None else max_pixels * _VOLUME_IMAGES)
         raw = gzip.decompress(data) if data[:2] == _GZIP_MAGIC else data
@@ -222,13 +273,12 @@ def _read_voxels(path: Path | str, image: Any, shape: tuple[int, ...], t: int | 
     try:
         proxy = image.dataobj
         if len(image.shape) > 3:
-            count = int(np.prod(image.shape[3:]))
+            count = int(image.shape[3])  # any further dimension is 1 (checked by _check_dimensions)
             index = 0 if t is None else int(t)
             if not 0 <= index < count:
                 raise MedicalImageError(f"{path}: volume t={index} is outside 0..{count - 1}", "bad_reference")
-            if len(image.shape) == 4:
-                return np.asarray(proxy[..., index])  # reads only that volume
-            return np.asarray(proxy).reshape(shape[:3] + (-1,))[..., index]
+            # reads only that volume
+            return np.asarray(proxy[(slice(None),) * 3 + (index,) + (0,) * (len(image.shape) - 4)])
         return np.asarray(proxy).reshape(shape[:3])
     except MedicalImageError:
         raise
