@@ -11,10 +11,9 @@ A row::
 Extra keys (``task``, ``meta``, ``id``, ...) are kept. Paths are relative to the JSONL file's folder unless
 absolute. A training row may also carry annotations that only training-only objectives read (a lesion mask,
 lesion centres, a character map: :mod:`citrus_v.objectives.annotations`); they are checked here and ignored
-elsewhere. As in
-ms-swift, ``<ref-object>`` and ``<bbox>`` in a message are placeholders filled from
-``objects`` in order; boxes are written in the model's coordinates (:mod:`citrus_v.processing.boxes`) when
-the row is rendered for a processor.
+elsewhere. As in ms-swift, ``<ref-object>`` and ``<bbox>`` in a message are placeholders filled from
+``objects`` in order, written as the chosen template writes them (:mod:`citrus_v.processing.placeholders`),
+with boxes in the model's coordinates when the row is rendered for a processor.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ from ..media.boxes import Box
 from ..objectives import annotations
 from ..objectives.annotations import AnnotationError
 from ..processing.boxes import BoxScaler
+from ..processing.placeholders import DEFAULT_GROUNDING_STYLE, PlaceholderError, render_placeholders
 from ..tokens import (
     BBOX_PLACEHOLDER,
     ENDOFTEXT,
@@ -38,7 +38,6 @@ from ..tokens import (
     IM_START,
     IMAGE_PAD,
     IMAGE_PLACEHOLDER,
-    REF_PLACEHOLDER,
     SEG_TOKEN,
     VIDEO_PAD,
     VISION_END,
@@ -221,6 +220,7 @@ def check_schema(row: Mapping[str, Any], require_answer: bool = True) -> None:
         for k, box in enumerate(boxes):
             if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
                 raise RowProblem("schema", f"objects.bbox[{k}] must be [x1, y1, x2, y2] numbers")
+        _check_object_frame(objects)
     placeholders = count_text(row, IMAGE_PLACEHOLDER)
     num_images = len(row.get("images") or [])
     # ms-swift convention: with no placeholder at all the images go before the first user message's text
@@ -283,6 +283,22 @@ def _check_text(messages: list[dict[str, Any]], system: Any) -> None:
             ) from err
 
 
+def _check_object_frame(objects: Mapping[str, Any]) -> None:
+    """ms-swift's ``objects.bbox_type`` and ``objects.image_id``: only what the renderer places correctly
+    (pixels of the first image) is accepted, never silently misplaced."""
+    bbox_type = objects.get("bbox_type") or "real"
+    if bbox_type != "real":
+        raise RowProblem(
+            "schema", f"objects.bbox_type {bbox_type!r} is not supported: give boxes in pixels of the first image "
+            "('real'; multiply 'norm1' coordinates by the image's width and height)"
+        )
+    image_ids = objects.get("image_id") or []
+    if not isinstance(image_ids, list) or any(i != 0 for i in image_ids):
+        raise RowProblem(
+            "schema", f"objects.image_id {image_ids!r}: boxes can refer to the first image only (image_id 0)"
+        )
+
+
 def count_text(row: Mapping[str, Any], needle: str, role: str | None = None) -> int:
     """Occurrences of ``needle`` in the row's messages (optionally one role only)."""
     return sum(
@@ -307,47 +323,25 @@ def object_boxes(row: Mapping[str, Any]) -> list[Box]:
     ]
 
 
-def render_objects(row: Mapping[str, Any], scaler: BoxScaler | None) -> list[dict[str, str]]:
-    """Messages with ``<ref-object>`` / ``<bbox>`` filled from ``objects`` in order.
+def render_objects(
+    row: Mapping[str, Any], scaler: BoxScaler | None, style: str = DEFAULT_GROUNDING_STYLE
+) -> list[dict[str, str]]:
+    """Messages with ``<ref-object>`` / ``<bbox>`` filled from ``objects`` in order, as ms-swift's template
+    ``style`` writes them (:mod:`citrus_v.processing.placeholders`; default: upstream Citrus-V's ``citrus_v``).
 
-    ``<bbox>`` becomes ``[x1, y1, x2, y2]`` in model pixels (``scaler.to_model``); without a scaler the
-    original coordinates are written.
+    Boxes go to model pixels through ``scaler`` (the first image and its smart-resized size); without a
+    scaler the original coordinates are written.
     """
-    messages = [dict(m) for m in row["messages"]]
     objects = row.get("objects")
     if not objects:
-        return messages
-    refs = list(objects.get("ref") or [])
-    boxes = object_boxes(row)
-    ref_i = box_i = 0
-    for message in messages:
-        text = message["content"]
-        if REF_PLACEHOLDER not in text and BBOX_PLACEHOLDER not in text:
-            continue
-        out, pos = [], 0
-        while True:
-            next_ref, next_box = text.find(REF_PLACEHOLDER, pos), text.find(BBOX_PLACEHOLDER, pos)
-            candidates = [(i, kind) for i, kind in ((next_ref, "ref"), (next_box, "box")) if i != -1]
-            if not candidates:
-                out.append(text[pos:])
-                break
-            index, kind = min(candidates)
-            out.append(text[pos:index])
-            if kind == "ref":
-                if ref_i >= len(refs):
-                    raise RowProblem("objects", f"more {REF_PLACEHOLDER} placeholders than objects.ref entries")
-                out.append(str(refs[ref_i]))
-                ref_i += 1
-                pos = index + len(REF_PLACEHOLDER)
-            else:
-                if box_i >= len(boxes):
-                    raise RowProblem("objects", f"more {BBOX_PLACEHOLDER} placeholders than objects.bbox entries")
-                box = scaler.to_model(boxes[box_i]) if scaler is not None else boxes[box_i]
-                out.append("[" + ",".join(str(int(v)) if float(v).is_integer() else f"{v:g}" for v in box.xyxy) + "]")
-                box_i += 1
-                pos = index + len(BBOX_PLACEHOLDER)
-        message["content"] = "".join(out)
-    return messages
+        return [dict(m) for m in row["messages"]]
+    sizes = (scaler.original, scaler.model) if scaler is not None else (None, None)
+    try:
+        return render_placeholders(
+            row["messages"], list(objects.get("ref") or []), list(objects.get("bbox") or []), *sizes, style=style
+        )
+    except PlaceholderError as err:
+        raise RowProblem("objects", str(err)) from err
 
 
 def row_task(row: Mapping[str, Any]) -> str:

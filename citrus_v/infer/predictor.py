@@ -1,8 +1,11 @@
 """``CitrusVPredictor``: answers with text, boxes and masks — kept apart from the ``nn.Module``.
 
 One generation pass per batch: the ``[SEG]`` hidden states are captured while generating
-(:mod:`citrus_v.infer.seg_capture`), projected, and decoded by SAM 2 on each sample's first image; masks
-are upsampled to the original image size and thresholded at sigmoid 0.5.
+(:mod:`citrus_v.infer.seg_capture`), projected, and decoded by SAM 2 on each sample's first image. Each mask
+is brought to the original image size as the model's ``mask_postprocess`` says: the low-res logits upsampled
+bilinearly then thresholded at sigmoid 0.5, or (upstream's way, the default for its released checkpoints)
+thresholded at low resolution then resized with nearest neighbour. The thresholded low-res mask is kept too
+(:attr:`~citrus_v.infer.results.MaskResult.low_res`), the form upstream's server sends.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessorList, StoppingCriteriaList, StopStringCriteria
 
+from ..modeling.configuration_citrus_v import MASK_POSTPROCESS
 from ..modeling.modeling_citrus_v import CitrusV
-from ..processing.images import ImageInput, load_image
+from ..processing.images import ImageInput, load_image, mask_to_image
 from ..processing.processor import CitrusVProcessor
 from ..tokens import ENDOFTEXT, IM_END, SEG_TOKEN
 from .results import MaskResult, Prediction, cut_at_stop, seg_labels
@@ -70,6 +74,11 @@ class CitrusVPredictor:
         tokenizer = processor.tokenizer
         self.seg_token_id = processor.seg_token_id
         self.eos_token_ids = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(ENDOFTEXT)]
+        if model.config.mask_postprocess not in MASK_POSTPROCESS:
+            raise ValueError(
+                f"config.json: mask_postprocess is {model.config.mask_postprocess!r}; use one of "
+                f"{', '.join(MASK_POSTPROCESS)}"
+            )
         if model.config.seg_token_idx != self.seg_token_id:
             raise ValueError(
                 f"model config seg_token_idx={model.config.seg_token_idx} but the tokenizer's [SEG] is "
@@ -244,9 +253,7 @@ class CitrusVPredictor:
             return []
         with torch.no_grad():
             decoded = self.model.decode_masks([torch.stack(states)], batch["sam_pixel_values"][row : row + 1])
-        width, height = images[0].size
-        logits = F.interpolate(decoded.masks[0][:, None].float(), size=(height, width), mode="bilinear")
-        masks = (logits[:, 0].sigmoid() > self.mask_threshold).cpu().numpy()
+        masks, low_res = self.postprocess_masks(decoded.masks[0], images[0].size)
         labels = seg_labels(text, SEG_TOKEN)
         return [
             MaskResult(
@@ -254,9 +261,22 @@ class CitrusVPredictor:
                 score=float(decoded.scores[0][k]),
                 label=labels[k] if k < len(labels) else None,
                 index=k,
+                low_res=low_res[k],
             )
             for k in range(len(states))
         ]
+
+    def postprocess_masks(self, logits: torch.Tensor, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Low-res mask logits ``[K, h, w]`` -> boolean masks ``[K, H, W]`` of the ``(width, height)`` image and
+        the thresholded low-res masks ``[K, h, w]``, as ``config.mask_postprocess`` says."""
+        logits = logits.detach().float()
+        low_res = (logits.sigmoid() > self.mask_threshold).cpu().numpy()
+        width, height = size
+        if self.model.config.mask_postprocess == "threshold_low_res":
+            full = [mask_to_image(mask, (width, height)) for mask in low_res]
+            return np.stack(full) if full else np.zeros((0, height, width), dtype=bool), low_res
+        upsampled = F.interpolate(logits[:, None], size=(height, width), mode="bilinear")
+        return (upsampled[:, 0].sigmoid() > self.mask_threshold).cpu().numpy(), low_res
 
     def _boxes(self, text: str, images: list) -> list:
         try:

@@ -20,12 +20,18 @@ _ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.S)
 
 @dataclass
 class MaskResult:
-    """One mask per ``[SEG]``: a boolean ``[H, W]`` array of the original image size."""
+    """One mask per ``[SEG]``: a boolean ``[H, W]`` array of the original image size.
+
+    ``low_res`` is the same mask thresholded at SAM 2's low resolution (``[h, w]``, 256x256 for SAM 2 Hiera),
+    before any resize: what upstream Citrus-V's server encodes as ``raw_response.seg_masks_rle``. None where
+    the mask did not come from the predictor (e.g. one read back from a server's JSON).
+    """
 
     mask: np.ndarray
     score: float
     label: str | None = None
     index: int = 0  # which [SEG] of the answer (0-based)
+    low_res: np.ndarray | None = None
 
     @property
     def bbox(self) -> tuple[int, int, int, int] | None:

@@ -14,6 +14,14 @@ from transformers import AutoConfig, Qwen2_5_VLConfig, Sam2Config
 DEFAULT_MASK_LOSS_WEIGHT = 2.0
 DEFAULT_DICE_LOSS_WEIGHT = 1.0
 DEFAULT_DICE_EPS = 1.0
+# How a [SEG]'s low-res mask logits become a mask of the original image (half of parity mode; the other half
+# is the processor's ``sam_input``):
+#   "upsample_logits"   upsample the logits bilinearly to the original size, then threshold: smooth edges.
+#   "threshold_low_res" threshold the low-res logits, then resize the binary mask with nearest neighbour, as
+#                       upstream Citrus-V's server and clients do: the masks the released weights were judged by.
+MASK_POSTPROCESS = ("upsample_logits", "threshold_low_res")
+DEFAULT_MASK_POSTPROCESS = "upsample_logits"
+UPSTREAM_MASK_POSTPROCESS = "threshold_low_res"
 
 
 class CitrusVConfig(Qwen2_5_VLConfig):
@@ -42,6 +50,10 @@ class CitrusVConfig(Qwen2_5_VLConfig):
             is trained. 0.0 (upstream) for a pretrained SAM 2. A random-init SAM taught by language alone
             separates targets that look different but not those told apart only by position (left from
             right lung); points teach its decoder to select by position.
+        mask_postprocess: how the predictor turns low-res mask logits into a mask of the original image,
+            ``"upsample_logits"`` or ``"threshold_low_res"`` (see :data:`MASK_POSTPROCESS`); a released
+            upstream checkpoint gets ``"threshold_low_res"``, as upstream does. Training is unaffected: the
+            mask losses are computed on the low-res logits either way.
         seg_point_head: build a head on each ``[SEG]`` hidden state that predicts where its target is (the
             target's innermost pixel, see :mod:`.point_head`); SAM 2 gets that point as a positive point
             prompt next to the ``[SEG]`` embedding, in training and inference. Off (upstream); on in the tiny
@@ -66,6 +78,7 @@ class CitrusVConfig(Qwen2_5_VLConfig):
     multimask_output: bool = True
     point_prompt_probability: float = 0.0
     seg_point_head: bool = False
+    mask_postprocess: str = DEFAULT_MASK_POSTPROCESS
 
     # --- derived views -------------------------------------------------------------------------------
     def sam2_config(self) -> Sam2Config:

@@ -47,7 +47,7 @@ from ..checkpoint_layout import (
 from ..checkpoint_layout.sam2_variants import VARIANTS
 from ..objectives import head_prefixes
 from .checkpoint import canonical_name, raise_weight_problems
-from .configuration_citrus_v import CitrusVConfig
+from .configuration_citrus_v import UPSTREAM_MASK_POSTPROCESS, CitrusVConfig
 from .sam2_names import Sam2NameError, hf_to_meta, hf_to_meta_name, meta_to_hf
 
 logger = logging.getLogger(__name__)
@@ -157,8 +157,12 @@ class _Shapes(Mapping[str, torch.Tensor]):
 
 # --- configuration --------------------------------------------------------------------------------------------
 def citrus_config_from_upstream(config_dict: dict, sam2_config: Sam2Config) -> CitrusVConfig:
-    """Our configuration for an upstream ``config.json``; upstream's ``grounding_encoder_config`` is kept aside."""
+    """Our configuration for an upstream ``config.json``; upstream's ``grounding_encoder_config`` is kept aside.
+
+    Masks are post-processed as upstream does (``mask_postprocess="threshold_low_res"``) unless the file says
+    otherwise."""
     fields = dict(config_dict)
+    fields.setdefault("mask_postprocess", UPSTREAM_MASK_POSTPROCESS)
     fields["upstream_grounding_encoder_config"] = fields.get("grounding_encoder_config") or {}
     fields["grounding_encoder_config"] = sam2_config.to_dict()
     return CitrusVConfig.from_dict(fields)

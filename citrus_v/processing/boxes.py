@@ -44,6 +44,15 @@ def model_size(
     return int(resized_w), int(resized_h)
 
 
+def scale_coordinate(value: float, source: int, target: int) -> int:
+    """One coordinate from a ``source``-pixel side to a ``target``-pixel side, in whole target pixels.
+
+    Computed as ms-swift's ``Template.normalize_bbox`` does (``int(round(x / width * resized_width))``, Python's
+    round-half-to-even), so that a row's boxes land on the same model pixels here and there.
+    """
+    return int(round(value / source * target))
+
+
 @dataclass(frozen=True)
 class BoxScaler:
     """Converts boxes between an original image and the model's smart-resized image, both ways."""
@@ -71,10 +80,13 @@ class BoxScaler:
             int(image_processor.merge_size),
         )
 
-    def _scale(self, box: Box, sx: float, sy: float, limit: tuple[int, int], rounded: bool) -> Box:
-        values = [box.x1 * sx, box.y1 * sy, box.x2 * sx, box.y2 * sy]
+    def _scale(self, box: Box, source: tuple[int, int], limit: tuple[int, int], rounded: bool) -> Box:
+        sides = (source[0], source[1], source[0], source[1])
+        targets = (limit[0], limit[1], limit[0], limit[1])
         if rounded:
-            values = [float(round(v)) for v in values]
+            values = [float(scale_coordinate(v, s, t)) for v, s, t in zip(box.xyxy, sides, targets, strict=True)]
+        else:
+            values = [v / s * t for v, s, t in zip(box.xyxy, sides, targets, strict=True)]
         width, height = limit
         x1, y1, x2, y2 = values
         clamp = lambda v, hi: min(max(v, 0.0), float(hi))  # noqa: E731
@@ -82,15 +94,11 @@ class BoxScaler:
 
     def to_model(self, box: Box, rounded: bool = True) -> Box:
         """Original-image pixels -> model pixels (whole pixels unless ``rounded=False``), clamped to the image."""
-        return self._scale(
-            box, self.model[0] / self.original[0], self.model[1] / self.original[1], self.model, rounded
-        )
+        return self._scale(box, self.original, self.model, rounded)
 
     def to_original(self, box: Box, rounded: bool = False) -> Box:
         """Model pixels -> original-image pixels, clamped to the image."""
-        return self._scale(
-            box, self.original[0] / self.model[0], self.original[1] / self.model[1], self.original, rounded
-        )
+        return self._scale(box, self.model, self.original, rounded)
 
 
 def _number(value: float) -> int | float:

@@ -62,6 +62,20 @@ def sam_pixel_values(image: Image.Image, size: int) -> torch.Tensor:
     return (array - mean) / std
 
 
+def smart_resized(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """``image`` at the smart-resized ``(width, height)`` the vision tower sees, resized as upstream's
+    ``qwen_vl_utils.fetch_image`` does (PIL's bicubic); the same image when it already has that size."""
+    image = image.convert("RGB")
+    return image if image.size == tuple(size) else image.resize(tuple(size), Image.Resampling.BICUBIC)
+
+
+def mask_to_image(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A boolean low-res ``[h, w]`` mask at ``(width, height)``: PIL's nearest-neighbour resize, as upstream's
+    clients draw its masks (and as :func:`mask_target` makes the targets)."""
+    resized = Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255).resize(tuple(size), Image.Resampling.NEAREST)
+    return np.asarray(resized) > 0
+
+
 def load_mask(mask: MaskInput) -> np.ndarray:
     """Return a mask as a boolean ``[H, W]`` array (non-zero is foreground)."""
     if isinstance(mask, (str, Path, dict)):

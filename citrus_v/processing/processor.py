@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 import torch
+from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.image_utils import SizeDict
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -23,7 +24,8 @@ from .. import objectives
 from ..checkpoint_layout import CheckpointError, resolve_model
 from ..objectives.annotations import ANNOTATIONS, MASK_ANNOTATIONS
 from ..tokens import DEFAULT_SYSTEM, IGNORE_INDEX, SEG_TOKEN
-from .images import ImageInput, MaskInput, load_image, load_mask, mask_target, sam_pixel_values
+from .boxes import model_size
+from .images import ImageInput, MaskInput, load_image, load_mask, mask_target, sam_pixel_values, smart_resized
 from .template import ChatTemplate, TemplateError, place_images
 from .tokenizer_builder import add_citrus_tokens
 
@@ -32,6 +34,14 @@ logger = logging.getLogger(__name__)
 PROCESSOR_FILE = "citrus_v_processor.json"
 DEFAULT_MIN_PIXELS = 200704  # upstream training bounds
 DEFAULT_MAX_PIXELS = 1003520
+# What SAM 2's input is made from (half of parity mode; the other half is the model's ``mask_postprocess``):
+#   "original"      the original image, resized to SAM's square input: SAM sees every pixel there is.
+#   "smart_resized" the smart-resized image the vision tower sees (under min/max pixels), resized to SAM's
+#                   input, as upstream Citrus-V's template does: the distribution the released SAM 2 was
+#                   trained and evaluated on (at upstream's serving MAX_PIXELS=65535, about 256x256 pixels).
+SAM_INPUTS = ("original", "smart_resized")
+DEFAULT_SAM_INPUT = "original"
+UPSTREAM_SAM_INPUT = "smart_resized"
 
 
 class ProcessorError(ValueError):
@@ -69,6 +79,8 @@ class CitrusVProcessor:
         default_system: system prompt used when a sample gives none.
         min_pixels, max_pixels: smart-resize bounds; default ``MIN_PIXELS``/``MAX_PIXELS`` from the
             environment, else the image processor's saved ``size``.
+        sam_input: what SAM 2's input is made from, ``"original"`` or ``"smart_resized"`` (see
+            :data:`SAM_INPUTS`); a released upstream folder gets ``"smart_resized"``, as upstream does.
     """
 
     def __init__(
@@ -80,7 +92,12 @@ class CitrusVProcessor:
         default_system: str | None = DEFAULT_SYSTEM,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
+        sam_input: str = DEFAULT_SAM_INPUT,
     ) -> None:
+        if sam_input not in SAM_INPUTS:
+            raise ProcessorError(
+                f"sam_input {sam_input!r} is not one of {', '.join(SAM_INPUTS)} (set in {PROCESSOR_FILE})"
+            )
         if SEG_TOKEN not in tokenizer.get_vocab():
             raise ProcessorError(
                 f"the tokenizer has no {SEG_TOKEN} token. Fix: add it with "
@@ -93,6 +110,7 @@ class CitrusVProcessor:
         self.sam_image_size = int(sam_image_size)
         self.mask_size = int(mask_size)
         self.default_system = default_system
+        self.sam_input = sam_input
         self.template = ChatTemplate(tokenizer, default_system)
         resolve_pixels(image_processor, min_pixels, max_pixels)
 
@@ -125,6 +143,7 @@ class CitrusVProcessor:
             "sam_image_size": self.sam_image_size,
             "mask_size": self.mask_size,
             "default_system": self.default_system,
+            "sam_input": self.sam_input,
         }
         (directory / PROCESSOR_FILE).write_text(json.dumps(settings, indent=2) + "\n")
 
@@ -294,10 +313,24 @@ class CitrusVProcessor:
             "labels": encoded.labels,
             "pixel_values": pixel_values,
             "image_grid_thw": grid,
-            "sam_pixel_values": sam_pixel_values(images[0], self.sam_image_size) if images else None,
+            "sam_pixel_values": sam_pixel_values(self.sam_source(images[0]), self.sam_image_size) if images else None,
             "gt_masks": targets,
             "objective_targets": aims,
         }
+
+    def sam_source(self, image: Image.Image) -> Image.Image:
+        """The image SAM 2's input is made from: the original, or (``sam_input="smart_resized"``) the
+        smart-resized image the vision tower sees."""
+        if self.sam_input == "original":
+            return image
+        size = model_size(
+            *image.size,
+            self.min_pixels,
+            self.max_pixels,
+            int(self.image_processor.patch_size),
+            int(self.image_processor.merge_size),
+        )
+        return smart_resized(image, size)
 
     def _objective_targets(self, sample: Sample, images: list, grid: torch.Tensor, encoded: Any) -> dict[str, Any]:
         """The training-only objectives' targets of one sample, from the annotations it carries."""
@@ -380,7 +413,7 @@ def _upstream_settings(directory: Path, tokenizer: PreTrainedTokenizerBase) -> d
             f"{directory / 'config.json'}: seg_token_idx is {expected} but the tokenizer gives {SEG_TOKEN} the id "
             f"{seg_id}. Fix: use the tokenizer files released with these weights"
         )
-    return {"sam_image_size": sizes[0], "mask_size": sizes[1]}
+    return {"sam_image_size": sizes[0], "mask_size": sizes[1], "sam_input": UPSTREAM_SAM_INPUT}
 
 
 def resolve_pixels(
