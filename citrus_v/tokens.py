@@ -46,6 +46,13 @@ VISION_END = "<|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
 IMAGE_PLACEHOLDER = "<image>"
+VISION_PAD = "<|vision_pad|>"
+# Tokens that structure the prompt (turns, image slots): only the chat template writes them, so text typed by a
+# user or written in a dataset row may not hold them (they would forge turns or image slots). ``[SEG]`` and the
+# grounding tokens may appear: answers hold them.
+STRUCTURAL_TOKENS: tuple[str, ...] = (
+    IM_START, IM_END, ENDOFTEXT, VISION_START, VISION_END, VISION_PAD, IMAGE_PAD, VIDEO_PAD,
+)
 # Qwen2-VL's grounding tokens, around a label and a box: REF_START label REF_END BOX_START (x1,y1),(x2,y2) BOX_END
 BOX_START = "<|box_start|>"
 BOX_END = "<|box_end|>"

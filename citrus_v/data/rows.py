@@ -31,35 +31,14 @@ from ..objectives import annotations
 from ..objectives.annotations import AnnotationError
 from ..processing.boxes import BoxScaler
 from ..processing.placeholders import DEFAULT_GROUNDING_STYLE, PlaceholderError, render_placeholders
-from ..tokens import (
-    BBOX_PLACEHOLDER,
-    ENDOFTEXT,
-    IM_END,
-    IM_START,
-    IMAGE_PAD,
-    IMAGE_PLACEHOLDER,
-    SEG_TOKEN,
-    VIDEO_PAD,
-    VISION_END,
-    VISION_START,
-)
+from ..tokens import BBOX_PLACEHOLDER, IMAGE_PLACEHOLDER, SEG_TOKEN, STRUCTURAL_TOKENS
 
 logger = logging.getLogger("citrus_v.data")
 
 ROLES = ("system", "user", "assistant")
 
-# Tokens that structure the prompt (turns, image slots), refused in a row's text as the server refuses them in a
-# request (citrus_v/serve/messages.py). ``[SEG]`` and the grounding tokens may appear: answers hold them.
-RESERVED_TOKENS = (
-    IM_START,
-    IM_END,
-    ENDOFTEXT,
-    VISION_START,
-    VISION_END,
-    "<|vision_pad|>",
-    IMAGE_PAD,
-    VIDEO_PAD,
-)
+# refused in a row's text as the server refuses them in a request
+RESERVED_TOKENS = STRUCTURAL_TOKENS
 
 
 class RowProblem(ValueError):

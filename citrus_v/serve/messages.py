@@ -13,34 +13,14 @@ from collections.abc import Callable
 from PIL import Image
 
 from ..infer.predictor import Request
-from ..tokens import (
-    ENDOFTEXT,
-    IM_END,
-    IM_START,
-    IMAGE_PAD,
-    IMAGE_PLACEHOLDER,
-    VIDEO_PAD,
-    VISION_END,
-    VISION_START,
-)
+from ..tokens import IMAGE_PLACEHOLDER, STRUCTURAL_TOKENS
 from .media import MediaError
 from .protocol import ChatMessage, ImagePart, ImageURL, SwiftImagePart, TextPart
 
 ImageLoader = Callable[[str, str], Image.Image]  # (reference, param name) -> image
 
-# Tokens that structure the prompt (turns, image slots): typed into a message they would forge turns or
-# image slots, so they are refused. ``[SEG]`` and box tokens may appear (earlier answers hold them).
-RESERVED = (
-    IMAGE_PLACEHOLDER,
-    IM_START,
-    IM_END,
-    ENDOFTEXT,
-    VISION_START,
-    VISION_END,
-    "<|vision_pad|>",
-    IMAGE_PAD,
-    VIDEO_PAD,
-)
+# typed into a message these would forge turns or image slots, so they are refused
+RESERVED = (IMAGE_PLACEHOLDER, *STRUCTURAL_TOKENS)
 
 
 def _image(part: ImagePart | SwiftImagePart, param: str, load: ImageLoader, load_value: ImageLoader) -> Image.Image:
