@@ -133,3 +133,45 @@ def test_a_seed_gives_the_same_sample_and_leaves_the_process_random_state_alone(
     assert predictor.predict(image, "<image>Describe the scan.", seed=11, **settings).text == first
     others = {predictor.predict(image, "<image>Describe the scan.", seed=s, **settings).text for s in range(6)}
     assert len(others) > 1  # a random tiny model samples different answers for different seeds
+
+
+def test_requests_encoded_ahead_answer_as_encoded_in_the_batch(predictor):
+    requests = [
+        Request(images=[phantom(1).image], prompt="<image>Segment the lesion."),
+        Request(images=[phantom(2).image], prompt="<image>Is there a lesion?"),
+    ]
+    answer = "Sure, lesion [SEG].<|im_end|>"
+    together = predictor.predict_batch(requests, logits_processor=_forced(predictor, requests, answer))
+    encoded = [predictor.encode(request) for request in requests]
+    ahead = predictor.predict_batch(requests, logits_processor=_forced(predictor, requests, answer), encoded=encoded)
+    assert [r.text for r in ahead] == [r.text for r in together]
+    for first, second in zip(together, ahead, strict=True):
+        assert len(first.masks) == len(second.masks) == 1
+        assert np.array_equal(first.masks[0].mask, second.masks[0].mask)
+
+
+def test_sam_input_is_made_only_for_an_answer_with_a_seg_token(predictor, monkeypatch):
+    request = Request(images=[phantom(3).image], prompt="<image>Is there a lesion?")
+    answers = ("No.<|im_end|>", "Here: lesion [SEG].<|im_end|>")
+    answer_no, answer_seg = (_forced(predictor, [request], answer) for answer in answers)
+    made = []
+    original = predictor.processor.sam_pixel_values
+    monkeypatch.setattr(predictor.processor, "sam_pixel_values", lambda image: made.append(1) or original(image))
+    no_seg = predictor.predict_batch([request], logits_processor=answer_no)[0]
+    assert no_seg.masks == [] and made == []
+    with_seg = predictor.predict_batch([request], logits_processor=answer_seg)[0]
+    assert len(with_seg.masks) == 1 and made == [1]
+
+
+def test_the_lm_head_is_column_major_in_float32_on_cpu_with_the_same_values(tiny):
+    from citrus_v.infer.predictor import column_major_lm_head
+    from citrus_v.recipes.presets import build_tiny
+
+    model, _ = build_tiny(seed=0)
+    before = model.mllm.lm_head.weight.detach().clone()
+    column_major_lm_head(model)
+    after = model.mllm.lm_head.weight
+    assert not after.is_contiguous() and after.t().is_contiguous()
+    assert torch.equal(after, before)
+    hidden = torch.randn(3, before.shape[1])
+    assert torch.allclose(model.mllm.lm_head(hidden), hidden @ before.t(), atol=1e-5)

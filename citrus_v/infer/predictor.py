@@ -25,7 +25,8 @@ from transformers import LogitsProcessorList, StoppingCriteriaList, StopStringCr
 from ..modeling.configuration_citrus_v import MASK_POSTPROCESS
 from ..modeling.modeling_citrus_v import CitrusV
 from ..processing.images import ImageInput, load_image, mask_to_image
-from ..processing.processor import CitrusVProcessor
+from ..processing.processor import CitrusVProcessor, ProcessorError
+from ..processing.template import TemplateError
 from ..tokens import ENDOFTEXT, IM_END, SEG_TOKEN
 from .results import MaskResult, Prediction, cut_at_stop, seg_labels
 from .sampling import SeededSampling, seeded_generator
@@ -42,6 +43,16 @@ class Request:
     prompt: str
     system: str | None = None
     history: list[dict] = field(default_factory=list)  # earlier turns, ms-swift message dicts
+
+
+@dataclass
+class EncodedRequest:
+    """A request's images, loaded, and its prompt encoded for generation (no SAM 2 input yet: that is made only
+    when the answer holds a ``[SEG]``). Made by :meth:`CitrusVPredictor.encode`, so that a server can encode a
+    request when it arrives, off the generation thread."""
+
+    images: list
+    row: dict[str, Any]
 
 
 @dataclass
@@ -84,6 +95,8 @@ class CitrusVPredictor:
                 f"model config seg_token_idx={model.config.seg_token_idx} but the tokenizer's [SEG] is "
                 f"{self.seg_token_id}: model and processor come from different folders"
             )
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            column_major_lm_head(self.model)
 
     @classmethod
     def from_pretrained(
@@ -114,19 +127,33 @@ class CitrusVPredictor:
             images = [images]
         return self.predict_batch([Request(images=images, prompt=prompt, system=system)], **generation)[0]
 
+    def encode(self, request: Request) -> EncodedRequest:
+        """Load ``request``'s images and encode its prompt; raises ``ProcessorError`` for one that cannot be."""
+        images = [load_image(image) for image in request.images]
+        try:
+            row = self.processor.encode_sample(
+                self._sample(request, images), add_generation_prompt=True, return_labels=False, sam_input=False
+            )
+        except (TemplateError, ProcessorError, FileNotFoundError, ValueError, TypeError) as err:
+            raise ProcessorError(str(err)) from err
+        return EncodedRequest(images=images, row=row)
+
     def predict_batch(
         self,
         requests: Sequence[Request],
         logits_processor: LogitsProcessorList | None = None,
+        encoded: Sequence[EncodedRequest] | None = None,
         **generation,
     ) -> list[Prediction]:
-        """Answer several requests in one batched generation pass."""
+        """Answer several requests in one batched generation pass (``encoded``: the requests already passed
+        through :meth:`encode`, in order)."""
         if not requests:
             return []
         settings = GenerationSettings(**generation)
-        loaded = [[load_image(image) for image in request.images] for request in requests]
-        samples = [self._sample(request, images) for request, images in zip(requests, loaded, strict=True)]
-        batch = self.processor(samples, add_generation_prompt=True, padding_side="left", return_labels=False)
+        if encoded is None:
+            encoded = [self.encode(request) for request in requests]
+        loaded = [item.images for item in encoded]
+        batch = self.processor.collate([item.row for item in encoded], padding_side="left", return_labels=False)
         batch = self._to_device(batch)
         prompt_length = batch["input_ids"].shape[1]
         generate_kwargs = settings.generate_kwargs()
@@ -252,7 +279,8 @@ class CitrusVPredictor:
             )
             return []
         with torch.no_grad():
-            decoded = self.model.decode_masks([torch.stack(states)], batch["sam_pixel_values"][row : row + 1])
+            pixels = self.processor.sam_pixel_values(images[0])[None].to(self.device, self.dtype)
+            decoded = self.model.decode_masks([torch.stack(states)], pixels)
         masks, low_res = self.postprocess_masks(decoded.masks[0], images[0].size)
         labels = seg_labels(text, SEG_TOKEN)
         return [
@@ -286,6 +314,18 @@ class CitrusVPredictor:
         if not images:
             return []
         return box_module.parse_boxes_to_original(text, images[0].size, self.processor)
+
+
+def column_major_lm_head(model: CitrusV) -> None:
+    """Store the language-model head's weight column-major (the same values, no second copy): on CPU, in
+    float32, the matrix product of one decoding step runs faster that way (bfloat16 runs faster row-major, so
+    it is left as it is; see BENCHMARKS.md, "Side by side with ms-swift"). A head tied to the input embedding
+    is left alone (the embedding lookup wants rows)."""
+    head = model.mllm.get_output_embeddings()
+    if head is None or head.weight is model.mllm.get_input_embeddings().weight:
+        return
+    with torch.no_grad():
+        head.weight.data = head.weight.data.t().contiguous().t()
 
 
 def masks_to_array(prediction: Prediction) -> np.ndarray:

@@ -222,14 +222,16 @@ class CitrusVProcessor:
         add_generation_prompt: bool = False,
         return_labels: bool = True,
         max_length: int | None = None,
+        sam_input: bool = True,
     ) -> dict[str, Any]:
         """Encode one sample: ``input_ids``/``labels`` lists, ``pixel_values``, ``image_grid_thw``,
-        ``sam_pixel_values`` (or None without an image) and ``gt_masks`` ``[K, h, w]``.
+        ``sam_pixel_values`` (None without an image, or with ``sam_input=False``: inference makes SAM 2's input
+        only for an answer that holds a ``[SEG]``) and ``gt_masks`` ``[K, h, w]``.
 
         The unit that :meth:`collate` pads and :mod:`citrus_v.data.packing` packs. Raises
         :class:`~.template.SampleTooLongError` past ``max_length`` (the sample is dropped, never cut).
         """
-        return self._encode_sample(sample, add_generation_prompt, return_labels, max_length)
+        return self._encode_sample(sample, add_generation_prompt, return_labels, max_length, sam_input)
 
     def collate(
         self, rows: Sequence[dict[str, Any]], padding_side: str = "right", return_labels: bool = True
@@ -253,11 +255,12 @@ class CitrusVProcessor:
         if pixel_values:
             batch["pixel_values"] = torch.cat(pixel_values)
             batch["image_grid_thw"] = torch.cat(grids)
-        size = self.sam_image_size
-        batch["sam_pixel_values"] = torch.stack(
-            [s if s is not None else torch.zeros(3, size, size) for s in sam_inputs]
-        )
-        batch["sam_image_mask"] = torch.tensor(sam_flags, dtype=torch.bool)
+        if return_labels or any(sam_flags):  # inference rows without SAM 2 input carry none
+            size = self.sam_image_size
+            batch["sam_pixel_values"] = torch.stack(
+                [s if s is not None else torch.zeros(3, size, size) for s in sam_inputs]
+            )
+            batch["sam_image_mask"] = torch.tensor(sam_flags, dtype=torch.bool)
         if return_labels:
             batch["gt_masks"] = gt_masks
             width, merge = batch["input_ids"].shape[1], int(self.image_processor.merge_size)
@@ -268,7 +271,12 @@ class CitrusVProcessor:
         return batch
 
     def _encode_sample(
-        self, sample: Sample, add_generation_prompt: bool, return_labels: bool, max_length: int | None = None
+        self,
+        sample: Sample,
+        add_generation_prompt: bool,
+        return_labels: bool,
+        max_length: int | None = None,
+        sam_input: bool = True,
     ) -> dict[str, Any]:
         if not isinstance(sample, dict) or "messages" not in sample:
             raise ProcessorError("each sample must be a dict with a 'messages' list")
@@ -313,10 +321,14 @@ class CitrusVProcessor:
             "labels": encoded.labels,
             "pixel_values": pixel_values,
             "image_grid_thw": grid,
-            "sam_pixel_values": sam_pixel_values(self.sam_source(images[0]), self.sam_image_size) if images else None,
+            "sam_pixel_values": self.sam_pixel_values(images[0]) if images and sam_input else None,
             "gt_masks": targets,
             "objective_targets": aims,
         }
+
+    def sam_pixel_values(self, image: Image.Image) -> torch.Tensor:
+        """SAM 2's normalised ``[3, S, S]`` input for ``image`` (see :meth:`sam_source`)."""
+        return sam_pixel_values(self.sam_source(image), self.sam_image_size)
 
     def sam_source(self, image: Image.Image) -> Image.Image:
         """The image SAM 2's input is made from: the original, or (``sam_input="smart_resized"``) the
