@@ -69,12 +69,12 @@ def write_nifti_masks(
     for k, mask in enumerate(masks):
         data = volume.volume_from_slices({int(slice_index): _binary(mask, k).astype(np.uint8)}, axis)
         path = out_dir / f"mask_{k + 1}.nii.gz"
-        nib.save(_nifti_like(data.astype(np.uint8), volume.affine, volume.header), path)
+        nib.save(nifti_like(data.astype(np.uint8), volume.affine, volume.header), path)
         paths.append(path)
     return paths
 
 
-def _nifti_like(data: np.ndarray, affine: np.ndarray, source_header: Any) -> Any:
+def nifti_like(data: np.ndarray, affine: np.ndarray, source_header: Any) -> Any:
     """A NIfTI-1 image of ``data`` placed as the source is: its qform and sform with their codes (a code of 0
     stays 0, so a reader falls back exactly as it does for the source), and its spatial and time units."""
     import nibabel as nib
@@ -110,13 +110,13 @@ def write_dicom_seg(
     import highdicom as hd
     import pydicom
 
-    version = _software_version()
+    version = software_version()
     source_path = Path(source_path)
     dataset = pydicom.dcmread(source_path, stop_before_pixels=True)  # the header is all a reference needs
     index = _check_seg_inputs(source_path, dataset, masks, labels, frame)
     original = {"class": str(dataset.SOPClassUID), "instance": str(dataset.SOPInstanceUID)}
     multiframe = "NumberOfFrames" in dataset
-    _fill_patient_and_study(dataset)
+    fill_patient_and_study(dataset)
     stack = np.stack([_binary(m, k) for k, m in enumerate(masks)], axis=-1)[np.newaxis]  # [1, rows, cols, K]
     spatial = _spatial_arguments(dataset, index)
     view = dataset if spatial is not None else _pixel_reference_view(dataset)
@@ -124,9 +124,9 @@ def write_dicom_seg(
         source_images=[view],
         pixel_array=stack,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=_segment_descriptions(labels, version),
+        segment_descriptions=segment_descriptions(labels, version),
         series_instance_uid=hd.UID(),
-        series_number=_series_number(dataset),
+        series_number=series_number(dataset),
         sop_instance_uid=hd.UID(),
         instance_number=1,
         manufacturer="Citrus-V",
@@ -172,7 +172,7 @@ def _check_seg_inputs(
     return index
 
 
-def _fill_patient_and_study(dataset: Any) -> None:
+def fill_patient_and_study(dataset: Any) -> None:
     """Type 2 patient and study attributes the source lacks become empty, and dates and times in the old
     ``HH:MM:SS`` / ``YYYY-MM-DD`` forms are rewritten as DICOM's ``HHMMSS`` / ``YYYYMMDD`` (left empty when
     even that fails) — on the copy read for writing, never in the source file."""
@@ -214,14 +214,14 @@ def _spatial_arguments(dataset: Any, index: int) -> dict[str, Any] | None:
                 and _positive(dataset.get("SliceThickness"), 1)
             )
             return {} if usable else None
-        if not _enhanced_geometry(dataset, index):
+        if not enhanced_geometry(dataset, index):
             return None
         return {"plane_positions": [get_plane_positions_of_image(dataset)[index]]}
     except (KeyError, AttributeError, TypeError, ValueError):  # a class highdicom does not know, broken values
         return None
 
 
-def _enhanced_geometry(dataset: Any, index: int) -> bool:
+def enhanced_geometry(dataset: Any, index: int) -> bool:
     """Shared orientation and pixel measures, and one distinct position per frame (enhanced multi-frame)."""
     shared = dataset.get("SharedFunctionalGroupsSequence")
     per_frame = dataset.get("PerFrameFunctionalGroupsSequence")
@@ -284,7 +284,7 @@ def _restore_references(segmentation: Any, original: dict[str, str], frame_numbe
     visit(segmentation, ())
 
 
-def _segment_descriptions(labels: Sequence[str | None], version: str) -> list[Any]:
+def segment_descriptions(labels: Sequence[str | None], version: str) -> list[Any]:
     """One binary segment per mask, numbered from 1, labelled and coded from its words."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -313,7 +313,7 @@ def _segment_descriptions(labels: Sequence[str | None], version: str) -> list[An
     return descriptions
 
 
-def _series_number(dataset: Any) -> int:
+def series_number(dataset: Any) -> int:
     """The source's series number + 1000 (within the IS range), so the Segmentation sorts after its source."""
     try:
         number = int(dataset.get("SeriesNumber", 0) or 0)
@@ -322,7 +322,7 @@ def _series_number(dataset: Any) -> int:
     return min(max(number, 0) + 1000, 2**31 - 1)
 
 
-def _software_version() -> str:
+def software_version() -> str:
     """The installed citrus-v's version (read from its metadata: importing the top package would reach the
     model's stack, which the web app must not load)."""
     from importlib.metadata import PackageNotFoundError, version

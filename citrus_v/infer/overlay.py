@@ -56,7 +56,7 @@ def colour(index: int) -> tuple[int, int, int]:
 
 
 @lru_cache(maxsize=8)
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def label_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow without FreeType: the fixed bitmap font
@@ -156,9 +156,9 @@ def draw_overlay(
         base = base.resize((width * factor, height * factor), Image.Resampling.NEAREST)
         arrays = [m.repeat(factor, axis=0).repeat(factor, axis=1) for m in arrays]
         width, height = base.size
-    out = _paint_masks(base, arrays, alpha)
+    out = paint_masks(base, arrays, alpha)
     draw = ImageDraw.Draw(out)
-    font = _font(max(10, min(width, height) // 28))
+    font = label_font(max(10, min(width, height) // 28))
     covered = np.logical_or.reduce(arrays) if arrays else np.zeros((height, width), bool)
     for k, mask in enumerate(arrays):
         if mask.any():
@@ -177,7 +177,7 @@ def draw_overlay(
     return _with_legend(out, masks, boxes)
 
 
-def _paint_masks(base: Image.Image, masks: Sequence[np.ndarray], alpha: float) -> Image.Image:
+def paint_masks(base: Image.Image, masks: Sequence[np.ndarray], alpha: float) -> Image.Image:
     """``base`` with each mask tinted in its palette colour and outlined."""
     width, height = base.size
     pixels = np.asarray(base, dtype=np.float32).copy()
@@ -191,7 +191,7 @@ def _paint_masks(base: Image.Image, masks: Sequence[np.ndarray], alpha: float) -
 
 def _with_legend(image: Image.Image, masks: Sequence[MaskLike], boxes: Sequence[BoxLike]) -> Image.Image:
     width, height = image.size
-    font = _font(max(11, min(width, 900) // 40))
+    font = label_font(max(11, min(width, 900) // 40))
     entries = [(colour(k), _mask_name(k, m), True) for k, m in enumerate(masks)]
     entries += [(colour(len(masks) + j), _box_name(j, b), False) for j, b in enumerate(boxes)]
     probe = ImageDraw.Draw(image)
