@@ -354,6 +354,35 @@ def timed_answer(predictor: Any, image: np.ndarray, question: str, answer: str) 
             "decode_tokens": steps, "decode_tok_s": 1.0 / decode if steps else float("nan")}
 
 
+def matvec_bound(model: torch.nn.Module, repeats: int = 5) -> dict[str, float]:
+    """What this CPU's matrix-vector kernel allows a decode step: every linear layer of one decoder layer and
+    the LM head, timed alone on the model's own weights at batch 1 (best of ``repeats``), summed over the layers.
+
+    Decoding reads each weight once per token through these kernels; the time they take alone, not the memory
+    bandwidth, is what a decode step can at best reach on a CPU whose bf16 kernels are compute-bound.
+    """
+    language = model.mllm.model.language_model
+    layer_linears = [m for m in language.layers[0].modules() if isinstance(m, torch.nn.Linear)]
+    head = model.mllm.get_output_embeddings()
+
+    def best(linear: torch.nn.Linear) -> float:
+        x = torch.randn(1, linear.in_features, dtype=linear.weight.dtype)
+        times = []
+        with torch.no_grad():
+            for _ in range(repeats + 1):
+                start = time.perf_counter()
+                linear(x)
+                times.append(time.perf_counter() - start)
+        return min(times[1:])
+
+    layer_s = sum(best(linear) for linear in layer_linears)
+    head_s = best(head)
+    token_s = layer_s * len(language.layers) + head_s
+    weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in layer_linears) * len(language.layers)
+    weight_bytes += head.weight.numel() * head.weight.element_size()
+    return {"tokens_s": 1.0 / token_s, "gb_s": weight_bytes / token_s / 1e9}
+
+
 def language_bytes_per_token(model: torch.nn.Module) -> int:
     """Bytes of weights one decode step reads: the decoder layers, the final norm and the LM head."""
     seen: set[int] = set()
@@ -450,7 +479,9 @@ def run_questions(folder: Path, dims: Dims, warmup: int, repeats: int) -> dict[s
     for _ in range(warmup):
         timed_answer(predictor, image, SEG_QUESTION, SEG_ANSWER)
     passes = compare_passes(predictor, image, repeats)
+    kernels = matvec_bound(model)
     return {
+        "matvec": kernels,
         "model_load_s": model_s, "load_s": load_s, "dtype": str(next(model.parameters()).dtype),
         "rss_before": before, "rss_loaded": loaded, "rss_end": memory_status(),
         "box": box, "passes": passes, "decode_bytes": language_bytes_per_token(model),
@@ -484,9 +515,17 @@ def figures(size: str, written: dict, bandwidth: dict, run: dict) -> list[tuple[
         ("read bandwidth", bandwidth["read_gb_s"], "GB/s", ""),
         ("decode bound (bandwidth / LM bytes per token)", bound, "tokens/s", ""),
         ("decode / bound", decode / bound, "x", ">= 0.50"),
+        ("matrix-vector kernels alone (one layer's linears x layers + LM head)", run["matvec"]["tokens_s"],
+         "tokens/s", ""),
+        ("matrix-vector kernels' weight rate", run["matvec"]["gb_s"], "GB/s", ""),
+        ("decode / matrix-vector kernels alone", decode / run["matvec"]["tokens_s"], "x", ""),
         ("segmentation answer, our single pass", run["passes"]["single_s"], "s", ""),
         ("segmentation answer, upstream's two passes", run["passes"]["two_pass_s"], "s", ""),
         ("single / two passes", ratio, "x", "<= 0.60"),
+        ("single pass: prefill", seg["prefill_s"], "s", ""),
+        ("single pass: decode steps", seg["decode_tokens"] / seg["decode_tok_s"], "s", ""),
+        ("single pass: the rest (encoding, SAM 2, masks)",
+         seg["latency_s"] - seg["prefill_s"] - seg["decode_tokens"] / seg["decode_tok_s"], "s", ""),
         ("[SEG] embedding difference, single vs two passes", run["passes"]["difference"], "relative", ""),
     ]
 
