@@ -58,6 +58,11 @@ class CitrusVConfig(Qwen2_5_VLConfig):
             target's innermost pixel, see :mod:`.point_head`); SAM 2 gets that point as a positive point
             prompt next to the ``[SEG]`` embedding, in training and inference. Off (upstream); on in the tiny
             preset, whose random-init SAM otherwise cannot tell left from right lung.
+        sam2_memory_config: SAM 2's memory modules (memory attention, memory encoder, object pointers), which
+            carry a ``[SEG]`` mask through the frames of a volume or clip (:mod:`.propagation`): ``None`` (the
+            default) builds none; a dict builds them, its keys any memory fields of transformers'
+            ``Sam2VideoConfig`` (``{}``: SAM 2's memory architecture at the image encoder's width). A released
+            upstream checkpoint gets the settings of the memory tensors it carries.
 
     Training-only auxiliary objectives keep their own config keys (``*_loss_weight`` and the like, 0.0 or
     absent: off); each is documented in its file under :mod:`citrus_v.objectives`, which reads them from this
@@ -79,6 +84,7 @@ class CitrusVConfig(Qwen2_5_VLConfig):
     point_prompt_probability: float = 0.0
     seg_point_head: bool = False
     mask_postprocess: str = DEFAULT_MASK_POSTPROCESS
+    sam2_memory_config: dict | None = None
 
     # --- derived views -------------------------------------------------------------------------------
     def sam2_config(self) -> Sam2Config:

@@ -4,6 +4,8 @@
 ``grounding_encoder`` transformers SAM 2 (``GroundingEncoder``, a ``Sam2Model``)
 ``seg_projector``     Linear(h, h) -> ReLU -> Linear(h, d_sam) -> Dropout
 ``seg_point_head``    optional: where each ``[SEG]``'s target is, given to SAM 2 as a point prompt
+``propagator``        optional: SAM 2's memory modules, which carry a ``[SEG]`` mask through a volume's or a
+                      clip's frames; they share the grounding encoder's other modules (:mod:`.propagation`)
 
 The last-layer hidden state at the position of each ``[SEG]`` token is projected, passed through HookGrad
 and appended to SAM 2's sparse prompt; each ``[SEG]`` gives one mask, in order (:meth:`CitrusV.decode_masks`,
@@ -14,6 +16,7 @@ hands them the intermediate tensors they ask for and adds their weighted losses.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -32,6 +35,7 @@ from ..checkpoint_layout import (
     is_upstream_layout,
     read_config_dict,
     resolve_model,
+    stored_names,
     upstream_sam2_config,
     weight_files,
 )
@@ -43,15 +47,20 @@ from .grounding import GroundingEncoder, SamImageFeatures
 from .hook_grad import hook_grad
 from .losses import dice_loss_each, dice_loss_sum, mask_bce_each, mask_bce_sum
 from .point_head import PointHead, sample_prompt_points
+from .propagation import SegPropagator, video_config
 from .seg_projector import ResidualSegProjector, SegProjector, build_seg_projector
 from .upstream_checkpoint import (
+    MEMORY_PREFIX,
     ShardedTensors,
     citrus_config_from_upstream,
     read_unused,
     read_upstream_weights,
     save_unused,
     stored_dtype,
+    upstream_memory_config,
 )
+
+logger = logging.getLogger(__name__)
 
 
 class SegTargetError(ValueError):
@@ -143,7 +152,13 @@ class CitrusV(CitrusVPreTrainedModel):
             head = objective.build_head(config)
             if head is not None:
                 self.add_module(objective.head_attribute, head)
-        # an upstream checkpoint's video/memory tensors, kept aside so that they can be written back
+        # SAM 2's memory modules, when the config asks for them (built last: the other parts' random
+        # initialisation does not change with them)
+        self.propagator: SegPropagator | None = None
+        if config.sam2_memory_config is not None:
+            memory = video_config(config.sam2_config(), config.sam2_memory_config)
+            self.propagator = SegPropagator(memory, self.grounding_encoder)
+        # an upstream checkpoint's video/memory tensors that no module holds, kept so that they can be written back
         self.upstream_unused_tensors: dict[str, torch.Tensor] = {}
         self.post_init()
 
@@ -154,8 +169,9 @@ class CitrusV(CitrusVPreTrainedModel):
         Only local folders are read (nothing is downloaded); ``tiny-base`` names the shipped checkpoint. A
         folder that does not fit raises :class:`CheckpointError` naming the file and the fix. An upstream-layout
         folder (SAM 2 under ``grounding_encoder.sam2_model.`` in Meta's names) is renamed on the fly; its
-        video/memory tensors are kept aside in ``model.upstream_unused_tensors``. The dtype stays as stored
-        unless ``dtype`` is given.
+        video/memory tensors load into SAM 2's memory modules (``model.propagator``), or, when transformers
+        cannot hold them, are kept aside in ``model.upstream_unused_tensors``. The dtype stays as stored unless
+        ``dtype`` is given.
         """
         path = resolve_model(pretrained_model_name_or_path)
         config_dict = read_config_dict(path)
@@ -172,10 +188,18 @@ class CitrusV(CitrusVPreTrainedModel):
             skeleton = cls(config)
         # a training-only head (or the point head) switched on in the config of a checkpoint saved without
         # it starts fresh
-        check_weights(skeleton, files, may_be_missing=(*objective_registry.head_prefixes(), "seg_point_head."))
+        check_weights(
+            skeleton, files, may_be_missing=(*objective_registry.head_prefixes(), "seg_point_head.", MEMORY_PREFIX)
+        )
         kwargs["config"] = config
         model = super().from_pretrained(path, *args, **kwargs)
         model.upstream_unused_tensors = read_unused(path)
+        if model.propagator is not None and not any(n.startswith(MEMORY_PREFIX) for n in stored_names(files)):
+            logger.warning(
+                "%s: config.json asks for SAM 2 memory modules (sam2_memory_config) but the weights hold none: "
+                "they start from random weights, so memory propagation means nothing until they are trained",
+                path,
+            )
         return model
 
     @classmethod
@@ -184,8 +208,10 @@ class CitrusV(CitrusVPreTrainedModel):
         config = kwargs.pop("config", None)
         if config is None:
             try:
-                sam2_config = upstream_sam2_config(config_dict, ShardedTensors(files), path)
+                headers = ShardedTensors(files)
+                sam2_config = upstream_sam2_config(config_dict, headers, path)
                 config = citrus_config_from_upstream(config_dict, sam2_config)
+                config.sam2_memory_config = upstream_memory_config(headers, sam2_config, path)
             except CheckpointError:
                 raise
             except Exception as err:  # strict config validation raises several types

@@ -11,9 +11,10 @@ Two tensors need more than a rename:
   ``prompt_encoder.shared_embedding.positional_embedding`` and ``shared_image_embedding.positional_embedding``
   (transformers keeps two copies of the one matrix).
 
-Meta's video/memory modules have no place in a single-image SAM 2 and are set aside by the documented
-:data:`IGNORED_MODULES` list (transformers' ``Sam2Model`` has none of them). Any other name that no rule
-covers is an error naming it.
+Meta's video/memory modules have no place in a single-image SAM 2 and are returned apart by the documented
+:data:`IGNORED_MODULES` list (transformers' ``Sam2Model`` has none of them); their names in transformers'
+``Sam2VideoModel`` are :mod:`citrus_v.modeling.sam2_video_names`. Any other name that no rule covers is an
+error naming it.
 """
 
 from __future__ import annotations
@@ -125,19 +126,21 @@ class Sam2NameError(ValueError):
     """SAM 2 tensors that the rename rules cannot place, or that a model needs and a checkpoint lacks."""
 
 
-def _compile(template: str) -> re.Pattern[str]:
+def compile_template(template: str) -> re.Pattern[str]:
+    """A name template (placeholders ``{i}``, ``{p}``, ``{n}``, ``{qkv}``, ``{attn}``) as a regular expression."""
     pattern = re.escape(template)
     for key, alternatives in _PLACEHOLDERS.items():
         pattern = pattern.replace(re.escape("{" + key + "}"), f"(?P<{key}>{alternatives})")
     return re.compile(pattern)
 
 
-_FORWARD = tuple((_compile(meta), hf) for meta, hf in RULES)
-_BACKWARD = tuple((_compile(hf), meta) for meta, hf in RULES)
-_POINT_PATTERN = _compile(POINT_EMBEDDINGS.replace("{k}", "{i}"))
+_FORWARD = tuple((compile_template(meta), hf) for meta, hf in RULES)
+_BACKWARD = tuple((compile_template(hf), meta) for meta, hf in RULES)
+_POINT_PATTERN = compile_template(POINT_EMBEDDINGS.replace("{k}", "{i}"))
 
 
-def _apply(name: str, table: tuple[tuple[re.Pattern[str], str], ...]) -> str | None:
+def apply_rules(name: str, table: tuple[tuple[re.Pattern[str], str], ...]) -> str | None:
+    """The target of the first rule whose pattern matches all of ``name`` (``None`` when none does)."""
     for pattern, target in table:
         match = pattern.fullmatch(name)
         if match:
@@ -152,7 +155,7 @@ def is_ignored(meta_name: str) -> bool:
 
 def meta_to_hf_name(meta_name: str) -> str | None:
     """The transformers name of a one-to-one Meta tensor name (``None`` when no rule covers it)."""
-    return _apply(meta_name, _FORWARD)
+    return apply_rules(meta_name, _FORWARD)
 
 
 def hf_to_meta_name(hf_name: str) -> str | None:
@@ -161,7 +164,7 @@ def hf_to_meta_name(hf_name: str) -> str | None:
         return POINT_EMBEDDINGS.format(k="0..3")
     if hf_name in POSITIONAL_COPIES:
         return GAUSSIAN_MATRIX
-    return _apply(hf_name, _BACKWARD)
+    return apply_rules(hf_name, _BACKWARD)
 
 
 def meta_to_hf(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -217,7 +220,7 @@ def hf_to_meta(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             meta[GAUSSIAN_MATRIX] = tensors[name]
         elif name == POSITIONAL_COPIES[1]:
             continue  # checked below against the prompt encoder's copy
-        elif (target := _apply(name, _BACKWARD)) is not None:
+        elif (target := apply_rules(name, _BACKWARD)) is not None:
             meta[target] = tensors[name]
         else:
             unknown.append(name)

@@ -9,9 +9,13 @@ Meta's original names, and its ``config.json`` names the SAM 2 architecture only
 
 - ``mllm.*`` and ``seg_projector.*`` load as they are (legacy ``mllm.model.layers`` names are accepted too);
 - ``grounding_encoder.sam2_model.*`` goes through :mod:`citrus_v.modeling.sam2_names`;
-- the video/memory tensors (:data:`~citrus_v.modeling.sam2_names.IGNORED_MODULES`) are set aside, kept on the
-  model as ``upstream_unused_tensors`` and saved next to our weights in ``upstream_unused.safetensors``, so that
-  writing the upstream layout again gives back every tensor bit for bit;
+- the video/memory tensors (:data:`~citrus_v.modeling.sam2_names.IGNORED_MODULES`) load into SAM 2's memory
+  modules (``propagator.*``, :mod:`citrus_v.modeling.propagation`) through
+  :mod:`citrus_v.modeling.sam2_video_names`, with the memory architecture read from their shapes
+  (:func:`upstream_memory_config`); tensors that transformers' ``Sam2VideoModel`` cannot hold are set aside
+  instead (said in the log), kept on the model as ``upstream_unused_tensors`` and saved next to our weights in
+  ``upstream_unused.safetensors``. Either way writing the upstream layout again gives back every tensor bit
+  for bit;
 - tensors are read one shard at a time with ``safe_open`` into the one state dict the model then owns, so the
   peak memory stays near one copy of the weights.
 
@@ -48,11 +52,21 @@ from ..checkpoint_layout.sam2_variants import VARIANTS
 from ..objectives import head_prefixes
 from .checkpoint import canonical_name, raise_weight_problems
 from .configuration_citrus_v import UPSTREAM_MASK_POSTPROCESS, CitrusVConfig
-from .sam2_names import Sam2NameError, hf_to_meta, hf_to_meta_name, meta_to_hf
+from .grounding import GroundingEncoder
+from .propagation import SegPropagator, video_config
+from .sam2_names import Sam2NameError, hf_to_meta, hf_to_meta_name, is_ignored, meta_to_hf
+from .sam2_video_names import (
+    MemoryLayoutError,
+    hf_to_meta_memory_name,
+    memory_config_from_meta,
+    meta_to_hf_memory,
+)
 
 logger = logging.getLogger(__name__)
 
 SAM_PREFIX = "grounding_encoder."
+# SAM 2's memory modules on the model (CitrusV.propagator); Meta's names for them under META_PREFIX
+MEMORY_PREFIX = "propagator."
 # seg_point_head (the [SEG] point head) is ours: it travels next to the projector, and only Citrus-V reads it
 PASS_THROUGH = ("mllm.", "seg_projector.", "seg_point_head.")
 # training-only objectives' heads (citrus_v.objectives.head_prefixes) have no upstream module: they are
@@ -168,6 +182,49 @@ def citrus_config_from_upstream(config_dict: dict, sam2_config: Sam2Config) -> C
     return CitrusVConfig.from_dict(fields)
 
 
+def upstream_memory_config(shapes: ShardedTensors, sam2_config: Sam2Config, directory: Path) -> dict | None:
+    """The ``sam2_memory_config`` of an upstream checkpoint's SAM 2 memory tensors, read from their shapes.
+
+    ``None`` when it carries none, or when transformers' ``Sam2VideoModel`` cannot hold them (said in the log:
+    they are then set aside as before, and a volume gets per-frame prompting only).
+    """
+    memory = {
+        name[len(META_PREFIX) :]: shapes.shape(name)
+        for name in shapes
+        if name.startswith(META_PREFIX) and is_ignored(name[len(META_PREFIX) :])
+    }
+    if not memory:
+        logger.info("%s carries no SAM 2 memory modules: masks through frames come from per-frame prompting", directory)
+        return None
+    try:
+        settings = memory_config_from_meta(memory, sam2_config.vision_config.fpn_hidden_size)
+        _check_memory_shapes(memory, sam2_config, settings)
+    except MemoryLayoutError as err:
+        logger.warning(
+            "set aside the %d SAM 2 memory tensors of %s (%s): masks through frames come from per-frame prompting",
+            len(memory),
+            directory,
+            err,
+        )
+        return None
+    return settings
+
+
+def _check_memory_shapes(memory: Mapping[str, tuple[int, ...]], sam2_config: Sam2Config, settings: dict) -> None:
+    """Raise :class:`MemoryLayoutError` unless the renamed memory tensors fill the memory modules exactly."""
+    renamed = meta_to_hf_memory({name: torch.empty(shape, device="meta") for name, shape in memory.items()})
+    with torch.device("meta"):
+        expected = SegPropagator(video_config(sam2_config, settings), GroundingEncoder(sam2_config)).state_dict()
+    wrong = [
+        f"{hf_to_meta_memory_name(n)} {list(t.shape)} (expected {list(expected[n].shape)})"
+        for n, t in renamed.items()
+        if n in expected and t.shape != expected[n].shape
+    ]
+    missing = sorted(hf_to_meta_memory_name(n) or n for n in set(expected) - set(renamed))
+    if wrong or missing:
+        raise MemoryLayoutError(f"shapes {wrong[:4]}, missing {missing[:4]}")
+
+
 def sam2_variant_name(sam2_config: Sam2Config) -> str | None:
     """Meta's config name for a SAM 2 configuration that equals one of the released variants, else ``None``."""
     ours = _architecture(sam2_config)
@@ -252,8 +309,13 @@ def upstream_config_dict(config: CitrusVConfig, dtype_name: str) -> dict:
 
 
 # --- reading ----------------------------------------------------------------------------------------------------
-def _renamed_names(reader: Mapping[str, torch.Tensor], directory: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Our names for the tensors of an upstream checkpoint (values as given), and the ignored upstream names."""
+def _renamed_names(
+    reader: Mapping[str, torch.Tensor], directory: Path, memory: bool = False
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Our names for the tensors of an upstream checkpoint (values as given), and the set-aside upstream names.
+
+    With ``memory`` the video/memory tensors are renamed into the memory modules (``propagator.*``) instead of
+    being set aside."""
     foreign = [n for n in reader if not n.startswith(PASS_THROUGH) and not n.startswith(META_PREFIX)]
     if foreign:
         raise CheckpointError(
@@ -268,6 +330,13 @@ def _renamed_names(reader: Mapping[str, torch.Tensor], directory: Path) -> tuple
         ) from err
     renamed = {canonical_name(n): reader[n] for n in reader if n.startswith(PASS_THROUGH)}
     renamed.update({SAM_PREFIX + name: value for name, value in sam.items()})
+    if memory and ignored:
+        try:
+            held = meta_to_hf_memory(ignored)
+        except MemoryLayoutError as err:
+            raise CheckpointError(f"{directory}: {err} (names under {META_PREFIX})") from err
+        renamed.update({MEMORY_PREFIX + name: value for name, value in held.items()})
+        return renamed, []
     return renamed, [META_PREFIX + name for name in ignored]
 
 
@@ -276,12 +345,15 @@ def _upstream_name(name: str) -> str:
     if name.startswith(SAM_PREFIX):
         inner = name[len(SAM_PREFIX) :]
         return META_PREFIX + (hf_to_meta_name(inner) or inner)
+    if name.startswith(MEMORY_PREFIX):
+        inner = name[len(MEMORY_PREFIX) :]
+        return META_PREFIX + (hf_to_meta_memory_name(inner) or inner)
     return name
 
 
 def check_upstream_weights(reader: ShardedTensors, expected: Mapping[str, tuple[int, ...]], directory: Path) -> None:
     """Compare the renamed upstream tensors with the model's shapes, from the headers only."""
-    renamed, _ = _renamed_names(_Shapes(reader), directory)
+    renamed, _ = _renamed_names(_Shapes(reader), directory, memory=_holds_memory(expected))
     problems = []
     for name, tensor in renamed.items():
         if name in expected and tuple(tensor.shape) != tuple(expected[name]):
@@ -312,11 +384,16 @@ def read_upstream_weights(
     directory = files[0].parent
     reader = ShardedTensors(files)
     check_upstream_weights(reader, expected, directory)
-    state_dict, ignored = _renamed_names(reader, directory)
+    state_dict, ignored = _renamed_names(reader, directory, memory=_holds_memory(expected))
     unused = {name: reader[name] for name in ignored}
     if ignored:
         logger.info("set aside %d SAM 2 video/memory tensors of %s (unused for single images)", len(ignored), directory)
     return state_dict, unused
+
+
+def _holds_memory(expected: Mapping[str, tuple[int, ...]]) -> bool:
+    """Whether the model has SAM 2 memory modules to load the upstream memory tensors into."""
+    return any(name.startswith(MEMORY_PREFIX) for name in expected)
 
 
 def stored_dtype(tensors: Mapping[str, torch.Tensor]) -> torch.dtype | None:
@@ -358,11 +435,23 @@ class _Source:
         return self.tensor if self.tensor is not None else self.reader[self.name]
 
 
+def _memory_sources(reader: ShardedTensors, model_dir: Path) -> dict[str, _Source]:
+    """The memory modules' tensors (``propagator.*``) under Meta's names, read when their shard is written."""
+    sources = {}
+    for name in reader:
+        if name.startswith(MEMORY_PREFIX):
+            meta = hf_to_meta_memory_name(name[len(MEMORY_PREFIX) :])
+            if meta is None:
+                raise CheckpointError(f"{model_dir}: {name} has no original SAM 2 name")
+            sources[META_PREFIX + meta] = _Source(reader, name)
+    return sources
+
+
 def write_upstream(model_dir: str | Path, out: str | Path, max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
     """Write the Citrus-V folder ``model_dir`` (our layout) to ``out`` in upstream's layout.
 
     ``config.json`` upstream-style, sharded safetensors with ``model.safetensors.index.json`` (SAM 2 in Meta's
-    names under ``grounding_encoder.sam2_model.``, plus the set-aside video tensors when the folder has them),
+    names under ``grounding_encoder.sam2_model.``, the memory modules' and any set-aside video tensors among them),
     and the tokenizer and image-processor files. Tensors keep their dtype and values.
     """
     model_dir, out = resolve_model(model_dir), Path(out)
@@ -381,7 +470,9 @@ def write_upstream(model_dir: str | Path, out: str | Path, max_shard_size: int |
     if left_out:
         logger.info("left out the training-only tensors %s: upstream has no module for them", ", ".join(left_out))
     foreign = [
-        n for n in reader if not n.startswith(SAM_PREFIX) and not n.startswith(PASS_THROUGH + head_prefixes())
+        n
+        for n in reader
+        if not n.startswith((SAM_PREFIX, MEMORY_PREFIX)) and not n.startswith(PASS_THROUGH + head_prefixes())
     ]
     if foreign:
         raise CheckpointError(f"{model_dir}: tensor(s) of no Citrus-V part: {', '.join(sorted(foreign)[:8])}")
@@ -393,6 +484,7 @@ def write_upstream(model_dir: str | Path, out: str | Path, max_shard_size: int |
     except Sam2NameError as err:
         raise CheckpointError(f"{model_dir}: {err}") from err
     sources.update({META_PREFIX + name: _Source(tensor=tensor) for name, tensor in sam.items()})
+    sources.update(_memory_sources(reader, model_dir))
     unused = read_unused(model_dir)
     clash = sorted(set(unused) & set(sources))
     if clash:
