@@ -1,7 +1,8 @@
 """DICOM through pydicom: one frame, the modality LUT (Rescale Slope/Intercept), the file's window.
 
-Multi-frame files give one frame; enhanced files are read through their functional groups; compressed transfer
-syntaxes decode through the pylibjpeg plugins. pydicom is imported on first use.
+Multi-frame files give one frame (only that frame is decoded); enhanced files are read through their functional
+groups; compressed transfer syntaxes decode through the pylibjpeg plugins. Sizes are checked from the header
+before any pixel is decoded (:mod:`~citrus_v.media.dicom_source`). pydicom is imported on first use.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DEFAULT_MAX_IMAGE_PIXELS, MedicalImageError, check_pixels
+from .dicom_source import decode_frame, open_dicom, read_declared_size
+from .errors import DEFAULT_MAX_DECODED_BYTES, DEFAULT_MAX_IMAGE_PIXELS, MedicalImageError
 from .windowing import Window, apply_window, full_range_window, parse_window
 
 
@@ -36,87 +38,40 @@ class DicomImage:
 
 
 def read_dicom(
-    path: str | Path, frame: int | None = None, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    path: str | Path,
+    frame: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    max_bytes: int | None = DEFAULT_MAX_DECODED_BYTES,
 ) -> DicomImage:
-    """Decode one frame of a DICOM file to modality values (rescale slope/intercept applied)."""
+    """Decode one frame of a DICOM file to modality values (rescale slope/intercept applied).
+
+    Checked from the header before any pixel is decoded: one frame's Rows x Columns against ``max_pixels``, every
+    frame's decoded bytes against ``max_bytes``; a deflated file is inflated no further than that allows.
+    """
     path = Path(path)
-    ds = _open_dataset(path)
-    num_frames = _frame_count(path, ds, max_pixels)
+    source = open_dicom(path, max_pixels, max_bytes)
     index = 0 if frame is None else int(frame)
-    if not 0 <= index < num_frames:
+    if not 0 <= index < source.declared.frames:
         raise MedicalImageError(
-            f"{path}: frame {index} does not exist; the file has {num_frames} frame(s) (0..{num_frames - 1})",
+            f"{path}: frame {index} does not exist; the file has {source.declared.frames} frame(s) "
+            f"(0..{source.declared.frames - 1})",
             "bad_reference",
         )
-    raw = _decode_frame(path, ds, index, num_frames)
+    raw = decode_frame(path, source, index)
+    ds = source.header
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if raw.ndim == 3:  # colour; pydicom converts YBR to RGB
-        return DicomImage(_to_uint8_rgb(raw), photometric, None, index, num_frames)
+        return DicomImage(_to_uint8_rgb(raw), photometric, None, index, source.declared.frames)
     values = _modality_values(path, ds, index, raw)
-    return DicomImage(values, photometric, _file_window(ds, index), index, num_frames)
+    return DicomImage(values, photometric, _file_window(ds, index), index, source.declared.frames)
 
 
-def dicom_size(path: Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
-    """``(width, height)`` from the header only (no pixel decoding)."""
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        width, height = int(ds.Columns), int(ds.Rows)
-    except Exception as err:  # pydicom raises several types for broken headers
-        raise MedicalImageError(f"{path}: not a readable DICOM file ({err})", "unreadable_image") from err
-    check_pixels(path, width * height, max_pixels)
-    return width, height
-
-
-def _open_dataset(path: Path) -> Any:
-    """The parsed file, which must hold pixel data."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    if not path.is_file():
-        raise MedicalImageError(f"image file not found: {path}", "missing_file")
-    try:
-        ds = pydicom.dcmread(path)
-    except (InvalidDicomError, OSError, EOFError, ValueError) as err:
-        raise MedicalImageError(f"{path}: not a readable DICOM file ({err})", "unreadable_image") from err
-    if "PixelData" not in ds and "FloatPixelData" not in ds:
-        raise MedicalImageError(f"{path}: the DICOM file has no pixel data", "unreadable_image")
-    return ds
-
-
-def _frame_count(path: Path, ds: Any, max_pixels: int | None) -> int:
-    """``NumberOfFrames`` (1 when absent), once Rows × Columns is within the pixel limit."""
-    try:
-        rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
-        num_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    except (TypeError, ValueError) as err:
-        raise MedicalImageError(
-            f"{path}: Rows, Columns or NumberOfFrames is not an integer ({err})", "unreadable_image"
-        ) from err
-    check_pixels(path, rows * cols, max_pixels)
-    return num_frames
-
-
-def _decode_frame(path: Path, ds: Any, index: int, num_frames: int) -> np.ndarray:
-    """The stored pixels of frame ``index``: ``[H, W]`` grey or ``[H, W, 3]`` colour."""
-    from pydicom.pixels import pixel_array
-
-    try:
-        raw = pixel_array(ds, index=index) if num_frames > 1 else ds.pixel_array
-    except Exception as err:  # decoders raise many types: missing plugin, truncated data, bad stream
-        raise MedicalImageError(
-            f"{path}: cannot decode the pixel data ({ds.file_meta.get('TransferSyntaxUID', '?')}): {err}. Fix: "
-            "check the file is complete; compressed syntaxes need pylibjpeg, pylibjpeg-openjpeg, pylibjpeg-libjpeg",
-            "unreadable_image",
-        ) from err
-    if not (raw.ndim == 2 or (raw.ndim == 3 and raw.shape[-1] == 3)) or raw.size == 0:
-        raise MedicalImageError(
-            f"{path}: decoded pixels have shape {tuple(raw.shape)}, not one grey or RGB frame: Rows, Columns, "
-            "SamplesPerPixel or NumberOfFrames contradict the pixel data",
-            "unreadable_image",
-        )
-    return raw
+def dicom_size(
+    path: Path, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, max_bytes: int | None = DEFAULT_MAX_DECODED_BYTES
+) -> tuple[int, int]:
+    """``(width, height)`` from the header only (no pixel decoding), with the checks of :func:`read_dicom`."""
+    declared = read_declared_size(path, max_pixels, max_bytes)
+    return declared.columns, declared.rows
 
 
 def _modality_values(path: Path, ds: Any, index: int, raw: np.ndarray) -> np.ndarray:
@@ -165,8 +120,8 @@ def _functional_group(ds: Any, frame: int, sequence: str) -> Any | None:
     for groups, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
         seq = ds.get(groups)
         if seq is not None and len(seq) > index and sequence in seq[index]:
-            items = seq[index][sequence]
-            if len(items):
+            items = seq[index].get(sequence)  # the sequence's value (indexing by name gives the element)
+            if items is not None and len(items):
                 return items[0]
     return None
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
-from .errors import MedicalImageError
+from .errors import MedicalImageError, is_regular_file, path_error
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -35,20 +35,25 @@ class MediaRef:
 
     @property
     def kind(self) -> str:
-        """``dicom``, ``nifti`` or ``raster`` (anything Pillow reads), by file name."""
+        """``dicom``, ``nifti`` or ``raster`` (anything Pillow reads), by file name; a name without a suffix is
+        DICOM when the file has the DICOM preamble. A path the system cannot look up is a
+        :class:`MedicalImageError` (``unreadable_image``) naming it."""
         name = self.path.name.lower()
         if name.endswith(NIFTI_SUFFIXES):
             return "nifti"
         if name.endswith(DICOM_SUFFIXES):
             return "dicom"
-        if self.path.suffix == "" and self.path.is_file() and _has_dicom_preamble(self.path):
+        if self.path.suffix == "" and is_regular_file(self.path) and _has_dicom_preamble(self.path):
             return "dicom"
         return "raster"
 
 
 def _has_dicom_preamble(path: Path) -> bool:
-    with open(path, "rb") as handle:
-        head = handle.read(132)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(132)
+    except (OSError, ValueError) as err:  # no permission, or the file went away
+        raise path_error(path, err) from err
     return len(head) == 132 and head[128:] == b"DICM"
 
 
@@ -58,7 +63,10 @@ def parse_ref(ref: str | Path | Mapping[str, Any], base_dir: str | Path | None =
     Relative paths are resolved against ``base_dir`` (the JSONL file's folder).
     """
     path_text, options = _split_ref(ref)
-    path = Path(path_text).expanduser()
+    try:
+        path = Path(path_text).expanduser()
+    except RuntimeError as err:  # '~user' for a user this machine does not know
+        raise MedicalImageError(f"reference {ref!r}: {err}. Fix: give the full path", "bad_reference") from err
     if base_dir is not None and not path.is_absolute():
         path = Path(base_dir) / path
     parsed = MediaRef(path=path, window=None if options.get("window") is None else str(options["window"]))

@@ -15,9 +15,65 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
+from .errors import MedicalImageError
 from .windowing import Window, apply_window, full_range_window, parse_window
 
 VolumeKind = Literal["volume", "clip"]
+
+# A 512 x 512 CT of 1024 slices; a source claiming more voxels (frames x pixels x samples) is refused from its
+# headers, before any pixel is decoded.
+DEFAULT_MAX_VOLUME_VOXELS = 2**28
+
+
+@dataclass(frozen=True)
+class VolumeHeader:
+    """What a multi-frame source holds, read from its headers before any pixel is decoded: enough to refuse
+    it (:meth:`check`) or to choose the frames to decode (``frame_sampling``)."""
+
+    source: str
+    kind: VolumeKind
+    num_frames: int
+    height: int
+    width: int
+    samples: int = 1  # 3 for colour
+    fps: float | None = None
+
+    @property
+    def voxels(self) -> int:
+        """Every frame's pixels times samples: what decoding the whole source holds in memory."""
+        return self.num_frames * self.height * self.width * self.samples
+
+    def check(
+        self, max_voxels: int | None, max_frames: int | None = None, frames: list[int] | None = None
+    ) -> list[int]:
+        """The frame indices to decode (``frames``, else all), once they exist and fit ``max_frames`` and
+        ``max_voxels`` (``None``: no limit); a refusal names the source, the limit and the fix."""
+        chosen = list(range(self.num_frames)) if frames is None else [int(k) for k in frames]
+        if not chosen:
+            raise MedicalImageError(f"{self.source}: no frame asked for (an empty frame list)", "bad_reference")
+        outside = [k for k in chosen if not 0 <= k < self.num_frames]
+        if outside:
+            raise MedicalImageError(
+                f"{self.source}: frame(s) {outside[:5]} do not exist; it has {self.num_frames} frame(s) "
+                f"(0..{self.num_frames - 1})",
+                "bad_reference",
+            )
+        if max_frames is not None and len(chosen) > max_frames:
+            raise MedicalImageError(
+                f"{self.source}: {len(chosen)} frames is over the limit of {max_frames}. Fix: send fewer frames "
+                "(a shorter clip, a thicker slice spacing), or raise the limit (--max_frames)",
+                "image_too_large",
+            )
+        voxels = len(chosen) * self.height * self.width * self.samples
+        if max_voxels is not None and voxels > max_voxels:
+            raise MedicalImageError(
+                f"{self.source}: {len(chosen)} frames of {self.height}x{self.width}"
+                f"{'x' + str(self.samples) if self.samples > 1 else ''} = {voxels} voxels is over the limit of "
+                f"{max_voxels}. Fix: crop or downsample the volume, send fewer frames, or raise the limit "
+                "(--max_voxels)",
+                "image_too_large",
+            )
+        return chosen
 
 
 @dataclass(frozen=True)
@@ -52,6 +108,9 @@ class Volume:
     datasets: list[Any] = field(default_factory=list, repr=False)  # DICOM headers (no pixels), for DICOM-SEG
     nifti: Any = field(default=None, repr=False)  # the NiftiVolume a NIfTI source came from
     axis: int = 2  # NIfTI sources: the RAS+ axis the frames run along
+    # the source frame each frame is, when only some were decoded (sampled for the language model); None: all.
+    # ``spacing`` and ``affine`` keep indexing the source's frames: frame k lies at source_frames[k]
+    source_frames: list[int] | None = None
 
     @property
     def num_frames(self) -> int:
