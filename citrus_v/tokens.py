@@ -46,6 +46,7 @@ VISION_END = "<|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"  # ms-swift's tag for one entry of a row's "videos"
 VISION_PAD = "<|vision_pad|>"
 # Tokens that structure the prompt (turns, image slots): only the chat template writes them, so text typed by a
 # user or written in a dataset row may not hold them (they would forge turns or image slots). ``[SEG]`` and the

@@ -6,6 +6,11 @@ is brought to the original image size as the model's ``mask_postprocess`` says: 
 bilinearly then thresholded at sigmoid 0.5, or (upstream's way, the default for its released checkpoints)
 thresholded at low resolution then resized with nearest neighbour. The thresholded low-res mask is kept too
 (:attr:`~citrus_v.infer.results.MaskResult.low_res`), the form upstream's server sends.
+
+A request may also hold videos (volumes or clips, :mod:`citrus_v.processing.videos`), which the language model
+reads through Qwen2.5-VL's video path. Its answer is a :class:`VideoPrediction`: the masks of an image it also
+holds as above, and the hidden state of every ``[SEG]`` (:attr:`VideoPrediction.seg_states`) with the frames
+the model saw, for SAM 2's propagation through the video.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from ..modeling.modeling_citrus_v import CitrusV
 from ..processing.images import ImageInput, load_image, mask_to_image
 from ..processing.processor import CitrusVProcessor, ProcessorError
 from ..processing.template import TemplateError
+from ..processing.videos import LoadedVideo, VideoInput
 from ..tokens import ENDOFTEXT, IM_END, SEG_TOKEN
 from .results import MaskResult, Prediction, cut_at_stop, seg_labels
 from .sampling import SeededSampling, seeded_generator
@@ -37,12 +43,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Request:
-    """One question: images (paths, PIL images or arrays) and a prompt, optionally a system prompt."""
+    """One question: images (paths, PIL images or arrays) and a prompt, optionally a system prompt and videos
+    (volumes or clips: a ``Volume``, a list of frames, or a path; one ``<video>`` each in the prompt, else they
+    go before its text)."""
 
     images: Sequence[ImageInput]
     prompt: str
     system: str | None = None
     history: list[dict] = field(default_factory=list)  # earlier turns, ms-swift message dicts
+    videos: Sequence[VideoInput] = ()
 
 
 @dataclass
@@ -53,6 +62,18 @@ class EncodedRequest:
 
     images: list
     row: dict[str, Any]
+    videos: list[LoadedVideo] = field(default_factory=list)  # the frames the model sees, per video
+
+
+@dataclass(eq=False)
+class VideoPrediction(Prediction):
+    """The answer to a request with videos. Its ``[SEG]`` tokens get no mask here (unless the request also holds
+    an image: then masks on that image, as for any request): ``seg_states`` holds the last-layer hidden state of
+    each ``[SEG]`` in the answer, in order (what :meth:`CitrusV.decode_masks` takes), and ``videos`` the frames the
+    model saw, so that SAM 2's memory can propagate each mask through the video."""
+
+    seg_states: list[torch.Tensor] = field(default_factory=list, repr=False)
+    videos: list[LoadedVideo] = field(default_factory=list, repr=False)
 
 
 @dataclass
@@ -118,25 +139,36 @@ class CitrusVPredictor:
 
     # --- public API --------------------------------------------------------------------------------------
     def predict(
-        self, images: ImageInput | Sequence[ImageInput] | None, prompt: str, system: str | None = None, **generation
+        self,
+        images: ImageInput | Sequence[ImageInput] | None,
+        prompt: str,
+        system: str | None = None,
+        videos: Sequence[VideoInput] = (),
+        **generation,
     ) -> Prediction:
-        """Answer ``prompt`` about ``images`` (one image or a list; ``None`` for text only)."""
+        """Answer ``prompt`` about ``images`` (one image or a list; ``None`` for text only) and ``videos``."""
         if images is None:
             images = []
         elif not isinstance(images, (list, tuple)):
             images = [images]
-        return self.predict_batch([Request(images=images, prompt=prompt, system=system)], **generation)[0]
+        request = Request(images=images, prompt=prompt, system=system, videos=videos)
+        return self.predict_batch([request], **generation)[0]
 
     def encode(self, request: Request) -> EncodedRequest:
-        """Load ``request``'s images and encode its prompt; raises ``ProcessorError`` for one that cannot be."""
+        """Load ``request``'s images and videos and encode its prompt; raises ``ProcessorError`` for one that
+        cannot be."""
+        if request.videos:
+            self._check_video_token()
         images = [load_image(image) for image in request.images]
         try:
+            videos = [self.processor.load_video(video) for video in request.videos]
             row = self.processor.encode_sample(
-                self._sample(request, images), add_generation_prompt=True, return_labels=False, sam_input=False
+                self._sample(request, images, videos), add_generation_prompt=True, return_labels=False,
+                sam_input=False,
             )
         except (TemplateError, ProcessorError, FileNotFoundError, ValueError, TypeError) as err:
             raise ProcessorError(str(err)) from err
-        return EncodedRequest(images=images, row=row)
+        return EncodedRequest(images=images, row=row, videos=videos)
 
     def predict_batch(
         self,
@@ -167,7 +199,7 @@ class CitrusVPredictor:
                 [StopStringCriteria(self.processor.tokenizer, list(settings.stop))]
             )
         with SegCapture(self.seg_token_id, len(requests)).attach(self.model.mllm) as capture, torch.no_grad():
-            vision = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}
+            vision = {k: batch[k] for k in _VISION_KEYS if k in batch}
             sequences = self.model.mllm.generate(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
@@ -181,23 +213,40 @@ class CitrusVPredictor:
         generated = sequences[:, prompt_length:]
         states = self._complete_states(capture.states, sequences, batch, prompt_length)
         predictions = []
-        for row, images in enumerate(loaded):
+        for row, (images, item) in enumerate(zip(loaded, encoded, strict=True)):
             tokens = self._strip(generated[row].tolist())
             text = self.processor.tokenizer.decode(tokens, skip_special_tokens=False)
-            prediction = Prediction(
+            kind, extra = (VideoPrediction, {"videos": item.videos}) if item.videos else (Prediction, {})
+            prediction = kind(
                 text=text,
                 image_size=images[0].size if images else None,
                 num_seg_tokens=sum(1 for t in tokens if t == self.seg_token_id),
+                **extra,
             )
-            prediction.masks = self._masks(row, states[row][: prediction.num_seg_tokens], images, batch, text)
+            row_states = states[row][: prediction.num_seg_tokens]
+            prediction.masks = self._masks(row, row_states, images, batch, text, warn=not item.videos)
             prediction.boxes = self._boxes(text, images)
-            predictions.append(cut_at_stop(prediction, settings.stop)[0])
+            prediction = cut_at_stop(prediction, settings.stop)[0]
+            if isinstance(prediction, VideoPrediction):
+                prediction.seg_states = row_states[: prediction.num_seg_tokens]
+            predictions.append(prediction)
         return predictions
 
     # --- helpers -----------------------------------------------------------------------------------------
-    def _sample(self, request: Request, images: list) -> dict:
+    def _check_video_token(self) -> None:
+        """The model finds video tokens by ``config.video_token_id``: it must be the tokenizer's ``<|video_pad|>``."""
+        expected = getattr(self.model.mllm.config, "video_token_id", None)
+        if expected is not None and expected != self.processor.video_token_id:
+            raise ValueError(
+                f"model config video_token_id={expected} but the tokenizer's <|video_pad|> is "
+                f"{self.processor.video_token_id}: model and processor come from different folders"
+            )
+
+    def _sample(self, request: Request, images: list, videos: Sequence[LoadedVideo] = ()) -> dict:
         messages = list(request.history) + [{"role": "user", "content": request.prompt}]
         sample: dict[str, Any] = {"messages": messages, "images": images}
+        if videos:
+            sample["videos"] = list(videos)
         if request.system is not None:
             sample["system"] = request.system
         return sample
@@ -207,7 +256,7 @@ class CitrusVPredictor:
         for key, value in batch.items():
             if torch.is_tensor(value):
                 value = value.to(self.device)
-                if value.is_floating_point():
+                if value.is_floating_point() and key != "second_per_grid_ts":  # time positions stay float32
                     value = value.to(self.dtype)
             out[key] = value
         return out
@@ -239,8 +288,9 @@ class CitrusVPredictor:
                     attention_mask=attention,
                     pixel_values=self._row_pixels(batch, row),
                     image_grid_thw=self._row_grid(batch, row),
-                    mm_token_type_ids=(ids == self.processor.image_token_id).int(),
+                    mm_token_type_ids=self.processor.mm_token_type_ids(ids),
                     use_cache=False,
+                    **self._row_videos(batch, row),
                 )
             positions = (ids[0, prompt_length:] == self.seg_token_id).nonzero()[:, 0] + prompt_length
             completed.append([output.last_hidden_state[0, p] for p in positions.tolist()])
@@ -266,11 +316,39 @@ class CitrusVPredictor:
         return grid[first : first + counts[row]] if counts[row] else None
 
     def _images_per_row(self, batch: dict) -> list[int]:
-        start = self.processor.template.vision_start_id
-        return (batch["input_ids"] == start).sum(dim=1).tolist()
+        return self._blocks_per_row(batch, self.processor.image_token_id)
 
-    def _masks(self, row: int, states: list[torch.Tensor], images: list, batch: dict, text: str) -> list[MaskResult]:
+    def _blocks_per_row(self, batch: dict, pad_id: int | None) -> list[int]:
+        """Per row, how many vision blocks hold ``pad_id`` (images: ``<|image_pad|>``, videos: ``<|video_pad|>``):
+        the vision starts followed by that pad."""
+        ids = batch["input_ids"]
+        starts = ids[:, :-1] == self.processor.template.vision_start_id
+        return (starts & (ids[:, 1:] == pad_id)).sum(dim=1).tolist()
+
+    def _row_videos(self, batch: dict, row: int) -> dict[str, torch.Tensor]:
+        """The videos of batch row ``row``: their pixels, grids and seconds per temporal patch (empty without)."""
+        grid = batch.get("video_grid_thw")
+        if grid is None:
+            return {}
+        counts = self._blocks_per_row(batch, self.processor.video_token_id)
+        first, count = sum(counts[:row]), counts[row]
+        if not count:
+            return {}
+        patches = grid.prod(dim=1).tolist()
+        start = int(sum(patches[:first]))
+        end = start + int(sum(patches[first : first + count]))
+        return {
+            "pixel_values_videos": batch["pixel_values_videos"][start:end],
+            "video_grid_thw": grid[first : first + count],
+            "second_per_grid_ts": batch["second_per_grid_ts"][first : first + count],
+        }
+
+    def _masks(
+        self, row: int, states: list[torch.Tensor], images: list, batch: dict, text: str, warn: bool = True
+    ) -> list[MaskResult]:
         if not states:
+            return []
+        if not images and not warn:  # a video request: the states are returned instead (VideoPrediction)
             return []
         if not images:
             warnings.warn(
@@ -314,6 +392,10 @@ class CitrusVPredictor:
         if not images:
             return []
         return box_module.parse_boxes_to_original(text, images[0].size, self.processor)
+
+
+# what generate takes besides the ids: the images' and the videos' pixels and grids
+_VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
 
 def column_major_lm_head(model: CitrusV) -> None:

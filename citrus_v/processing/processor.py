@@ -2,7 +2,9 @@
 
 Built from transformers' PIL Qwen2-VL image processor and a tokenizer, so it needs no torchvision.
 Pixel bounds follow upstream: explicit arguments, else the ``MIN_PIXELS`` / ``MAX_PIXELS`` environment
-variables, else the saved values.
+variables, else the saved values. Videos (a row's ``"videos"``, :mod:`~citrus_v.processing.videos`) follow
+ms-swift's video variables (``FPS``, ``FPS_MIN_FRAMES``, ``FPS_MAX_FRAMES``, ``VIDEO_MIN_PIXELS``,
+``VIDEO_MAX_PIXELS``, ``VIDEO_TOTAL_PIXELS``), read when the processor is made, or ``video_sampling``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -22,12 +25,15 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from .. import objectives
 from ..checkpoint_layout import CheckpointError, resolve_model
+from ..media import MedicalImageError
+from ..media.frame_sampling import VideoSampling
 from ..objectives.annotations import ANNOTATIONS, MASK_ANNOTATIONS
 from ..tokens import DEFAULT_SYSTEM, IGNORE_INDEX, SEG_TOKEN
 from .boxes import model_size
 from .images import ImageInput, MaskInput, load_image, load_mask, mask_target, sam_pixel_values, smart_resized
-from .template import ChatTemplate, TemplateError, place_images
+from .template import ChatTemplate, TemplateError, place_images, place_videos
 from .tokenizer_builder import add_citrus_tokens
+from .videos import LoadedVideo, VideoInput, load_video, video_pixel_values
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +59,7 @@ class Sample(TypedDict, total=False):
 
     messages: list[dict]
     images: list[ImageInput]
+    videos: list[VideoInput]  # one per <video> placeholder: a Volume, a list of frames, or a volume/clip path
     masks: list[MaskInput]
     system: str
     # optional, training-only: row annotations (citrus_v.objectives.annotations) such as lesion_points
@@ -68,6 +75,14 @@ def _pixels_from_env(name: str) -> int | None:
         raise ProcessorError(f"environment variable {name}={value!r} is not an integer number of pixels") from err
 
 
+def _video_sampling_from_env() -> VideoSampling:
+    """ms-swift's video variables (``FPS``, ``FPS_MAX_FRAMES``, ``VIDEO_MAX_PIXELS``, ...) as they are set now."""
+    try:
+        return VideoSampling.from_env(os.environ)
+    except MedicalImageError as err:
+        raise ProcessorError(f"environment variable {err}. Fix: set it to a number or unset it") from err
+
+
 class CitrusVProcessor:
     """Turns conversations with images and masks into model inputs.
 
@@ -81,6 +96,9 @@ class CitrusVProcessor:
             environment, else the image processor's saved ``size``.
         sam_input: what SAM 2's input is made from, ``"original"`` or ``"smart_resized"`` (see
             :data:`SAM_INPUTS`); a released upstream folder gets ``"smart_resized"``, as upstream does.
+        video_sampling: how videos are sampled and sized; default ms-swift's environment variables
+            (``FPS_MAX_FRAMES``, ``VIDEO_MAX_PIXELS``, ...) at construction, else qwen_vl_utils' defaults.
+            Change it later with :meth:`set_video_sampling`.
     """
 
     def __init__(
@@ -93,6 +111,7 @@ class CitrusVProcessor:
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         sam_input: str = DEFAULT_SAM_INPUT,
+        video_sampling: VideoSampling | None = None,
     ) -> None:
         if sam_input not in SAM_INPUTS:
             raise ProcessorError(
@@ -113,6 +132,7 @@ class CitrusVProcessor:
         self.sam_input = sam_input
         self.template = ChatTemplate(tokenizer, default_system)
         resolve_pixels(image_processor, min_pixels, max_pixels)
+        self.video_sampling = video_sampling if video_sampling is not None else _video_sampling_from_env()
 
     # --- ids -------------------------------------------------------------------------------------------
     @property
@@ -122,6 +142,32 @@ class CitrusVProcessor:
     @property
     def image_token_id(self) -> int:
         return self.template.image_pad_id
+
+    @property
+    def video_token_id(self) -> int | None:
+        """``<|video_pad|>``'s id (``None`` for a tokenizer without it, which then encodes no video)."""
+        return self.template.video_pad_id
+
+    def mm_token_type_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """What Qwen2.5-VL's rotary positions read: 0 for text, 1 for an image token, 2 for a video token."""
+        types = (input_ids == self.image_token_id).int()
+        if self.video_token_id is not None:
+            types = types + 2 * (input_ids == self.video_token_id).int()
+        return types
+
+    # --- videos -----------------------------------------------------------------------------------------
+    def set_video_sampling(self, **values: float | int) -> None:
+        """Change the video knobs by their lower-case ms-swift names, e.g. ``fps_max_frames=12``,
+        ``video_max_pixels=50176`` (the others stay as they are)."""
+        known = {spec.name for spec in fields(VideoSampling)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ProcessorError(f"unknown video setting(s) {', '.join(unknown)}; use {', '.join(sorted(known))}")
+        self.video_sampling = replace(self.video_sampling, **values)
+
+    def load_video(self, video: VideoInput) -> LoadedVideo:
+        """The frames of one video as the model sees them, under :attr:`video_sampling`."""
+        return load_video(video, self.video_sampling)
 
     @property
     def min_pixels(self) -> int:
@@ -201,7 +247,8 @@ class CitrusVProcessor:
         """Encode one or more samples into a padded batch.
 
         Returns ``input_ids``, ``attention_mask``, ``mm_token_type_ids``, ``pixel_values``,
-        ``image_grid_thw`` (when there are images), ``sam_pixel_values`` ``[B, 3, S, S]``,
+        ``image_grid_thw`` (when there are images), ``pixel_values_videos``, ``video_grid_thw`` and
+        ``second_per_grid_ts`` (when there are videos), ``sam_pixel_values`` ``[B, 3, S, S]``,
         ``sam_image_mask`` ``[B]``, and with ``return_labels`` also ``labels`` and ``gt_masks``
         (per sample ``[K_i, h, w]``, one per ``[SEG]`` in the sample's text). A sample longer than
         ``max_length`` raises (samples are dropped, never cut; see :class:`~.template.SampleTooLongError`).
@@ -225,6 +272,7 @@ class CitrusVProcessor:
         sam_input: bool = True,
     ) -> dict[str, Any]:
         """Encode one sample: ``input_ids``/``labels`` lists, ``pixel_values``, ``image_grid_thw``,
+        ``pixel_values_videos``, ``video_grid_thw``, ``second_per_grid_ts`` (None without a video),
         ``sam_pixel_values`` (None without an image, or with ``sam_input=False``: inference makes SAM 2's input
         only for an answer that holds a ``[SEG]``) and ``gt_masks`` ``[K, h, w]``.
 
@@ -251,10 +299,11 @@ class CitrusVProcessor:
         batch = self._pad([r["input_ids"] for r in rows], [r["labels"] for r in rows], padding_side)
         if not return_labels:
             batch.pop("labels")
-        batch["mm_token_type_ids"] = (batch["input_ids"] == self.image_token_id).int()
+        batch["mm_token_type_ids"] = self.mm_token_type_ids(batch["input_ids"])
         if pixel_values:
             batch["pixel_values"] = torch.cat(pixel_values)
             batch["image_grid_thw"] = torch.cat(grids)
+        batch.update(_collate_videos(rows))
         if return_labels or any(sam_flags):  # inference rows without SAM 2 input carry none
             size = self.sam_image_size
             batch["sam_pixel_values"] = torch.stack(
@@ -281,7 +330,8 @@ class CitrusVProcessor:
         if not isinstance(sample, dict) or "messages" not in sample:
             raise ProcessorError("each sample must be a dict with a 'messages' list")
         images = [load_image(image) for image in sample.get("images") or []]
-        messages = place_images(sample["messages"], len(images))
+        video = self._encode_videos(sample.get("videos") or [])
+        messages = place_videos(place_images(sample["messages"], len(images)), len(video["video_tokens"]))
         pixel_values = grid = None
         image_tokens: list[int] = []
         if images:
@@ -295,6 +345,7 @@ class CitrusVProcessor:
             system=sample.get("system"),
             add_generation_prompt=add_generation_prompt,
             max_length=max_length,
+            video_tokens=video.pop("video_tokens"),
         )
         num_seg = sum(1 for token in encoded.input_ids if token == self.seg_token_id)
         masks = sample.get("masks") or []
@@ -302,8 +353,14 @@ class CitrusVProcessor:
             raise ProcessorError(
                 f"{len(masks)} mask(s) for {num_seg} {SEG_TOKEN} token(s): give one mask per {SEG_TOKEN}, in order"
             )
-        if num_seg and not images:
+        has_video = video["pixel_values_videos"] is not None
+        if num_seg and not images and not has_video:
             raise ProcessorError(f"{num_seg} {SEG_TOKEN} token(s) but no image: a mask needs an image")
+        if masks and not images and has_video:
+            raise ProcessorError(
+                f"{len(masks)} mask(s) but no image: \"masks\" are 2-D masks of the first image (a video's masks "
+                "are not taken here). Fix: drop the masks, or add the image they belong to"
+            )
         mask_hw = (self.mask_size, self.mask_size)
         binary = [load_mask(mask) for mask in masks]
         if images:
@@ -321,9 +378,34 @@ class CitrusVProcessor:
             "labels": encoded.labels,
             "pixel_values": pixel_values,
             "image_grid_thw": grid,
+            **video,
             "sam_pixel_values": self.sam_pixel_values(images[0]) if images and sam_input else None,
             "gt_masks": targets,
             "objective_targets": aims,
+        }
+
+    def _encode_videos(self, videos: Sequence[VideoInput]) -> dict[str, Any]:
+        """The pixels, grids and seconds per temporal patch of a sample's videos, and the ``<|video_pad|>``
+        count of each (``video_tokens``: t·h·w / merge², as transformers' Qwen2.5-VL processor expands them)."""
+        if not isinstance(videos, (list, tuple)):
+            raise ProcessorError(f'"videos" must be a list (one entry per <video>); got {type(videos).__name__}')
+        merge = int(self.image_processor.merge_size) ** 2
+        temporal = int(self.image_processor.temporal_patch_size)
+        pixels, grids, seconds = [], [], []
+        for index, item in enumerate(videos):
+            try:
+                loaded = self.load_video(item)
+            except (ValueError, TypeError, FileNotFoundError) as err:
+                raise ProcessorError(f'"videos"[{index}]: {err}') from err
+            values, grid = video_pixel_values(self.image_processor, loaded.frames)
+            pixels.append(values)
+            grids.append(grid)
+            seconds.append(loaded.second_per_grid(temporal))
+        return {
+            "pixel_values_videos": torch.cat(pixels) if pixels else None,
+            "video_grid_thw": torch.cat(grids) if grids else None,
+            "second_per_grid_ts": torch.tensor(seconds, dtype=torch.float32) if seconds else None,
+            "video_tokens": [int(t * h * w) // merge for grid in grids for t, h, w in grid.tolist()],
         }
 
     def sam_pixel_values(self, image: Image.Image) -> torch.Tensor:
@@ -400,6 +482,17 @@ def _pad_rows(rows: Sequence[Sequence[int] | None], length: int, fill: int, side
             span = slice(length - len(row), length) if side == "left" else slice(0, len(row))
             out[index, span] = torch.as_tensor(row, dtype=torch.long)
     return out
+
+
+def _collate_videos(rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """The rows' videos in row order, concatenated as images are (nothing when no row has one)."""
+    with_videos = [row for row in rows if row.get("pixel_values_videos") is not None]
+    if not with_videos:
+        return {}
+    return {
+        key: torch.cat([row[key] for row in with_videos])
+        for key in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+    }
 
 
 def _upstream_settings(directory: Path, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
