@@ -7,15 +7,19 @@ import os
 import sys
 
 from ..cli_parser import MODEL_HELP
+from .samples import ALL_TASKS
 
-TASK_HELP = "seg, det, vqa, report, doc, cot (comma-separated) or all"
+TASK_HELP = (
+    f"{', '.join(ALL_TASKS)} (comma-separated) or all; seg3d scores a mask stack per [SEG] over a volume or clip "
+    "(3-D Dice, HD95 in mm, volume error), absent scores rows with meta.absent (false-mask rate)"
+)
 
 
 def add_parser(sub) -> None:
     """Register ``citrus-v eval``."""
     parser = sub.add_parser(
         "eval",
-        help="evaluate on the benchmark tasks (seg, det, vqa, report, doc, cot)",
+        help=f"evaluate on the benchmark tasks ({', '.join(ALL_TASKS)})",
         description="Evaluate a model folder in-process (--model) or an OpenAI-compatible endpoint (--api) with "
         "the same metrics; writes predictions.jsonl, metrics.json, report.md and seg_dice.png to --out.",
     )
@@ -119,6 +123,8 @@ def headline(tasks: dict) -> str:
         "report": ("bleu4", "rouge_l", "cider"),
         "doc": ("cer", "anls", "field_em"),
         "cot": ("accuracy", "format_share"),
+        "seg3d": ("dice", "volume_error_median", "hd95_mm_median"),
+        "absent": ("false_mask_rate", "seg_emitted_present"),
     }
     lines = []
     for task, summary in tasks.items():

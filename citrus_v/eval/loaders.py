@@ -48,7 +48,7 @@ from ..data.rows import (
 from . import prompts
 from .answers import answer_span, tagged_answer
 from .doc_metrics import json_object
-from .samples import ROW_TASKS, EvalDataError, EvalSample
+from .samples import ROW_TASKS, EvalDataError, EvalSample, row_eval_task, with_row_fields
 
 
 @dataclass
@@ -115,10 +115,11 @@ def row_to_sample(row: dict[str, Any], sample_id: str, source: str, base_dir: Pa
     """
     check_schema(row)
     kind = row_task(row)
-    task = ROW_TASKS.get(kind)
+    task = row_eval_task(row, ROW_TASKS.get(kind))
     if task is None:
         return f"task_{kind}"
-    messages = render_objects(row, None) if task == "det" else row["messages"]
+    # an absent target asked as a detection question may name it through objects.ref (no boxes)
+    messages = render_objects(row, None) if task in ("det", "absent") else row["messages"]
     system, history, prompt, answer = _turns(row, messages)
     meta = row.get("meta") if isinstance(row.get("meta"), dict) else {}
     groups = {"dataset": str(meta.get("dataset") or dataset), "modality": row_modality(row)}
@@ -160,7 +161,7 @@ def row_to_sample(row: dict[str, Any], sample_id: str, source: str, base_dir: Pa
         sample.options = {str(k): str(v) for k, v in options.items()} if isinstance(options, dict) else None
     else:
         sample.reference = answer.strip()
-    return sample
+    return with_row_fields(sample, row)
 
 
 def _row_id(row: dict[str, Any], fallback: str) -> str:

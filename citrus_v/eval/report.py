@@ -2,7 +2,8 @@
 
 The tables print fractions as percentages (×100, CIDEr too, as papers print it) and HD95 in mm; counts of
 unparsable and failed samples stand next to every task's numbers. Warnings (a task without samples, or with too
-few for its numbers to mean much) stand at the top.
+few for its numbers to mean much) stand at the top. ``seg3d`` and ``absent`` also get a table of the issue's
+quality bars (each figure, its bar, met or not).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import absent_metrics, seg3d_metrics
+
 FIGURE = "seg_dice.png"
 TASK_TITLES = {
     "seg": "Segmentation",
@@ -20,6 +23,8 @@ TASK_TITLES = {
     "report": "Report generation",
     "doc": "Documents",
     "cot": "Chain-of-thought",
+    "seg3d": "Volume and clip segmentation",
+    "absent": "Absent targets",
 }
 # metric key -> column title; counts are printed as they are, the rest ×100 unless listed in RAW
 COLUMNS: dict[str, list[tuple[str, str]]] = {
@@ -34,9 +39,18 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
     "doc": [("n_qa", "n QA"), ("cer", "CER"), ("anls", "ANLS"), ("n_extraction", "n extraction"),
             ("field_em", "field EM")],
     "cot": [("n", "n"), ("accuracy", "answer acc."), ("format_share", "format share")],
+    "seg3d": [("n", "n"), ("dice", "3-D Dice"), ("dice_median", "median Dice"), ("hd95_mm_median", "median HD95 (mm)"),
+              ("n_hd95", "n HD95"), ("volume_error_median", "median volume error"), ("n_volume", "n volume"),
+              ("seg_emitted", "[SEG] emitted"), ("empty_answers", "empty mask for a target")],
+    "absent": [("n", "n"), ("false_mask_rate", "false-mask rate"), ("false_seg_rate", "[SEG] or mask"),
+               ("false_box_rate", "box"), ("n_present", "n present (seg, seg3d)"),
+               ("seg_emitted_present", "[SEG] emitted for present")],
 }
-COUNTS = {"n", "n_hd95", "empty_answers", "n_single", "n_multi", "n_closed", "n_open", "n_qa", "n_extraction"}
-RAW = {"hd95_mm"}
+COUNTS = {"n", "n_hd95", "empty_answers", "n_single", "n_multi", "n_closed", "n_open", "n_qa", "n_extraction",
+          "n_volume", "n_present"}
+RAW = {"hd95_mm", "hd95_mm_median"}
+# the issue's quality bars printed under these tasks' tables
+BARS = {"seg3d": seg3d_metrics.BARS, "absent": absent_metrics.BARS}
 
 
 def _cell(key: str, value: Any) -> str:
@@ -55,6 +69,17 @@ def _table(task: str, rows: Sequence[tuple[str, dict[str, Any]]], first: str) ->
              "|" + "---|" * (len(columns) + 1)]
     for label, metrics in rows:
         lines.append("| " + " | ".join([label] + [_cell(key, metrics.get(key)) for key, _ in columns]) + " |")
+    return lines
+
+
+def _bars(task: str, overall: dict[str, Any]) -> list[str]:
+    """The quality-bar table of a task: each figure, its bar and whether it is met."""
+    lines = ["| measure | value | bar | |", "|---|---|---|---|"]
+    for key, title, direction, bar in BARS[task]:
+        met = seg3d_metrics.bar_met(overall.get(key), direction, bar)
+        verdict = "–" if met is None else ("met" if met else "not met")
+        lines.append(f"| {title} | {_cell(key, overall.get(key))} | {direction.replace('>=', '≥').replace('<=', '≤')} "
+                     f"{_cell(key, bar)} | {verdict} |")
     return lines
 
 
@@ -131,8 +156,10 @@ def write_report(out: Path, run: dict[str, Any], tasks: dict[str, dict[str, Any]
         lines.append("")
         lines += _table(task, [("all", summary["overall"])], "set")
         lines.append("")
+        if task in BARS:
+            lines += _bars(task, summary["overall"]) + [""]
         for key, values in summary["groups"].items():
-            if len(values) < 2 and not (task == "seg" and key == "modality"):
+            if len(values) < 2 and (task, key) not in (("seg", "modality"), ("seg3d", "target")):
                 continue
             lines += [f"By {key}:", ""]
             lines += _table(task, sorted(values.items()), key)

@@ -2,7 +2,8 @@
 
 Steps: read every ``--data`` set; keep the requested tasks; ``--limit N`` keeps N samples per task, drawn
 with ``--seed`` (the same N samples every time, in dataset order); check every kept sample's ground truth
-before the model runs (image readable, masks of the image's size, boxes inside the image); answer and score
+before the model runs (image readable, masks of the image's size, boxes inside the image, a volume's mask
+stacks on its grid, from headers); answer and score
 each sample, appending its record to ``predictions.jsonl`` as soon as it is scored (so an interrupted run
 keeps its work); then rewrite ``predictions.jsonl`` in sample order and write ``metrics.json``,
 ``report.md`` and the figure. ``--resume`` keeps the records of samples already scored (``ok`` or
@@ -30,14 +31,17 @@ from .backends import Backend, GenerationOptions
 from .loaders import LoadOptions, load_data
 from .references import check_sample, load_images
 from .report import write_figure, write_metrics, write_report
-from .samples import TASKS, EvalDataError, EvalSample
+from .samples import ALL_TASKS, EvalDataError, EvalSample
 from .scoring import failed_record, score
 from .summary import sample_size_warnings, summarize
+from .volume_references import check_volume_sample
 
 PREDICTIONS = "predictions.jsonl"
 RUN_FILE = "run.json"
-# Answers are short except reports and reasoning; a random or runaway model stops here.
-DEFAULT_MAX_NEW_TOKENS = {"seg": 64, "det": 128, "vqa": 32, "report": 256, "doc": 256, "cot": 512}
+# Answers are short except reports and reasoning; a random or runaway model stops here. An absent target may be
+# asked as a detection question: it gets a detection answer's room.
+DEFAULT_MAX_NEW_TOKENS = {"seg": 64, "det": 128, "vqa": 32, "report": 256, "doc": 256, "cot": 512, "seg3d": 64,
+                          "absent": 128}
 # Settings that must match for --resume to reuse earlier records.
 RESUME_KEYS = ("tasks", "data", "split", "limit", "seed", "max_new_tokens", "temperature")
 
@@ -81,17 +85,17 @@ def parse_tasks(text: str) -> list[str]:
     """``"seg,det"`` -> ``["seg", "det"]`` (``all`` for every task); unknown names are an error."""
     names = [t.strip().lower() for t in text.split(",") if t.strip()]
     if names == ["all"]:
-        return list(TASKS)
-    unknown = [n for n in names if n not in TASKS]
+        return list(ALL_TASKS)
+    unknown = [n for n in names if n not in ALL_TASKS]
     if unknown or not names:
-        raise EvalDataError(f"--tasks {text!r}: unknown task(s) {unknown}; choose from {', '.join(TASKS)} or all")
+        raise EvalDataError(f"--tasks {text!r}: unknown task(s) {unknown}; choose from {', '.join(ALL_TASKS)} or all")
     return list(dict.fromkeys(names))
 
 
 def select(samples: Sequence[EvalSample], tasks: Sequence[str], limit: int | None, seed: int) -> list[EvalSample]:
     """The samples of ``tasks``; with ``limit``, a seeded draw of ``limit`` per task kept in dataset order."""
     chosen: list[EvalSample] = []
-    for index, task in enumerate(TASKS):
+    for index, task in enumerate(ALL_TASKS):
         if task not in tasks:
             continue
         pool = [s for s in samples if s.task == task]
@@ -192,6 +196,7 @@ def run_eval(config: EvalConfig, backend: Backend) -> EvalResult:
     selected = select(samples, config.tasks, config.limit, config.seed)
     for sample in selected:
         check_sample(sample)
+        check_volume_sample(sample)
     skipped = {f"{r.name}={r.path}": dict(r.skipped) for r in loaded if r.skipped}
     templates = sorted({s.template or "row" for s in selected})
     run: dict[str, Any] = {

@@ -16,6 +16,12 @@ Per task (metric definitions in the metric modules):
 - ``doc``: extraction answers (a JSON object of fields) by field exact match; other answers CER and ANLS.
 - ``cot``: the ``<answer>`` part through the answer extractor (no tag: ``unparsable``), and whether the
   output follows ``<think>…</think><answer>…</answer>``.
+- ``seg3d``: the answer's mask stacks ``[N, H, W]`` (one per ``[SEG]``, on the video's grid) are joined and
+  compared with the union of the 3-D references: Dice, HD95 in mm, volume error (:mod:`.seg3d_metrics`). A
+  grounded answer with ``[SEG]`` but no stack, or a stack of another shape, fails the sample (the backend could
+  not segment the volume), rather than scoring as an empty mask.
+- ``absent``: whether the answer drew anything (a ``[SEG]``, a non-empty mask, a box) for a target that is not
+  there (:mod:`.absent_metrics`); the answer's words are kept.
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ from __future__ import annotations
 from typing import Any
 
 from ..media import mask_to_rle
-from . import answers, det_metrics, doc_metrics, seg_metrics, text_metrics
+from ..tokens import SEG_TOKEN
+from . import absent_metrics, answers, det_metrics, doc_metrics, seg3d_metrics, seg_metrics, text_metrics
 from .backends import ModelOutput
 from .references import first_image_size, pixel_spacing, reference_masks
 from .samples import EvalSample
+from .volume_references import reference_stacks
 
 
 def _round(value: float | None, digits: int = 6) -> float | None:
@@ -35,7 +43,7 @@ def _round(value: float | None, digits: int = 6) -> float | None:
 
 def base_record(sample: EvalSample) -> dict[str, Any]:
     """The fields every record has, before scoring."""
-    return {
+    record: dict[str, Any] = {
         "id": sample.id,
         "task": sample.task,
         "source": sample.source,
@@ -45,6 +53,9 @@ def base_record(sample: EvalSample) -> dict[str, Any]:
         "prompt": sample.prompt,
         "images": [str(i) if not isinstance(i, dict) else "<inline>" for i in sample.images],
     }
+    if sample.videos:
+        record["videos"] = [str(v) if not isinstance(v, dict) else "<inline>" for v in sample.videos]
+    return record
 
 
 def failed_record(sample: EvalSample, error: BaseException) -> dict[str, Any]:
@@ -58,7 +69,8 @@ def score(sample: EvalSample, output: ModelOutput) -> dict[str, Any]:
     """Score one answer; the record's ``scores`` are this sample's numbers."""
     record = base_record(sample)
     record.update(status="ok", error=None, output=output.text, grounded=output.grounded)
-    scorer = {"seg": _seg, "det": _det, "vqa": _vqa, "report": _report, "doc": _doc, "cot": _cot}[sample.task]
+    scorer = {"seg": _seg, "det": _det, "vqa": _vqa, "report": _report, "doc": _doc, "cot": _cot, "seg3d": _seg3d,
+              "absent": _absent}[sample.task]
     scorer(sample, output, record)
     return record
 
@@ -82,6 +94,42 @@ def _seg(sample: EvalSample, output: ModelOutput, record: dict) -> None:
         "hd95": _round(distance) if spacing else None,
         "hd95_defined": bool(spacing) and distance is not None,
     }
+
+
+def _seg3d(sample: EvalSample, output: ModelOutput, record: dict) -> None:
+    truth_stacks = reference_stacks(sample)
+    shape = truth_stacks.shape
+    seg_tokens = output.text.count(SEG_TOKEN)
+    if output.grounded and seg_tokens and not output.masks:
+        raise ValueError(f"the answer has {seg_tokens} [SEG] but the backend returned no mask stack: it gives no "
+                         "masks for a volume or clip")
+    for k, mask in enumerate(output.masks):
+        if tuple(mask.shape) != shape:
+            raise ValueError(f"predicted mask {k} is {tuple(mask.shape)}, the video's grid (frames, rows, columns) "
+                             f"is {shape}: give one [N, H, W] stack per [SEG] on every frame")
+    truth = seg_metrics.union_mask(truth_stacks.masks, shape)
+    predicted = seg_metrics.union_mask(output.masks, shape)
+    scores = seg3d_metrics.score_stacks(predicted, truth, truth_stacks.spacing, truth_stacks.kind == "clip")
+    record["parsed"] = {"num_masks": len(output.masks), "seg_tokens": seg_tokens, "voxels": int(predicted.sum()),
+                        "frames": int(predicted.any(axis=(1, 2)).sum()), "volume_ml": _round(scores.predicted_ml)}
+    record["reference"] = {"num_masks": len(sample.reference or []), "voxels": int(truth.sum()),
+                           "frames": int(truth.any(axis=(1, 2)).sum()), "volume_ml": _round(scores.reference_ml),
+                           "shape": list(shape), "kind": truth_stacks.kind}
+    record["spacing"] = None if truth_stacks.spacing is None else list(truth_stacks.spacing)
+    record["scores"] = {
+        "dice": _round(scores.dice),
+        "hd95": _round(scores.hd95_mm),
+        "hd95_defined": scores.hd95_defined,
+        "volume_error": _round(scores.volume_error),
+        "seg_emitted": float(seg_tokens > 0 or bool(output.masks)),
+    }
+
+
+def _absent(sample: EvalSample, output: ModelOutput, record: dict) -> None:
+    given = absent_metrics.grounding_given(output.text, output.masks, output.boxes)
+    record["parsed"] = given["parsed"]
+    record["reference"] = dict(sample.reference or {}, absent=True)
+    record["scores"] = given["scores"]
 
 
 def _det(sample: EvalSample, output: ModelOutput, record: dict) -> None:

@@ -10,6 +10,9 @@ Definitions (``P`` prediction, ``G`` ground truth, both boolean ``[H, W]`` of th
   are exact Euclidean distance transforms (``scipy.ndimage.distance_transform_edt`` with ``sampling``),
   percentiles with numpy's linear interpolation. Both masks empty: 0; exactly one empty: undefined
   (``None``), counted apart and left out of the mean.
+
+The same functions take ``[N, H, W]`` mask stacks with a spacing of three values (a voxel's 6-neighbours
+then decide its surface); :mod:`citrus_v.eval.seg3d_metrics` scores volumes with them.
 """
 
 from __future__ import annotations
@@ -61,7 +64,8 @@ def _directed(from_surface: np.ndarray, to_surface: np.ndarray, spacing: Sequenc
 
 
 def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None = None) -> float | None:
-    """Symmetric 95th-percentile Hausdorff distance in units of ``spacing`` (``(row, col)``; default pixels).
+    """Symmetric 95th-percentile Hausdorff distance in units of ``spacing`` (one value per mask axis: ``(row,
+    col)``, or ``(frame, row, col)`` for a stack; default pixels).
 
     Returns 0.0 when both masks are empty and ``None`` (undefined) when exactly one is.
     """
@@ -80,8 +84,8 @@ def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None = Non
     return float(max(np.percentile(forward, 95), np.percentile(backward, 95)))
 
 
-def union_mask(masks: Sequence[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
-    """The union of several boolean masks of ``shape`` (all-false when there are none)."""
+def union_mask(masks: Sequence[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    """The union of several boolean masks (or mask stacks) of ``shape`` (all-false when there are none)."""
     out = np.zeros(shape, dtype=bool)
     for mask in masks:
         mask = np.asarray(mask, dtype=bool)

@@ -3,7 +3,8 @@
 Metrics are fractions (0–1; CIDEr on the COCO toolkit's 0–10 scale; HD95 in mm). Failed samples are left out
 and counted; unparsable ones are in, scored as wrong. Groups are the samples' ``dataset``, ``modality``,
 ``region`` and ``answer_type`` (whichever the set has); each group gets the task's metrics on its samples,
-except what needs the whole evaluated set: a group's CIDEr uses the set's document frequencies.
+except what needs the whole evaluated set: a group's CIDEr uses the set's document frequencies. ``seg3d`` and
+``absent`` are also grouped by ``target`` (the target the question names) and ``absent_kind``.
 
 :func:`sample_size_warnings` says when a task has no samples or too few for its numbers to mean much.
 """
@@ -13,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import det_metrics, text_metrics
+from . import absent_metrics, det_metrics, seg3d_metrics, text_metrics
 
 Record = dict[str, Any]
-GROUP_KEYS = ("dataset", "modality", "region", "answer_type", "organ", "question_type")
+GROUP_KEYS = ("dataset", "modality", "region", "answer_type", "organ", "question_type", "target", "absent_kind")
 # Below this many samples one answer moves an accuracy by more than 3 points, and the 95% interval of a
 # proportion near one half is wider than ±18 points: the report warns that the numbers are rough.
 SMALL_SPLIT_SAMPLES = 30
@@ -58,6 +59,28 @@ def det_metrics_of(records: Sequence[Record]) -> dict[str, Any]:
         "n_multi": len(multi),
         "ap50": ap["AP50"],
         "ap50_95": ap["AP50:95"],
+    }
+
+
+def seg3d_metrics_of(records: Sequence[Record]) -> dict[str, Any]:
+    """Mean and median 3-D Dice; median HD95 (mm) where defined; median volume error; the [SEG]-emitted rate."""
+    dice = _scores(records, "dice")
+    hd95 = [float(r["scores"]["hd95"]) for r in records if r["scores"].get("hd95_defined")]
+    errors = _scores(records, "volume_error")
+    present = [r for r in records if r["reference"]["num_masks"] > 0]
+    return {
+        "n": len(records),
+        "dice": _mean(dice),
+        "dice_median": seg3d_metrics.median(dice),
+        "hd95_mm_median": seg3d_metrics.median(hd95),
+        "n_hd95": len(hd95),
+        "hd95_undefined": sum(1 for r in records if r.get("spacing") and r["reference"].get("kind") == "volume"
+                              and not r["scores"].get("hd95_defined")),
+        "volume_error_median": seg3d_metrics.median(errors),
+        "volume_error_mean": _mean(errors),
+        "n_volume": len(errors),
+        "seg_emitted": _mean(_scores(present, "seg_emitted")),
+        "empty_answers": sum(1 for r in records if r["parsed"]["voxels"] == 0 and r["reference"]["voxels"] > 0),
     }
 
 
@@ -125,6 +148,8 @@ TASK_METRICS: dict[str, Callable[..., dict[str, Any]]] = {
     "report": report_metrics,
     "doc": doc_metrics_of,
     "cot": cot_metrics,
+    "seg3d": seg3d_metrics_of,
+    "absent": absent_metrics.absent_metrics,
 }
 # tasks whose metrics take the whole set (``corpus``) when scoring one group of it
 CORPUS_METRICS = {"report"}
@@ -157,8 +182,15 @@ def summarize_task(task: str, records: Sequence[Record]) -> dict[str, Any]:
 
 
 def summarize(records: Sequence[Record], tasks: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Every requested task's summary (tasks without samples get zero counts and empty metrics)."""
-    return {task: summarize_task(task, [r for r in records if r["task"] == task]) for task in tasks}
+    """Every requested task's summary (tasks without samples get zero counts and empty metrics).
+
+    ``absent`` also gets, in ``overall``, the ``[SEG]``-emitted rate over the present targets of the run's
+    ``seg`` and ``seg3d`` samples (``None`` when the run has none): the false-mask rate means little without it.
+    """
+    summaries = {task: summarize_task(task, [r for r in records if r["task"] == task]) for task in tasks}
+    if "absent" in summaries:
+        summaries["absent"]["overall"].update(absent_metrics.present_seg_rate(records))
+    return summaries
 
 
 def sample_size_warnings(tasks: dict[str, dict[str, Any]], limit: int | None = None) -> list[str]:
