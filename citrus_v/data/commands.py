@@ -7,17 +7,26 @@ import sys
 
 
 def _add_bounds(parser: argparse.ArgumentParser) -> None:
+    from ..media import DEFAULT_MAX_VOLUME_VOXELS
+    from ..media.errors import DEFAULT_MAX_DECODED_BYTES
+
     parser.add_argument("--processor", help="model or processor folder whose image bounds and tokenizer to use")
     parser.add_argument("--min_pixels", type=int,
                         help="smart-resize lower bound (when not given: the processor's, else 200704)")
     parser.add_argument("--max_pixels", type=int,
                         help="smart-resize upper bound (when not given: the processor's, else 1003520)")
+    parser.add_argument("--max_voxels", type=int, default=DEFAULT_MAX_VOLUME_VOXELS,
+                        help="reject videos (volumes, clips) and 3-D masks of more voxels, frames x pixels x samples "
+                        "(0: no limit)")
+    parser.add_argument("--max_decoded_bytes", type=int, default=DEFAULT_MAX_DECODED_BYTES,
+                        help="reject NIfTI videos and masks whose voxels decode to more bytes (0: no limit)")
 
 
 def _options(args: argparse.Namespace, decode: bool):
     from .validate import ValidationOptions
 
-    overrides = {"max_image_pixels": args.max_image_pixels or None, "decode": decode}
+    overrides = {"max_image_pixels": args.max_image_pixels or None, "decode": decode,
+                 "max_volume_voxels": args.max_voxels or None, "max_decoded_bytes": args.max_decoded_bytes or None}
     if args.min_pixels:
         overrides["min_pixels"] = args.min_pixels
     if args.max_pixels:
@@ -81,7 +90,12 @@ def _convert(args: argparse.Namespace) -> int:
 def _synth(args: argparse.Namespace) -> int:
     from .corpus import CorpusOptions, write_corpus
 
-    options = CorpusOptions(n=args.n, seed=args.seed, size=args.size, test_images=args.test_images)
+    options = CorpusOptions(
+        n=args.n, seed=args.seed, size=args.size, test_images=args.test_images, absent_share=args.absent_share,
+        absent_detection=args.absent_detection, volumes=args.volumes, test_volumes=args.test_volumes,
+        volume_slices=tuple(args.volume_slices), volume_size=tuple(args.volume_size), clips=args.clips,
+        clip_frames=tuple(args.clip_frames), clip_size=args.clip_size,
+    )
     print(write_corpus(args.out, options).format())
     return 0
 
@@ -143,4 +157,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=0,
         help="extra images in the test split only (the N images keep their splits)",
     )
+    synth.add_argument("--absent_share", type=float, default=0.15,
+                       help="share of absent-target rows (the answer says the target is not there, no [SEG], no "
+                       "box) among the segmentation and detection rows, in each split")
+    synth.add_argument("--absent_detection", action="store_true",
+                       help="also ask detection questions about absent targets (answers without a box)")
+    synth.add_argument("--volumes", type=int, default=0,
+                       help="CT/MR volumes (NIfTI, with a NIfTI label volume) asked about through \"videos\"")
+    synth.add_argument("--test_volumes", type=int, default=0, help="extra volumes in the test split only")
+    synth.add_argument("--volume_slices", type=int, nargs=2, default=[24, 48], metavar=("LOW", "HIGH"),
+                       help="slices per volume, drawn in this range")
+    synth.add_argument("--volume_size", type=int, nargs=2, default=[128, 224], metavar=("LOW", "HIGH"),
+                       help="pixels per slice side, drawn in this range")
+    synth.add_argument("--clips", type=int, default=0,
+                       help="ultrasound cine loops (multi-frame DICOM, with a NIfTI label stack)")
+    synth.add_argument("--clip_frames", type=int, nargs=2, default=[16, 32], metavar=("LOW", "HIGH"),
+                       help="frames per clip, drawn in this range")
+    synth.add_argument("--clip_size", type=int, default=160, help="pixels per clip frame side")
     synth.set_defaults(func=_synth)

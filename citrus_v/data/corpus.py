@@ -10,23 +10,39 @@ NIfTI labels. Rows cover segmentation (one ``[SEG]`` per mask, several lesions i
 naming different targets in the same image), detection (``objects`` + ``<bbox>`` placeholders rendered
 in the model's coordinates), closed VQA (presence, side, count), open VQA (organ, modality, region),
 reports with measurements, chain-of-thought answers and lab-report extraction.
+
+"Every lesion" means every lesion: such an answer gives one ``[SEG]`` (one mask) or one box per lesion, in a
+fixed order: left to right by the lesion's centre column in the image as shown (patient's right first), ties
+top to bottom. The answer says so ("There are 2 lesions, from left to right: lesion 1 [SEG], lesion 2 [SEG].").
+
+Absent-target rows (:mod:`~citrus_v.data.absent_rows`): asked for a lesion the scan does not have, an organ
+outside its field of view or a finding its modality cannot show, the answer says so in words, with no
+``[SEG]`` and no box, and the row carries ``meta.absent: true``; ``absent_share`` of the segmentation and
+detection rows are such rows. Volumes and clips (``volumes``, ``clips``; :mod:`~citrus_v.data.volume_rows`)
+add CT/MR volumes and ultrasound cine loops asked about through ``"videos"`` with 3-D masks.
 The same seed always gives byte-identical files.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from ..media import WINDOW_PRESETS, Window, apply_window, from_display, mask_to_rle
+from ..media import WINDOW_PRESETS, Window, apply_window, mask_to_rle
 from ..processing.boxes import DETECTION_PROMPT
+from .absent_rows import AbsentBalance, AbsentQuestion, AbsentScene, absent_meta, absent_rows
 from .documents import make_lab_report
 from .phantoms import KINDS, ORGANS, Anatomy, Slice, make_anatomy
+from .volume_rows import ABSENT_STREAM, CLIP_STREAM, VOLUME_STREAM, clip_case, volume_case, write_volume
+
+__all__ = ["CorpusOptions", "CorpusSummary", "split_of", "write_corpus", "write_dicom", "write_volume"]
 
 SPLITS = ("train", "val", "test")
 PNG_WINDOWS = {
@@ -58,6 +74,15 @@ class CorpusOptions:
         document_cell: pixels per printed character of a lab report (see
             :func:`~citrus_v.data.documents.make_lab_report`): 28, one merged image token of Qwen2.5-VL, gives
             an 896 x 224 slip (256 image tokens).
+        absent_share: the share of absent-target rows among the segmentation and detection rows, in each split,
+            2-D and 3-D apart (lesion-free scans asked for "the lesion" count towards it; 0 adds none).
+        absent_detection: also ask detection questions about absent targets (answers without a box); off until
+            every consumer of detection rows takes a row without ``objects``.
+        volumes: CT/MR volume cases (NIfTI with a NIfTI label volume), split 80/10/10 by volume;
+            test_volumes: more volumes, all in the test split.
+        volume_slices, volume_size: the range of slices per volume and of pixels per slice side.
+        clips: ultrasound cine cases (multi-frame DICOM with a NIfTI label stack), split 80/10/10 by clip;
+            clip_frames: the range of frames per clip; clip_size: pixels per frame side.
     """
 
     n: int = 200
@@ -70,6 +95,15 @@ class CorpusOptions:
     rle_fraction: float = 0.25
     document_cell: int = 28
     test_images: int = 0
+    absent_share: float = 0.15
+    absent_detection: bool = False
+    volumes: int = 0
+    test_volumes: int = 0
+    volume_slices: tuple[int, int] = (24, 48)
+    volume_size: tuple[int, int] = (128, 224)
+    clips: int = 0
+    clip_frames: tuple[int, int] = (16, 32)
+    clip_size: int = 160
 
 
 @dataclass
@@ -89,10 +123,11 @@ class CorpusSummary:
         return "\n".join(lines)
 
 
-def split_of(n: int, seed: int) -> list[str]:
-    """The split of each of ``n`` images: a seeded shuffle, then 80/10/10 (each split non-empty when n >= 3)."""
+def split_of(n: int, seed: int, stream: int = 7919) -> list[str]:
+    """The split of each of ``n`` images: a seeded shuffle, then 80/10/10 (each split non-empty when n >= 3).
+    ``stream`` keeps the shuffles of different kinds of case (images, volumes, clips) apart."""
     n_val = n_test = max(1, round(0.1 * n)) if n >= 3 else 0
-    order = np.random.default_rng([seed, 7919]).permutation(n)
+    order = np.random.default_rng([seed, stream]).permutation(n)
     labels = ["train"] * n
     for rank, index in enumerate(order):
         if rank < n_val:
@@ -138,8 +173,19 @@ def _lesion_word(modality: str, contrast: float, region: str) -> str:
 class _CaseWriter:
     """Writes one case's files and rows (kept apart so every case draws from its own random stream)."""
 
-    def __init__(self, out: Path, split: str, case: str, options: CorpusOptions, rng: np.random.Generator):
+    def __init__(
+        self,
+        out: Path,
+        split: str,
+        case: str,
+        options: CorpusOptions,
+        rng: np.random.Generator,
+        balance: AbsentBalance | None = None,
+        absent_rng: np.random.Generator | None = None,
+    ) -> None:
         self.out, self.split, self.case, self.options, self.rng = out, split, case, options, rng
+        # absent-target rows draw from their own stream, so the other rows are the same at any share
+        self.balance, self.absent_rng = balance, absent_rng
         self.image_dir = out / "images" / split
         self.mask_dir = out / "masks" / split
         self.image_dir.mkdir(parents=True, exist_ok=True)
@@ -212,27 +258,13 @@ def write_dicom(path: Path, values: np.ndarray, anatomy: Anatomy, uid_seed: str,
     ds.save_as(path, enforce_file_format=True)
 
 
-def write_volume(path: Path, slices: list[np.ndarray], spacing: tuple[float, float, float], dtype) -> None:
-    """Write display-orientation slices as a NIfTI volume stored L-P-S (the affine maps it to RAS+ world)."""
-    import nibabel as nib
-
-    canonical = np.stack([from_display(s, 2) for s in slices], axis=-1)  # RAS+ voxel order
-    stored = canonical[::-1, ::-1, :]  # LPS on disk, as DICOM-derived volumes usually are
-    sx, sy, sz = spacing
-    nx, ny, _ = stored.shape
-    affine = np.array(
-        [[-sx, 0, 0, sx * (nx - 1)], [0, -sy, 0, sy * (ny - 1)], [0, 0, sz, 0], [0, 0, 0, 1]], dtype=np.float64
-    )
-    image = nib.Nifti1Image(stored.astype(dtype), affine)
-    image.header.set_xyzt_units("mm")
-    nib.save(image, path)
-
-
 # --- rows ----------------------------------------------------------------------------------------------------
-def _task_row(task: str, meta: dict, image: str, question: str, answer: str, **extra) -> dict:
+def _task_row(
+    task: str, meta: dict, image: str, question: str, answer: str, meta_update: dict | None = None, **extra
+) -> dict:
     row = {"task": task, "messages": [_user(question), _answer(answer)], "images": [image]}
     row.update({k: v for k, v in extra.items() if v is not None})
-    row["meta"] = meta
+    row["meta"] = dict(meta, **meta_update) if meta_update else meta
     return row
 
 
@@ -243,8 +275,9 @@ def scan_rows(
     rng = writer.rng
     anatomy = view.anatomy
     organs = {name: mask for name, mask in view.organs.items() if mask.sum() >= 60}
-    # numbered from left to right (by centre column), so "lesion 2" names one lesion, as the answers say
-    lesions = sorted(view.visible_lesions(), key=lambda item: float(np.nonzero(item[1])[1].mean()))
+    # numbered from left to right (by centre column, ties top to bottom), so "lesion 2" names one lesion, as the
+    # answers say; detection boxes follow the same order
+    lesions = sorted(view.visible_lesions(), key=_reading_order)
     # every lesion pixel of the image: an annotation for training-only objectives
     lesion_mask = mask_to_rle(np.any(np.stack(view.lesions), axis=0)) if view.lesions else mask_to_rle(
         np.zeros(view.values.shape, dtype=bool)
@@ -273,7 +306,29 @@ def scan_rows(
         rows.append(_report_row(_row, organs, lesions, anatomy))
     if "cot" in tasks and organs:
         rows.append(_cot_row(_row, rng, organs, lesions, anatomy))
-    return rows
+    return rows + _absent_top_up(writer, anatomy, bool(lesions), rows, _row)
+
+
+def _reading_order(item: tuple) -> tuple[float, float]:
+    """A lesion's place in "every lesion" answers: its mask's centre column, then centre row."""
+    ys, xs = np.nonzero(item[1])
+    return float(xs.mean()), float(ys.mean())
+
+
+def _absent_top_up(
+    writer: _CaseWriter, anatomy: Anatomy, has_lesion: bool, rows: list[dict], row: Callable[..., dict]
+) -> list[dict]:
+    """The extra absent-target rows this image gets (:class:`~citrus_v.data.absent_rows.AbsentBalance`)."""
+    if writer.balance is None or writer.absent_rng is None:
+        return []
+    count = writer.balance.extra((writer.split, "image"), rows)
+    scene = AbsentScene(anatomy.modality, anatomy.region, "image", has_lesion, writer.options.absent_detection)
+
+    def make(drawn: AbsentQuestion) -> dict:
+        return row(drawn.meta["asked"], drawn.question, drawn.answer, meta_update=drawn.meta)
+
+    asked = [r["messages"][0]["content"].removeprefix("<image>") for r in rows]
+    return absent_rows(scene, count, writer.absent_rng, make, asked)
 
 
 # each takes ``row(task, question, answer, **fields)``, which makes one row of the scan image
@@ -299,7 +354,8 @@ def _segmentation_rows(row, rng: np.random.Generator, organs: dict, lesions: lis
                 masks=[mask_ref(f"lesion_{k + 1}", m) for k, (_, m) in enumerate(lesions)])
         )
     else:
-        rows.append(row("segmentation", "Segment the lesion.", "There is no lesion in this image."))
+        rows.append(row("segmentation", "Segment the lesion.", "There is no lesion in this image.",
+                        meta_update=absent_meta("lesion", "lesion_free", "segmentation")))
     return rows
 
 
@@ -467,30 +523,17 @@ def _document_indices(n: int, share: float, seed: list[int]) -> set[int]:
 def write_corpus(out: str | Path, options: CorpusOptions | None = None) -> CorpusSummary:
     """Generate the corpus into ``out`` (created if needed; existing split files are replaced)."""
     options = options or CorpusOptions()
-    if options.n < 1:
-        raise ValueError("--n must be at least 1")
-    if options.test_images < 0:
-        raise ValueError(f"--test_images must be 0 or more, got {options.test_images}")
+    _check_options(options)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    splits = split_of(options.n, options.seed) + ["test"] * options.test_images
-    documents = _document_indices(options.n, options.documents, [options.seed, 104729])
-    # the extra test images draw their lab reports apart, so the first n images stay as they were
-    extra = _document_indices(options.test_images, options.documents, [options.seed, 130363])
-    documents |= {options.n + index for index in extra}
     summary = CorpusSummary(out)
+    balance = AbsentBalance(options.absent_share)
     handles = {split: open(out / f"{split}.jsonl", "w", encoding="utf-8") for split in SPLITS}
     try:
-        for index in range(options.n + options.test_images):
-            split = splits[index]
-            case = f"case_{index:05d}"
-            rng = np.random.default_rng([options.seed, index])
-            writer = _CaseWriter(out, split, case, options, rng)
-            if index in documents:
-                rows, fmt = _document_case(writer), "document"
-            else:
-                fmt = ("png", "dicom", "nifti")[int(rng.choice(3, p=np.array(options.formats) / sum(options.formats)))]
-                rows, _ = _scan_case(writer, fmt)
+        # images first, then volumes and clips: each kind draws from its own streams, so adding volumes or
+        # clips leaves the image rows as they were
+        for split, fmt, rows in itertools.chain(_image_cases(out, options, balance),
+                                                _stack_cases(out, options, balance)):
             for row in rows:
                 row["meta"]["split"] = split
                 handles[split].write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -502,3 +545,50 @@ def write_corpus(out: str | Path, options: CorpusOptions | None = None) -> Corpu
         for handle in handles.values():
             handle.close()
     return summary
+
+
+def _check_options(options: CorpusOptions) -> None:
+    """Refuse options that cannot make a corpus, naming the flag and the fix."""
+    if options.n < 1:
+        raise ValueError("--n must be at least 1")
+    for name in ("test_images", "volumes", "test_volumes", "clips"):
+        if getattr(options, name) < 0:
+            raise ValueError(f"--{name} must be 0 or more, got {getattr(options, name)}")
+    if not 0.0 <= options.absent_share < 1.0:
+        raise ValueError(f"--absent_share must be at least 0 and below 1, got {options.absent_share}")
+    for name, least in (("volume_slices", 4), ("volume_size", 32), ("clip_frames", 2)):
+        low, high = getattr(options, name)
+        if not least <= low <= high:
+            raise ValueError(f"--{name} must be a range LOW HIGH with {least} <= LOW <= HIGH, got {low} {high}")
+    if options.clip_size < 32:
+        raise ValueError(f"--clip_size must be at least 32 pixels, got {options.clip_size}")
+
+
+def _image_cases(out: Path, options: CorpusOptions, balance: AbsentBalance) -> Iterator[tuple[str, str, list[dict]]]:
+    """``(split, format, rows)`` of each source image (scans and lab reports), in order."""
+    splits = split_of(options.n, options.seed) + ["test"] * options.test_images
+    documents = _document_indices(options.n, options.documents, [options.seed, 104729])
+    # the extra test images draw their lab reports apart, so the first n images stay as they were
+    extra = _document_indices(options.test_images, options.documents, [options.seed, 130363])
+    documents |= {options.n + index for index in extra}
+    for index in range(options.n + options.test_images):
+        split = splits[index]
+        rng = np.random.default_rng([options.seed, index])
+        absent_rng = np.random.default_rng([options.seed, index, ABSENT_STREAM])
+        writer = _CaseWriter(out, split, f"case_{index:05d}", options, rng, balance, absent_rng)
+        if index in documents:
+            yield split, "document", _document_case(writer)
+            continue
+        fmt = ("png", "dicom", "nifti")[int(rng.choice(3, p=np.array(options.formats) / sum(options.formats)))]
+        yield split, fmt, _scan_case(writer, fmt)[0]
+
+
+def _stack_cases(out: Path, options: CorpusOptions, balance: AbsentBalance) -> Iterator[tuple[str, str, list[dict]]]:
+    """``(split, format, rows)`` of each volume, then each clip (split 80/10/10 by case, apart from images)."""
+    splits = split_of(options.volumes, options.seed, VOLUME_STREAM) + ["test"] * options.test_volumes
+    for index, split in enumerate(splits):
+        rows = volume_case(out, split, f"vol_{index:05d}", options, [options.seed, VOLUME_STREAM, index], balance)
+        yield split, "volume", rows
+    for index, split in enumerate(split_of(options.clips, options.seed, CLIP_STREAM)):
+        yield split, "clip", clip_case(out, split, f"clip_{index:05d}", options, [options.seed, CLIP_STREAM, index],
+                                       balance)

@@ -1,9 +1,15 @@
-"""Procedural CT-, MR- and X-ray-like phantoms with named organs and 0-3 lesions, in 2-D or as small volumes.
+"""Procedural CT-, MR- and X-ray-like phantoms with named organs and 0-3 lesions, in 2-D or as volumes, and an
+ultrasound-like cine loop of a beating heart.
 
 Images follow the radiological convention: the patient's right is on the image's left, anterior at the
 top. Values are in the modality's units: Hounsfield units for CT, arbitrary signal for MR, raw detector
-values (0-4095, bright = dense) for X-ray. Every organ and lesion comes with its mask; organ masks do not
-overlap and include the lesions inside them (as in LiTS/KiTS labels).
+values (0-4095, bright = dense) for X-ray, 8-bit echo brightness for ultrasound. Every organ and lesion comes
+with its mask; organ masks do not overlap and include the lesions inside them (as in LiTS/KiTS labels).
+
+Volumes (:func:`make_volume_anatomy`) place each organ along the slices where it lies in the body (in a slab
+of the upper abdomen the liver and spleen reach the top slices, the kidneys the bottom ones) and make each
+lesion a sphere in millimetres, so that its extent in slices follows the slice spacing. Slice 0 is the most
+inferior one, as in a NIfTI volume whose third axis points to the head.
 """
 
 from __future__ import annotations
@@ -68,7 +74,14 @@ class Ellipsoid:
         if abs(dz) >= 1.0:
             return np.zeros((size, size), dtype=bool)
         shrink = float(np.sqrt(1.0 - dz * dz))
-        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+        out = np.zeros((size, size), dtype=bool)
+        # only the pixels the outline can reach are computed (each pixel's test is the same either way)
+        reach = max(self.rx, self.ry) * shrink * (1.0 + (abs(wobble[0]) if wobble is not None else 0.0))
+        x0, x1 = _pixel_span(self.cx, reach, size)
+        y0, y1 = _pixel_span(self.cy, reach, size)
+        if x0 >= x1 or y0 >= y1:
+            return out
+        yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32) + 0.5
         x, y = xx / size - self.cx, yy / size - self.cy
         c, s = np.cos(self.angle), np.sin(self.angle)
         u, v = (c * x + s * y) / (self.rx * shrink), (-s * x + c * y) / (self.ry * shrink)
@@ -77,7 +90,13 @@ class Ellipsoid:
         if wobble is not None:
             amplitude, lobes, phase = wobble
             limit = 1.0 + amplitude * np.sin(lobes * np.arctan2(v, u) + phase)
-        return radius <= limit
+        out[y0:y1, x0:x1] = radius <= limit
+        return out
+
+
+def _pixel_span(centre: float, reach: float, size: int) -> tuple[int, int]:
+    """The pixel range ``[start, stop)`` that covers ``centre +- reach`` (normalised), with two pixels to spare."""
+    return max(0, int(np.floor((centre - reach) * size)) - 2), min(size, int(np.ceil((centre + reach) * size)) + 2)
 
 
 @dataclass
@@ -102,6 +121,7 @@ class Anatomy:
     extras: dict[str, list[Ellipsoid]]  # muscle, spine, aorta: drawn, never named in prompts
     lesions: list[Lesion] = field(default_factory=list)
     spacing_mm: float = 1.6
+    slice_mm: float | None = None  # volumes: the distance between slices
 
     def render(self, rng: np.random.Generator, z: float = 0.0) -> Slice:
         """Values and masks of slice ``z`` (noise drawn from ``rng``)."""
@@ -259,7 +279,6 @@ def _draw_lesion(rng: np.random.Generator, anatomy: Anatomy, zc: float, depth: i
     wholly inside its organ and stay :data:`LESION_GAP` apart from the lesions already placed."""
     modality, region, size = anatomy.modality, anatomy.region, anatomy.size
     hosts = LESION_HOSTS[(modality, region)]
-    contrast_sign = {"CT": -1.0, "MR": 1.0, "X-ray": 1.0}[modality]
     host = hosts[int(rng.integers(0, len(hosts)))]
     organ = anatomy.organs[host][0]
     radius = float(rng.uniform(0.018, 0.055))
@@ -282,7 +301,13 @@ def _draw_lesion(rng: np.random.Generator, anatomy: Anatomy, zc: float, depth: i
     reach = _reach(shape, size)
     if any((reach & _reach(other.shape, size)).any() for other in anatomy.lesions):
         return None
+    return _finish_lesion(rng, shape, host, modality, region)
+
+
+def _finish_lesion(rng: np.random.Generator, shape: Ellipsoid, host: str, modality: str, region: str) -> Lesion:
+    """A placed lesion's look: its contrast against the host organ and the wobble of its outline."""
     levels = INTENSITIES[(modality, region)]
+    contrast_sign = {"CT": -1.0, "MR": 1.0, "X-ray": 1.0}[modality]
     if region == "chest":
         contrast = levels["muscle"] - levels[host] + float(rng.uniform(-20, 20))  # solid nodule in air
     else:
@@ -290,3 +315,162 @@ def _draw_lesion(rng: np.random.Generator, anatomy: Anatomy, zc: float, depth: i
         contrast = contrast_sign * magnitude * (1 if rng.uniform() < 0.8 else -1)
     wobble = (float(rng.uniform(0.0, MAX_WOBBLE)), int(rng.integers(2, 6)), float(rng.uniform(0, 2 * np.pi)))
     return Lesion(shape, host, contrast, wobble)
+
+
+# --- volumes -------------------------------------------------------------------------------------------------
+# Where each organ lies along the slices of a volume: (centre offset, half extent), both as fractions of the
+# volume's depth from its middle slice (positive = superior). Unlisted parts (muscle) span every slice.
+VOLUME_EXTENTS: dict[str, dict[str, tuple[float, float]]] = {
+    "abdomen": {"liver": (0.15, 0.7), "spleen": (0.2, 0.4), "right kidney": (-0.2, 0.35),
+                "left kidney": (-0.15, 0.35)},
+    "chest": {"right lung": (0.05, 0.8), "left lung": (0.05, 0.8), "heart": (-0.2, 0.45)},
+}
+MIN_LESION_PIXELS = 20  # a lesion's cross-section at its centre slice, at least
+
+
+def make_volume_anatomy(
+    rng: np.random.Generator,
+    modality: str,
+    region: str,
+    size: int,
+    depth: int,
+    spacing_mm: float,
+    slice_mm: float,
+    num_lesions: int | None = None,
+) -> Anatomy:
+    """A body of ``depth`` slices of ``size`` x ``size`` pixels (``spacing_mm`` per pixel, ``slice_mm`` between
+    slices) with organs placed along the slices (:data:`VOLUME_EXTENTS`) and ``num_lesions`` spherical lesions
+    (0-3 at random when None), each wholly inside its organ at its centre slice and apart from the others."""
+    if (modality, region) not in INTENSITIES or modality == "X-ray":
+        raise ValueError(f"no volume phantom for {modality} {region}; choose CT or MR of {sorted(ORGANS)}")
+    if depth < 4:
+        raise ValueError(f"a volume needs at least 4 slices, got {depth}")
+    zc = (depth - 1) / 2.0
+    body, organs, extras = _layout(rng, modality, region, zc, depth * 0.75)
+    for name, (offset, extent) in VOLUME_EXTENTS[region].items():
+        centre = zc + _jitter(rng, offset, 0.05) * depth
+        half = _jitter(rng, extent, 0.05) * depth
+        organs[name] = [
+            Ellipsoid(p.cx, p.cy, p.rx, p.ry, p.angle, centre, half * (p.rz / (depth * 0.75))) for p in organs[name]
+        ]
+    anatomy = Anatomy(modality, region, size, body, organs, extras, spacing_mm=spacing_mm, slice_mm=slice_mm)
+    count = int(rng.integers(0, 4)) if num_lesions is None else int(num_lesions)
+    tries = 0
+    while len(anatomy.lesions) < count and tries < 200:
+        tries += 1
+        lesion = _draw_volume_lesion(rng, anatomy, depth)
+        if lesion is not None:
+            anatomy.lesions.append(lesion)
+    return anatomy
+
+
+def _organ_mask(anatomy: Anatomy, name: str, z: float) -> np.ndarray:
+    mask = np.zeros((anatomy.size, anatomy.size), dtype=bool)
+    for piece in anatomy.organs[name]:
+        mask |= piece.mask(anatomy.size, z)
+    return mask
+
+
+def _draw_volume_lesion(rng: np.random.Generator, anatomy: Anatomy, depth: int) -> Lesion | None:
+    """One spherical lesion (radius in mm alike in-plane and across slices) centred on a slice where its host
+    organ is, or None when the draw does not fit (outside its organ, or too near another lesion)."""
+    modality, region, size = anatomy.modality, anatomy.region, anatomy.size
+    hosts = LESION_HOSTS[(modality, region)]
+    host = hosts[int(rng.integers(0, len(hosts)))]
+    organ = anatomy.organs[host][0]
+    radius = float(rng.uniform(0.025, 0.06))
+    low, high = max(1.0, organ.cz - 0.6 * organ.rz), min(depth - 2.0, organ.cz + 0.6 * organ.rz)
+    if low > high:
+        return None
+    cz = float(round(rng.uniform(low, high)))
+    rz = max(radius * size * anatomy.spacing_mm / float(anatomy.slice_mm or anatomy.spacing_mm), 1.0)
+    shape = Ellipsoid(
+        float(organ.cx + rng.uniform(-0.6, 0.6) * organ.rx),
+        float(organ.cy + rng.uniform(-0.6, 0.6) * organ.ry),
+        radius * float(rng.uniform(0.85, 1.15)),
+        radius * float(rng.uniform(0.85, 1.15)),
+        float(rng.uniform(0, np.pi)),
+        cz,
+        rz,
+    )
+    mask = shape.mask(size, cz)
+    if mask.sum() < MIN_LESION_PIXELS or (mask & ~_organ_mask(anatomy, host, cz)).any():
+        return None
+    reach = _reach(shape, size)
+    if any((reach & _reach(other.shape, size)).any() for other in anatomy.lesions):
+        return None
+    return _finish_lesion(rng, shape, host, modality, region)
+
+
+# --- ultrasound cine -----------------------------------------------------------------------------------------
+# Echo brightness (0-1) of each tissue in the cine phantom; the cavities are anechoic (dark).
+ECHO_LEVELS = {"tissue": 0.42, "myocardium": 0.85, "cavity": 0.06}
+# Label values of the cine's structures, in drawing order.
+CINE_STRUCTURES = {"left ventricle": 1, "myocardium": 2, "right ventricle": 3}
+
+
+@dataclass
+class Cine:
+    """An ultrasound-like clip: ``frames`` ``[N, H, W]`` uint8 and ``labels`` ``[N, H, W]`` uint8 (values of
+    :data:`CINE_STRUCTURES`, 0 elsewhere), shown at ``fps`` frames per second."""
+
+    frames: np.ndarray
+    labels: np.ndarray
+    fps: float
+    heart_rate: float  # beats per minute
+
+    def mask(self, name: str) -> np.ndarray:
+        """``[N, H, W]`` boolean mask of one structure."""
+        return self.labels == CINE_STRUCTURES[name]
+
+
+def make_cine(rng: np.random.Generator, num_frames: int, size: int) -> Cine:
+    """A parasternal short-axis-like loop: a sector of speckle with the left ventricle (a dark cavity in a bright
+    myocardial ring) and the right ventricle (a dark crescent beside it), both contracting and relaxing with
+    the heartbeat while the heart drifts a little with breathing."""
+    fps = float(rng.choice([20.0, 25.0, 30.0]))
+    heart_rate = float(rng.uniform(60, 100))
+    phase = float(rng.uniform(0, 2 * np.pi))
+    cx, cy = _jitter(rng, 0.54, 0.04), _jitter(rng, 0.55, 0.04)
+    radius = _jitter(rng, 0.13, 0.02)
+    wall = _jitter(rng, 0.05, 0.008)
+    drift = (float(rng.uniform(0.005, 0.02)), float(rng.uniform(0, 2 * np.pi)))
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    x, y = xx / size, yy / size
+    sector = _sector(x, y)
+    frames = np.zeros((num_frames, size, size), dtype=np.uint8)
+    labels = np.zeros((num_frames, size, size), dtype=np.uint8)
+    for k in range(num_frames):
+        beat = 0.5 - 0.5 * np.cos(2 * np.pi * heart_rate / 60.0 * k / fps + phase)  # 0 relaxed, 1 contracted
+        dx = drift[0] * np.sin(2 * np.pi * 0.25 * k / fps + drift[1])
+        cavity_r = radius * (1.0 - 0.3 * beat)
+        outer_r = cavity_r + wall * (1.0 + 0.4 * beat)  # the wall thickens as the ventricle contracts
+        distance = np.hypot(x - (cx + dx), (y - cy) / 1.05)
+        lv, ring = distance <= cavity_r, (distance > cavity_r) & (distance <= outer_r)
+        rv_shape = np.hypot((x - (cx + dx - outer_r * 1.05)) / (0.55 * outer_r), (y - cy) / (1.1 * outer_r)) <= 1.0
+        rv = rv_shape & ~(distance <= outer_r + 0.012) & sector
+        label = np.zeros((size, size), dtype=np.uint8)
+        label[lv & sector] = CINE_STRUCTURES["left ventricle"]
+        label[ring & sector] = CINE_STRUCTURES["myocardium"]
+        label[rv] = CINE_STRUCTURES["right ventricle"]
+        labels[k] = label
+        frames[k] = _echo_frame(rng, label, sector, y)
+    return Cine(frames, labels, fps, heart_rate)
+
+
+def _sector(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The fan a phased-array probe at the top centre images: 38 degrees either side, 0.95 of the image deep."""
+    angle = np.arctan2(x - 0.5, y + 0.02)
+    return (np.abs(angle) <= np.deg2rad(38)) & (np.hypot(x - 0.5, y + 0.02) <= 0.97)
+
+
+def _echo_frame(rng: np.random.Generator, label: np.ndarray, sector: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """One frame's brightness: tissue echo levels times Rayleigh speckle, blurred a little, fading with depth."""
+    level = np.full(label.shape, ECHO_LEVELS["tissue"], dtype=np.float32)
+    level[label == CINE_STRUCTURES["myocardium"]] = ECHO_LEVELS["myocardium"]
+    level[(label == CINE_STRUCTURES["left ventricle"]) | (label == CINE_STRUCTURES["right ventricle"])] = (
+        ECHO_LEVELS["cavity"]
+    )
+    speckle = rng.rayleigh(0.8, label.shape).astype(np.float32)
+    echo = _gaussian_blur(level * speckle, 0.8) * np.exp(-0.6 * y)
+    return np.where(sector, np.clip(echo * 230.0, 0, 255), 0).astype(np.uint8)

@@ -4,9 +4,15 @@ A row::
 
     {"messages": [{"role": "system"|"user"|"assistant", "content": "...<image>..."}, ...],
      "images": ["scan.png", "ct.dcm#window=ct-abdomen", "vol.nii.gz#slice=12", ...],
+     "videos": ["ct.nii.gz#window=ct-abdomen", "series_folder/", "cine.dcm", "clip.mp4", ...],  # one per <video>
      "masks": ["lesion.png", {"size": [h, w], "counts": "..."}, ...],   # one per [SEG], in order
      "objects": {"ref": ["liver"], "bbox": [[x1, y1, x2, y2]]},         # original-image pixels
      "system": "optional system prompt"}
+
+``videos`` (ms-swift's field) holds volumes and clips, one per ``<video>`` placeholder in the user text, as
+:func:`~citrus_v.media.volumes.read_volume` reads them (a whole stack: no ``slice=``/``frame=``). In a row with
+images, ``masks`` are 2-D masks of the first image; in a row with videos and no image they are 3-D masks of the
+first video: label volumes with one slice per frame, e.g. ``labels.nii.gz#label=3`` (the voxels equal to 3).
 
 Extra keys (``task``, ``meta``, ``id``, ...) are kept. Paths are relative to the JSONL file's folder unless
 absolute. A training row may also carry annotations that only training-only objectives read (a lesion mask,
@@ -31,7 +37,7 @@ from ..objectives import annotations
 from ..objectives.annotations import AnnotationError
 from ..processing.boxes import BoxScaler
 from ..processing.placeholders import DEFAULT_GROUNDING_STYLE, PlaceholderError, render_placeholders
-from ..tokens import BBOX_PLACEHOLDER, IMAGE_PLACEHOLDER, SEG_TOKEN, STRUCTURAL_TOKENS
+from ..tokens import BBOX_PLACEHOLDER, IMAGE_PLACEHOLDER, SEG_TOKEN, STRUCTURAL_TOKENS, VIDEO_PLACEHOLDER
 
 logger = logging.getLogger("citrus_v.data")
 
@@ -176,7 +182,7 @@ def check_schema(row: Mapping[str, Any], require_answer: bool = True) -> None:
         raise RowProblem("schema", "the row has no assistant message: there is nothing to train on")
     _check_turns(messages, require_answer)
     _check_text(messages, row.get("system"))
-    for key in ("images", "masks"):
+    for key in ("images", "videos", "masks"):
         value = row.get(key)
         if value is not None and not isinstance(value, list):
             raise RowProblem("schema", f"'{key}' must be a list")
@@ -200,16 +206,19 @@ def check_schema(row: Mapping[str, Any], require_answer: bool = True) -> None:
             if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
                 raise RowProblem("schema", f"objects.bbox[{k}] must be [x1, y1, x2, y2] numbers")
         _check_object_frame(objects)
-    placeholders = count_text(row, IMAGE_PLACEHOLDER)
-    num_images = len(row.get("images") or [])
-    # ms-swift convention: with no placeholder at all the images go before the first user message's text
     has_user = any(m["role"] == "user" for m in messages)
-    if placeholders != num_images and not (placeholders == 0 and has_user):
-        raise RowProblem(
-            "image_count",
-            f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) for {num_images} image(s): give one per image"
-            + ("" if has_user else ", or a user message for them to go before"),
-        )
+    for key, placeholder, reason in (("images", IMAGE_PLACEHOLDER, "image_count"),
+                                     ("videos", VIDEO_PLACEHOLDER, "video_count")):
+        placeholders = count_text(row, placeholder)
+        count = len(row.get(key) or [])
+        # ms-swift convention: with no placeholder at all the images (videos) go before the first user message
+        if placeholders != count and not (placeholders == 0 and has_user):
+            fix = "" if has_user else ", or a user message for them to go before"
+            raise RowProblem(
+                reason,
+                f"{placeholders} {placeholder} placeholder(s) for {count} {key[:-1]}(s) in \"{key}\": give one "
+                f"{placeholder} per entry, in order{fix}",
+            )
 
 
 def _check_turns(messages: list[dict[str, Any]], require_answer: bool) -> None:
@@ -248,11 +257,13 @@ def _check_text(messages: list[dict[str, Any]], system: Any) -> None:
                 "reserved_token", f"{where} contains the special token {token}, which only the chat template may "
                 "write. Fix: remove it from the text"
             )
-        if role != "user" and IMAGE_PLACEHOLDER in text:
-            raise RowProblem(
-                "image_count", f"{where}: {role} messages cannot hold images ({IMAGE_PLACEHOLDER}); put each image "
-                "in a user message"
-            )
+        for placeholder, reason, what in ((IMAGE_PLACEHOLDER, "image_count", "image"),
+                                          (VIDEO_PLACEHOLDER, "video_count", "video")):
+            if role != "user" and placeholder in text:
+                raise RowProblem(
+                    reason, f"{where}: {role} messages cannot hold {what}s ({placeholder}); put each {what} in a "
+                    "user message"
+                )
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as err:
@@ -334,7 +345,7 @@ def row_task(row: Mapping[str, Any]) -> str:
         return "detection"
     if "<think>" in answer:
         return "cot"
-    return "vqa" if row.get("images") else "text"
+    return "vqa" if row.get("images") or row.get("videos") else "text"
 
 
 def row_modality(row: Mapping[str, Any]) -> str:

@@ -145,7 +145,7 @@ def row_to_sample(row: dict[str, Any], sample_id: str, source: str, base_dir: Pa
         sample.reference = boxes
     elif task == "vqa":
         sample.reference = answer.strip()
-        closed = kind == "vqa-closed" or str(meta.get("answer_type", "")).lower() == "closed"
+        closed = kind.startswith("vqa-closed") or str(meta.get("answer_type", "")).lower() == "closed"
         options = meta.get("options")
         sample.options = {str(k): str(v) for k, v in options.items()} if isinstance(options, dict) else None
         sample.answer_type = "closed" if closed or sample.options else "open"

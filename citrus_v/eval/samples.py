@@ -16,8 +16,10 @@ ALL_TASKS = TASKS + ("seg3d", "absent")
 # Citrus-V row tasks (``row["task"]``) -> evaluation task
 ROW_TASKS = {
     "segmentation": "seg",
+    "segmentation-3d": "seg",  # a volume or clip: scored as seg3d (see row_eval_task)
     "detection": "det",
     "vqa-closed": "vqa",
+    "vqa-closed-3d": "vqa",
     "vqa-open": "vqa",
     "vqa": "vqa",
     "report": "report",

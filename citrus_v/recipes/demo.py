@@ -335,7 +335,10 @@ def _synthesise(out: Path, plan: DemoPlan, seed: int) -> None:
 
     extra = f" and {plan.test_images} more held-out ones" if plan.test_images else ""
     _say(f"[1/6] synthesising {plan.images} phantom images{extra}, and their rows")
-    options = CorpusOptions(n=plan.images, seed=seed, documents=plan.documents, test_images=plan.test_images)
+    # the demo's bars were set on this mix: lesion-free scans only, no top-up of other absent-target rows
+    options = CorpusOptions(
+        n=plan.images, seed=seed, documents=plan.documents, test_images=plan.test_images, absent_share=0.0
+    )
     summary = write_corpus(out / "data", options)
     _say(f"      rows: {summary.rows}")
 
