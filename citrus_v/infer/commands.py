@@ -6,6 +6,10 @@ Outputs, in ``--out`` for one image and in ``--out/<image stem>/`` for each of s
 (masks and boxes drawn, with a legend), ``mask_K.png`` for every mask, and the masks in the input's own format
 (:mod:`~citrus_v.infer.mask_files`): ``mask_K.nii.gz`` on the source volume's grid for NIfTI, one DICOM
 Segmentation ``masks.seg.dcm`` for DICOM. A format that cannot be written is named in ``not_written``.
+
+A volume or clip — a DICOM series folder or zip, a NIfTI file of several slices, a multi-frame DICOM, a video
+— is asked about as a whole, with a 3-D mask per ``[SEG]`` (:mod:`~citrus_v.infer.volume_infer`), unless one
+slice or frame is named (``#slice=``, ``#frame=``, ``--slice``, ``--frame``).
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from typing import Any
 from PIL import Image
 
 from ..cli_parser import MODEL_HELP
+from .mask_frames import DEFAULT_MAX_FRAMES
 from .results import Prediction
+from .volume_infer import VolumeSource, infer_volume, series_folder, volume_source
 
 
 @dataclass
@@ -54,16 +60,21 @@ class RunSummary:
 def load_source(
     path: str | Path, slice_index: int | None = None, axis: int = 2, frame: int | None = None, window: str | None = None
 ) -> Source:
-    """Read a PNG/JPEG, one NIfTI slice (middle by default) or one DICOM frame as the image to ask about."""
+    """Read a PNG/JPEG, one NIfTI slice (middle by default) or one DICOM frame as the image to ask about; a
+    reference's own ``#slice=``/``#axis=``/``#frame=``/``#window=`` win over the arguments."""
     from ..media import MediaRef, parse_ref, read_image, read_nifti
 
     ref = parse_ref(str(path))
     kind = ref.kind
+    slice_index = slice_index if ref.slice is None else ref.slice
+    axis = axis if ref.axis is None else ref.axis
+    frame = frame if ref.frame is None else ref.frame
+    window = window if ref.window is None else ref.window
     if kind == "nifti":
-        volume = read_nifti(ref.path)
+        volume = read_nifti(ref.path, ref.t)
         count = volume.num_slices(axis)
         index = count // 2 if slice_index is None else int(slice_index)
-        image = read_image(MediaRef(ref.path, axis=axis, slice=index, window=window))
+        image = read_image(MediaRef(ref.path, axis=axis, slice=index, t=ref.t, window=window))
         return Source(ref.path, kind, image, slice=index, axis=axis, window=window, extra={"volume": volume})
     if kind == "dicom":
         image = read_image(MediaRef(ref.path, frame=frame, window=window))
@@ -150,10 +161,12 @@ def infer_file(predictor, source: Source, query: str, out: Path, system: str | N
     return result
 
 
-def image_paths(arguments: Sequence[str | Path]) -> tuple[list[Path], int]:
+def image_paths(arguments: Sequence[str | Path], notes: list[str] | None = None) -> tuple[list[Path], int]:
     """The images named on the command line: files as given, and for a folder every file in it (not its
     sub-folders, nor hidden files) whose name is an image's — DICOM, NIfTI, a format Pillow opens, or a file
-    without suffix (DICOM often has none) — sorted by name. Also returns how many other files were ignored."""
+    without suffix (DICOM often has none) — sorted by name. A folder whose images are the DICOM slices of one
+    series is one volume, kept as the folder itself. Also returns how many other files were ignored; ``notes``
+    gets why a folder of DICOM files is not read as one volume."""
     from ..media import DICOM_SUFFIXES, NIFTI_SUFFIXES
 
     image_suffixes = {s.lower() for s in Image.registered_extensions()} | set(DICOM_SUFFIXES) | {".nii"}
@@ -162,6 +175,12 @@ def image_paths(arguments: Sequence[str | Path]) -> tuple[list[Path], int]:
     for argument in arguments:
         path = Path(argument).expanduser()
         if not path.is_dir():
+            paths.append(path)  # a reference's #slice=/#frame= options stay in it
+            continue
+        one_volume, why_not = series_folder(path)
+        if why_not and notes is not None:
+            notes.append(why_not)
+        if one_volume:
             paths.append(path)
             continue
         for child in sorted(path.iterdir()):
@@ -203,9 +222,13 @@ def add_parser(sub) -> None:
     """Register ``infer``."""
     parser = sub.add_parser(
         "infer",
-        help="answer a question about one image, several, or a folder of them; write the overlays and masks",
+        help="answer a question about one image, several, or a folder of them, or about a volume or clip; write "
+        "the overlays and masks",
         description="Answer one question about each image with one model load. With one image the files go "
-        "in --out; with several, in --out/<image stem>/. Exit status: 0 when every image was answered, 1 when "
+        "in --out; with several, in --out/<image stem>/. A volume or clip (a DICOM series folder or zip, a NIfTI "
+        "of several slices, a multi-frame DICOM, a video) is asked about as a whole and gets a 3-D mask per [SEG] "
+        "(mask_K.nii.gz on its grid, masks.seg.dcm for DICOM), unless #slice=/#frame= or --slice/--frame name one "
+        "image of it. Exit status: 0 when every image was answered, 1 when "
         "some were skipped (each named with its reason) or the model could not load, 2 when none was readable.",
     )
     parser.add_argument("--model", required=True, help=MODEL_HELP)
@@ -213,16 +236,26 @@ def add_parser(sub) -> None:
         "--image",
         required=True,
         nargs="+",
-        help="one or more images (PNG/JPEG, DICOM, NIfTI .nii/.nii.gz) or folders; a folder gives every image "
-        "file directly in it, sorted by name",
+        help="one or more images (PNG/JPEG, DICOM, NIfTI .nii/.nii.gz), volumes or clips (NIfTI, a DICOM series "
+        "folder or .zip, a multi-frame DICOM, a video), or folders; a folder gives every image file directly in it, "
+        "sorted by name, unless its files are one DICOM series: then it is one volume",
     )
     parser.add_argument("--query", required=True, help="the question, e.g. 'Please segment the lesion.'")
     parser.add_argument(
         "--out", default="infer_out", help="output folder; with several images, one sub-folder per image"
     )
-    parser.add_argument("--slice", type=int, default=None, help="NIfTI: slice index; the middle one when not given")
-    parser.add_argument("--axis", type=int, default=2, choices=[0, 1, 2], help="NIfTI: slice axis in RAS+ (2: axial)")
-    parser.add_argument("--frame", type=int, default=None, help="multi-frame DICOM: frame index; 0 when not given")
+    parser.add_argument(
+        "--slice", type=int, default=None,
+        help="NIfTI: ask about this one slice (a 2-D image); the whole volume when not given",
+    )
+    parser.add_argument(
+        "--axis", type=int, default=2, choices=[0, 1, 2],
+        help="NIfTI: slice axis in RAS+ (2: axial); the frames of a volume run along it",
+    )
+    parser.add_argument(
+        "--frame", type=int, default=None,
+        help="multi-frame DICOM: ask about this one frame (a 2-D image); the whole stack when not given",
+    )
     parser.add_argument(
         "--window",
         default=None,
@@ -235,6 +268,22 @@ def add_parser(sub) -> None:
         "--temperature", type=float, default=0.0, help="sampling temperature; 0 picks the likeliest token (greedy)"
     )
     parser.add_argument("--device", default=None, help="torch device; cuda when available, else cpu, when not given")
+    parser.add_argument(
+        "--propagation",
+        default=None,
+        choices=["memory", "per_frame"],
+        help="volumes and clips: how a [SEG] becomes a mask on every frame — memory (SAM 2's memory carries it "
+        "from the frame with the highest object score) or per_frame (the prompt on each frame alone); memory when "
+        "the checkpoint has SAM 2's memory modules, else per_frame, when not given",
+    )
+    parser.add_argument(
+        "--max_frames",
+        type=int,
+        default=DEFAULT_MAX_FRAMES,
+        help="volumes and clips: the most frames SAM 2 segments (a longer source is segmented on this many evenly "
+        "spaced frames, and prediction.json notes it); the frames the language model reads follow ms-swift's "
+        "FPS_MAX_FRAMES and VIDEO_MAX_PIXELS",
+    )
     parser.set_defaults(func=run)
 
 
@@ -242,14 +291,17 @@ def run(args: argparse.Namespace) -> int:
     """Run ``citrus-v infer``."""
     from ..media import MedicalImageError
 
-    paths, ignored = image_paths(args.image)
+    notes: list[str] = []
+    paths, ignored = image_paths(args.image, notes)
+    for note in notes:
+        print(f"citrus-v infer: {note}", file=sys.stderr)
     if not paths:
         print(f"citrus-v infer: no image files in {', '.join(map(str, args.image))}", file=sys.stderr)
         return 2
     folders = output_folders(paths, Path(args.out))
     if len(paths) == 1:  # one image: an unreadable one is refused before the model loads
         try:
-            first = load_source(paths[0], args.slice, args.axis, args.frame, args.window)
+            first = _source(paths[0], args)
         except (MedicalImageError, FileNotFoundError) as err:
             print(f"citrus-v infer: {err}", file=sys.stderr)
             return 2
@@ -263,6 +315,12 @@ def run(args: argparse.Namespace) -> int:
     return _answer_many(predictor, paths, folders, ignored, args)
 
 
+def _source(path: Path, args: argparse.Namespace) -> Source | VolumeSource:
+    """A volume or clip to ask about as a whole, else the 2-D image (headers read; a 2-D image decoded)."""
+    volume = volume_source(path, args.slice, args.axis, args.frame, args.window)
+    return volume if volume is not None else load_source(path, args.slice, args.axis, args.frame, args.window)
+
+
 def _load_predictor(args: argparse.Namespace):
     """The predictor for ``--model`` on ``--device``, or ``None`` after saying why it could not load."""
     import torch
@@ -272,16 +330,20 @@ def _load_predictor(args: argparse.Namespace):
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return CitrusVPredictor.from_pretrained(args.model, device=device)
+        return CitrusVPredictor.from_pretrained(
+            args.model, device=device, propagation=args.propagation, max_frames=args.max_frames
+        )
     except (CheckpointError, OSError, ValueError) as err:
         print(f"citrus-v infer: cannot load {args.model}: {err}", file=sys.stderr)
         return None
 
 
-def _ask(predictor, source: Source, out: Path, args: argparse.Namespace) -> dict | None:
-    """``infer_file`` with the command line's settings; ``None`` after naming a missing extra."""
+def _ask(predictor, source: Source | VolumeSource, out: Path, args: argparse.Namespace) -> dict | None:
+    """``infer_file`` (``infer_volume`` for a volume or clip) with the command line's settings; ``None`` after
+    naming a missing extra. A volume whose frames cannot be decoded raises ``MedicalImageError``."""
+    ask = infer_volume if isinstance(source, VolumeSource) else infer_file
     try:
-        return infer_file(
+        return ask(
             predictor, source, args.query, out, system=args.system,
             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         )
@@ -290,21 +352,33 @@ def _ask(predictor, source: Source, out: Path, args: argparse.Namespace) -> dict
         return None
 
 
-def _answer_one(predictor, source: Source, out: Path, args: argparse.Namespace) -> int:
+def _answer_one(predictor, source: Source | VolumeSource, out: Path, args: argparse.Namespace) -> int:
     """One image: the answer on stdout, files directly in ``out``."""
-    result = _ask(predictor, source, out, args)
+    from ..media import MedicalImageError
+    from ..processing.processor import ProcessorError
+
+    try:
+        result = _ask(predictor, source, out, args)
+    except (MedicalImageError, ProcessorError) as err:  # a volume's frames, decoded only now
+        print(f"citrus-v infer: {err}", file=sys.stderr)
+        return 2
     if result is None:
         return 1
     print(result["answer"])
-    for problem in result["not_written"]:
-        print(f"citrus-v infer: {problem}", file=sys.stderr)
-    files = [result["files"]["overlay"], *result["files"]["masks"]]
-    print(
-        f"{len(result['masks'])} mask(s), {len(result['boxes'])} box(es); wrote {', '.join(files)} and "
-        f"{out / 'prediction.json'}",
-        file=sys.stderr,
-    )
+    for line in [*result.get("notes", []), *result["not_written"]]:
+        print(f"citrus-v infer: {line}", file=sys.stderr)
+    files = [f for f in [result["files"]["overlay"], *result["files"]["masks"]] if f]
+    print(f"{_counts(result)}; wrote {', '.join(files)} and {out / 'prediction.json'}", file=sys.stderr)
     return 0
+
+
+def _counts(result: dict) -> str:
+    """What was found: masks and boxes (and for a volume, how many masks SAM 2 found present)."""
+    masks = result["masks"]
+    if "video" not in result:
+        return f"{len(masks)} mask(s), {len(result['boxes'])} box(es)"
+    present = sum(1 for m in masks if m["present"])
+    return f"{len(masks)} 3-D mask(s), {present} present, on {result['video']['segmented_frames']} frame(s)"
 
 
 def _answer_many(
@@ -315,23 +389,24 @@ def _answer_many(
     from tqdm import tqdm
 
     from ..media import MedicalImageError
+    from ..processing.processor import ProcessorError
 
     done = RunSummary(ignored=ignored)
     for path, out in tqdm(list(zip(paths, folders, strict=True)), desc="infer", unit="image", disable=None):
         try:
-            source = load_source(path, args.slice, args.axis, args.frame, args.window)
-        except (MedicalImageError, FileNotFoundError) as err:
+            source = _source(path, args)
+            result = _ask(predictor, source, out, args)
+        except (MedicalImageError, FileNotFoundError, ProcessorError) as err:
             reason = str(err) if str(path) in str(err) else f"{path}: {err}"  # the readers name the file
             done.skipped.append((path, reason))
             tqdm.write(f"citrus-v infer: skipped {reason}", file=sys.stderr)
             continue
-        result = _ask(predictor, source, out, args)
         if result is None:
             return 1
         done.answered.append(path)
         tqdm.write(f"{path}: {result['answer']}")
-        for problem in result["not_written"]:
-            tqdm.write(f"citrus-v infer: {path}: {problem}", file=sys.stderr)
+        for line in [*result.get("notes", []), *result["not_written"]]:
+            tqdm.write(f"citrus-v infer: {path}: {line}", file=sys.stderr)
     print(f"citrus-v infer: {done.line()}; outputs in {args.out}/<image>/", file=sys.stderr)
     for _path, reason in done.skipped:
         print(f"  skipped {reason}", file=sys.stderr)

@@ -9,8 +9,10 @@ thresholded at low resolution then resized with nearest neighbour. The threshold
 
 A request may also hold videos (volumes or clips, :mod:`citrus_v.processing.videos`), which the language model
 reads through Qwen2.5-VL's video path. Its answer is a :class:`VideoPrediction`: the masks of an image it also
-holds as above, and the hidden state of every ``[SEG]`` (:attr:`VideoPrediction.seg_states`) with the frames
-the model saw, for SAM 2's propagation through the video.
+holds as above, the hidden state of every ``[SEG]`` (:attr:`VideoPrediction.seg_states`) with the frames the
+model saw, and one mask stack per ``[SEG]`` on every frame of the first video
+(:attr:`VideoPrediction.volume_masks`, :mod:`citrus_v.infer.volume_segmentation`): SAM 2 sees every frame of
+the source (up to ``max_frames``), by per-frame prompting or memory propagation (``propagation``).
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ from ..processing.processor import CitrusVProcessor, ProcessorError
 from ..processing.template import TemplateError
 from ..processing.videos import LoadedVideo, VideoInput
 from ..tokens import ENDOFTEXT, IM_END, SEG_TOKEN
-from .results import MaskResult, Prediction, cut_at_stop, seg_labels
+from .mask_frames import DEFAULT_MAX_FRAMES, mask_frames
+from .results import MaskResult, Prediction, VolumeMask, cut_at_stop, seg_labels
 from .sampling import SeededSampling, seeded_generator
 from .seg_capture import SegCapture
+from .volume_segmentation import VolumeSegmenter
 
 logger = logging.getLogger(__name__)
 
@@ -63,17 +67,21 @@ class EncodedRequest:
     images: list
     row: dict[str, Any]
     videos: list[LoadedVideo] = field(default_factory=list)  # the frames the model sees, per video
+    sources: list[VideoInput] = field(default_factory=list)  # the videos as given, read again for SAM 2
 
 
 @dataclass(eq=False)
 class VideoPrediction(Prediction):
-    """The answer to a request with videos. Its ``[SEG]`` tokens get no mask here (unless the request also holds
-    an image: then masks on that image, as for any request): ``seg_states`` holds the last-layer hidden state of
-    each ``[SEG]`` in the answer, in order (what :meth:`CitrusV.decode_masks` takes), and ``videos`` the frames the
-    model saw, so that SAM 2's memory can propagate each mask through the video."""
+    """The answer to a request with videos. ``volume_masks`` holds one :class:`VolumeMask` per ``[SEG]``, in order,
+    on the frames of the first video SAM 2 segmented (``masks`` holds 2-D masks only when the request also holds
+    an image, on that image, as for any request); ``seg_states`` the last-layer hidden state of each ``[SEG]`` (what
+    :meth:`CitrusV.decode_masks` takes), ``videos`` the frames the language model saw, and ``notes`` what a reader
+    of the masks should know (SAM 2 saw a sample of the frames, and why)."""
 
     seg_states: list[torch.Tensor] = field(default_factory=list, repr=False)
     videos: list[LoadedVideo] = field(default_factory=list, repr=False)
+    volume_masks: list[VolumeMask] = field(default_factory=list, repr=False)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -97,12 +105,29 @@ class GenerationSettings:
 
 
 class CitrusVPredictor:
-    """Runs a CitrusV model on requests and returns :class:`Prediction` objects."""
+    """Runs a CitrusV model on requests and returns :class:`Prediction` objects.
 
-    def __init__(self, model: CitrusV, processor: CitrusVProcessor, mask_threshold: float = 0.5) -> None:
+    For volumes and clips: ``propagation`` is how a ``[SEG]`` becomes a mask on every frame (``"memory"``:
+    SAM 2's memory from the most certain frame, the default when the model has the memory modules;
+    ``"per_frame"``: the prompt on each frame alone, the default otherwise), ``max_frames`` the most frames SAM 2
+    segments per video (more are segmented on that many evenly spaced ones, and the prediction notes it).
+    """
+
+    def __init__(
+        self,
+        model: CitrusV,
+        processor: CitrusVProcessor,
+        mask_threshold: float = 0.5,
+        propagation: str | None = None,
+        max_frames: int = DEFAULT_MAX_FRAMES,
+    ) -> None:
         self.model = model.eval()
         self.processor = processor
         self.mask_threshold = mask_threshold
+        if int(max_frames) < 1:
+            raise ValueError(f"max_frames must be at least 1, got {max_frames}")
+        self.max_frames = int(max_frames)
+        self.volume_segmenter = VolumeSegmenter(model, processor, self.postprocess_masks, propagation)
         tokenizer = processor.tokenizer
         self.seg_token_id = processor.seg_token_id
         self.eos_token_ids = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(ENDOFTEXT)]
@@ -121,13 +146,23 @@ class CitrusVPredictor:
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+        cls,
+        directory: str | Path,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        **settings: Any,
     ) -> CitrusVPredictor:
-        """Load model and processor from one folder (written by ``citrus-v build`` or training)."""
+        """Load model and processor from one folder (written by ``citrus-v build`` or training); ``settings``
+        are the constructor's (``propagation``, ``max_frames``, ``mask_threshold``)."""
         model = CitrusV.from_pretrained(directory, dtype=dtype)
         if device is not None:
             model = model.to(device)
-        return cls(model, CitrusVProcessor.from_pretrained(directory))
+        return cls(model, CitrusVProcessor.from_pretrained(directory), **settings)
+
+    @property
+    def propagation(self) -> str:
+        """How a ``[SEG]`` about a volume or clip becomes a mask on every frame: ``"memory"`` or ``"per_frame"``."""
+        return self.volume_segmenter.propagation
 
     @property
     def device(self) -> torch.device:
@@ -168,7 +203,7 @@ class CitrusVPredictor:
             )
         except (TemplateError, ProcessorError, FileNotFoundError, ValueError, TypeError) as err:
             raise ProcessorError(str(err)) from err
-        return EncodedRequest(images=images, row=row, videos=videos)
+        return EncodedRequest(images=images, row=row, videos=videos, sources=list(request.videos))
 
     def predict_batch(
         self,
@@ -229,6 +264,7 @@ class CitrusVPredictor:
             prediction = cut_at_stop(prediction, settings.stop)[0]
             if isinstance(prediction, VideoPrediction):
                 prediction.seg_states = row_states[: prediction.num_seg_tokens]
+                self._volume_masks(prediction, item)
             predictions.append(prediction)
         return predictions
 
@@ -371,6 +407,17 @@ class CitrusVPredictor:
             )
             for k in range(len(states))
         ]
+
+    def _volume_masks(self, prediction: VideoPrediction, item: EncodedRequest) -> None:
+        """Fill ``prediction.volume_masks``: each ``[SEG]`` on every frame of the request's first video."""
+        if not prediction.seg_states:
+            return
+        source = item.sources[0] if item.sources else None
+        frames = mask_frames(source, item.videos[0], self.max_frames)
+        if frames.note:
+            prediction.notes.append(frames.note)
+        labels = seg_labels(prediction.text, SEG_TOKEN)
+        prediction.volume_masks = self.volume_segmenter.segment(prediction.seg_states, frames.volume, labels)
 
     def postprocess_masks(self, logits: torch.Tensor, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """Low-res mask logits ``[K, h, w]`` -> boolean masks ``[K, H, W]`` of the ``(width, height)`` image and

@@ -1,4 +1,5 @@
-"""What a prediction returns: text, reasoning parts, boxes and masks in original-image pixels.
+"""What a prediction returns: text, reasoning parts, boxes and masks in original-image pixels, and for a volume
+or clip one mask stack per ``[SEG]`` on its frames.
 
 numpy only: the web app and the server's response code read these types without torch or the model.
 """
@@ -8,11 +9,16 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..media.boxes import Box  # one box type for parsing, prediction, serving and the app
+from ..media.volume import Volume
 from ..tokens import SEG_TOKEN
+
+if TYPE_CHECKING:
+    from .volume_measures import VolumeMeasures
 
 _THINK = re.compile(r"<think>(.*?)</think>", re.S)
 _ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.S)
@@ -44,6 +50,54 @@ class MaskResult:
     @property
     def area(self) -> int:
         return int(self.mask.sum())
+
+
+@dataclass
+class VolumeMask:
+    """One ``[SEG]``'s mask through a volume or clip: a boolean ``[N, H, W]`` stack on the frames of ``volume``
+    (frame ``k`` a mask of ``volume.values[k]``, in display orientation), the frames SAM 2 segmented.
+
+    ``object_scores`` ``[N]`` are SAM 2's object-score logits per frame (> 0: the target is on that frame; a
+    frame with a negative score gets no mask). ``present`` is False when no frame's score is positive: SAM 2
+    finds the target nowhere, and the mask is empty — whatever the answer's words say (they are the language
+    model's, and left as they are). ``key_frame`` indexes ``mask``: the frame with the highest score, where
+    ``mode="memory"`` prompts SAM 2 before its memory carries the mask through the other frames
+    (``"per_frame"``: the prompt on every frame on its own).
+    """
+
+    mask: np.ndarray
+    object_scores: np.ndarray
+    key_frame: int
+    mode: str
+    present: bool
+    label: str | None = None
+    index: int = 0  # which [SEG] of the answer (0-based)
+    volume: Volume | None = field(default=None, repr=False)
+
+    @property
+    def source_frames(self) -> list[int]:
+        """The source frame (0-based, in the source's order) each frame of ``mask`` is."""
+        known = None if self.volume is None else self.volume.source_frames
+        return list(range(self.mask.shape[0])) if known is None else [int(k) for k in known]
+
+    @property
+    def frames(self) -> list[int]:
+        """The source frames that hold mask."""
+        numbers = self.source_frames
+        return [numbers[k] for k in np.flatnonzero(self.mask.reshape(self.mask.shape[0], -1).any(axis=1))]
+
+    @property
+    def score(self) -> float:
+        """The highest object score over the frames (> 0: present)."""
+        return float(self.object_scores.max()) if self.object_scores.size else float("-inf")
+
+    def measures(self) -> VolumeMeasures:
+        """Volume in mL, per-frame areas and 3-D box over ``volume`` (see :mod:`~citrus_v.infer.volume_measures`)."""
+        from .volume_measures import measure_stack
+
+        if self.volume is None:
+            raise ValueError("this mask carries no volume: its voxel spacing is unknown, so it cannot be measured")
+        return measure_stack(self.volume, self.mask, self.index, self.label)
 
 
 @dataclass
