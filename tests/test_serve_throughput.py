@@ -143,3 +143,39 @@ def test_deploy_refuses_zero_threads(tmp_path, capsys):
     args = parser.parse_args(["deploy", "--model", str(tmp_path), "--num_threads", "0"])
     assert args.func(args) == 2
     assert "--num_threads" in capsys.readouterr().err
+
+
+class EncodingPredictor(ScriptedPredictor):
+    """Records on which thread each request is encoded, and whether generation received the encodings."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.encode_threads: list[str] = []
+        self.given_encoded: list[bool] = []
+
+    def encode(self, request):
+        import threading
+
+        self.encode_threads.append(threading.current_thread().name)
+        return super().encode(request)
+
+    def predict_batch(self, requests, logits_processor=None, **generation):
+        self.given_encoded.append(generation.get("encoded") is not None)
+        return super().predict_batch(requests, logits_processor=logits_processor, **generation)
+
+
+def test_requests_are_encoded_on_arrival_not_on_the_generation_thread(tiny):
+    predictor = EncodingPredictor(*tiny)
+    app = create_app(predictor, ServerSettings(served_model_name="citrus"))
+    url = data_url(png_bytes(phantom(4, size=64).image))
+    with running_server(app) as base:
+        for _ in range(2):
+            response = httpx.post(
+                f"{base}/v1/chat/completions",
+                json={"model": "citrus", "messages": image_message(url, "Describe the scan."), "max_tokens": 4},
+                timeout=60,
+            )
+            assert response.status_code == 200, response.text
+    assert predictor.given_encoded == [True, True]
+    assert len(predictor.encode_threads) == 2
+    assert not any(name.startswith("citrus-v-generate") for name in predictor.encode_threads)

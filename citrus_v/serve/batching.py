@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from ..infer.predictor import CitrusVPredictor, Request
+from ..infer.predictor import CitrusVPredictor, EncodedRequest, Request
 from ..infer.results import Prediction, cut_at_stop
 from .row_sampling import RowSampling, SamplingParams, StepLogprobs
 
@@ -52,10 +52,13 @@ class Job:
     max_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: Sequence[str] = ()
+    encoded: EncodedRequest | None = None  # the prompt encoded on arrival, off the generation thread
     on_text: TextCallback | None = None  # called from the worker thread with the text that is safe to show
     cancelled: threading.Event = field(default_factory=threading.Event)
     future: asyncio.Future | None = None
     enqueued: float = field(default_factory=time.monotonic)
+    # called with the job's future once it is answered, failed or cancelled (e.g. to give back its memory)
+    when_done: list[Callable[[asyncio.Future], None]] = field(default_factory=list)
 
     def group(self) -> tuple:
         """Jobs of one group may share a generation: all of them, except that a seeded sample runs alone."""
@@ -252,6 +255,8 @@ class DynamicBatcher:
         job.future = loop.create_future()
         # a job abandoned after a timeout may still fail later: mark its error as seen
         job.future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        for callback in job.when_done:
+            job.future.add_done_callback(callback)
         if job.request is not self._last_request:  # the choices of one request are one arrival
             now = loop.time()
             # a gap counts only between requests outstanding together: a lone client's next request comes
@@ -386,9 +391,11 @@ class DynamicBatcher:
         control = RowControl(jobs, tokenizer, predictor.eos_token_ids, tokenizer.pad_token_id, steps)
         # the sampler chooses each row's token, then the control may end the row instead; generate runs
         # greedy and takes what is left
+        encoded = [job.encoded for job in jobs]
         predictions = predictor.predict_batch(
             [job.request for job in jobs],
             logits_processor=LogitsProcessorList([sampler, control]),
+            encoded=encoded if all(item is not None for item in encoded) else None,
             max_new_tokens=steps,
             temperature=0.0,
         )

@@ -1,5 +1,11 @@
 """The steps of a chat completion: check the key and the model, turn the body into one job per choice, run the
-jobs through the batcher, and answer them whole (:meth:`ChatService.complete`) or streamed (``streaming``)."""
+jobs through the batcher, and answer them whole (:meth:`ChatService.complete`) or streamed (``streaming``).
+
+Turning the body into jobs reads every image's header first and checks the whole request — the number of
+images, their pixels together, image and text tokens against the context, and its memory estimate against the
+server's budget (:mod:`~citrus_v.serve.request_budget`, :mod:`~citrus_v.serve.admission`) — and only then
+decodes the images, holding the memory reserved for them until the request is answered.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +17,33 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from ..infer.predictor import CitrusVPredictor
+from .admission import MIB, MemoryAdmission, Reservation, default_inflight_memory_mb
 from .batching import DynamicBatcher, Job, JobResult
 from .errors import ApiError
 from .grounding import to_grounding
 from .logprobs import TokenTexts, choice_logprobs
 from .media import MediaError, MediaPolicy, load_image_url, load_image_value
-from .messages import to_request
+from .messages import Conversation, ImageSource, read_messages
 from .protocol import AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice, RawResponse, Usage
 from .raw_response import to_raw_response
+from .request_budget import (
+    MeasuredImage,
+    MemoryModel,
+    RequestLimits,
+    check_context,
+    check_image_count,
+    check_images,
+    count_tokens,
+    read_headers,
+)
 from .request_fields import FieldRefused, check_fields, sampling_params
 from .settings import ServerSettings
+
+
+def _itemsize(predictor) -> int:
+    """Bytes per value of the model's weights and activations (4 when the predictor names no dtype)."""
+    dtype = getattr(predictor, "dtype", None)
+    return int(getattr(dtype, "itemsize", 4) or 4)
 
 
 def _context_length(predictor) -> int | None:
@@ -39,14 +62,22 @@ def usage(results: list[JobResult]) -> Usage:
 
 
 class ChatService:
-    """What the routes share: the settings, the batcher running ``predictor``, the media policy, and the steps
-    of a chat completion."""
+    """What the routes share: the settings, the batcher running ``predictor``, the media policy, the request
+    limits, the memory admission, and the steps of a chat completion."""
 
     def __init__(self, predictor: CitrusVPredictor, settings: ServerSettings) -> None:
         self.predictor = predictor
         self.settings = settings
         self.batcher = DynamicBatcher(predictor, settings.max_batch_size, settings.max_wait_ms)
-        self.policy = MediaPolicy(settings.allowed_local_media_path, settings.max_image_pixels)
+        self.policy = MediaPolicy(
+            settings.allowed_local_media_path, settings.max_image_pixels, settings.max_decoded_bytes
+        )
+        self.limits = RequestLimits(settings.max_images_per_request, settings.max_request_pixels)
+        budget = settings.max_inflight_memory_bytes or default_inflight_memory_mb() * MIB
+        self.admission = MemoryAdmission(budget)
+        self.memory = MemoryModel.for_model(
+            getattr(getattr(predictor, "model", None), "config", None), _itemsize(predictor), predictor.processor
+        )
         self.created = int(time.time())
         self.context_length = _context_length(predictor)
         tokenizer = predictor.processor.tokenizer
@@ -74,8 +105,9 @@ class ChatService:
             )
 
     def jobs(self, body: ChatCompletionRequest) -> list[Job]:
-        """The batcher's jobs for ``body`` (one per choice, sharing its loaded images); raises :class:`ApiError`
-        for a request it refuses."""
+        """The batcher's jobs for ``body`` (one per choice, sharing its decoded images); raises :class:`ApiError`
+        for a request it refuses. Every check runs before the first image is decoded (see the module
+        docstring); the request's memory is reserved while it is decoded and until its jobs are done."""
         settings = self.settings
         self.check_model(body.model)
         try:
@@ -91,31 +123,68 @@ class ChatService:
                 "max_tokens_too_large",
                 param="max_tokens",
             )
+        conversation, images = self.measure(body)
+        reservation = self.admit(conversation, images, body.n, max_tokens)
+        request = self.decode(conversation, images, reservation)
+        encoded = self.encode(request, reservation)
+        jobs = [
+            Job(request=request, encoded=encoded, max_tokens=max_tokens, sampling=s, stop=body.stop_list())
+            for s in sampling
+        ]
+        for job in jobs:
+            job.when_done.append(reservation.done_one)
+        return jobs
+
+    def _load(self, source: ImageSource):
+        return source.load(
+            lambda url, param: load_image_url(url, self.policy, param),
+            lambda value, param: load_image_value(value, self.policy, param),
+        )
+
+    def measure(self, body: ChatCompletionRequest) -> tuple[Conversation, list[MeasuredImage]]:
+        """The first pass: the messages checked and every image measured from its header, nothing decoded;
+        then the request-wide image limits."""
         try:
-            request = to_request(
-                body.messages,
-                lambda url, param: load_image_url(url, self.policy, param),
-                lambda value, param: load_image_value(value, self.policy, param),
-            )
+            conversation = read_messages(body.messages)
+            check_image_count(len(conversation.sources), self.limits)  # before a single header is read
+            images = read_headers(conversation.sources, self.policy, self._load)
         except MediaError as err:
             raise ApiError(err.status, err.message, err.code, param=err.param) from err
-        self.check_length(request, max_tokens)
-        return [Job(request=request, max_tokens=max_tokens, sampling=s, stop=body.stop_list()) for s in sampling]
+        check_images(images, self.limits)
+        return conversation, images
 
-    def check_length(self, request, max_tokens: int) -> None:
-        context_length = self.context_length
-        if context_length is None:
-            return
-        text = "".join(str(m["content"]) for m in request.history) + request.prompt + (request.system or "")
-        tokens = len(self.predictor.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-        if tokens + max_tokens > context_length:
-            raise ApiError(
-                400,
-                f"the messages hold {tokens} text tokens and max_tokens is {max_tokens}: more than the model's "
-                f"context length of {context_length}; shorten the messages or lower max_tokens",
-                "context_length_exceeded",
-                param="messages",
-            )
+    def admit(self, conversation: Conversation, images: list[MeasuredImage], choices: int, max_tokens: int):
+        """Image and text tokens against the context, then the memory estimate reserved from the server's budget
+        (413 when it alone passes the budget, 429 while requests in flight hold too much of it)."""
+        headers = [image.header for image in images]
+        tokens = count_tokens(self.predictor.processor, conversation.messages(), conversation.system, headers)
+        check_context(tokens, max_tokens, self.context_length, len(headers))
+        held = sum(len(image.source.reference) for image in images)  # the body's image text, as sent and parsed
+        estimate = self.memory.estimate(headers, tokens, choices, max_tokens, held)
+        return self.admission.reserve(estimate, holders=choices)
+
+    def decode(self, conversation: Conversation, images: list[MeasuredImage], reservation: Reservation):
+        """The second pass: every image decoded, in order; the reservation is given back if this fails, and at
+        the latest when the request and its images are freed."""
+        try:
+            request = conversation.request([image.load(self._load) for image in images])
+        except MediaError as err:
+            reservation.release()
+            raise ApiError(err.status, err.message, err.code, param=err.param) from err
+        except BaseException:
+            reservation.release()
+            raise
+        reservation.release_with(request)
+        return request
+
+    def encode(self, request, reservation: Reservation):
+        """The prompt encoded now, in the request's own thread, so that the generation thread only pads the batch
+        (a request the processor refuses is a 400, and gives its reservation back)."""
+        try:
+            return self.predictor.encode(request)
+        except BaseException as err:
+            reservation.release()
+            self.raise_for(err)
 
     @staticmethod
     def raise_for(err: BaseException) -> None:

@@ -21,6 +21,7 @@ _FILE = "; none given: the checkpoint's generation_config.json, else neutral"
 
 def _flags() -> list[tuple[tuple[str, ...], dict[str, Any]]]:
     """The flags of ``deploy`` (names as upstream's ``swift deploy`` where it has them): names and options."""
+    from .limits import DEFAULT_BODY_TIMEOUT_S
     from .media import DEFAULT_MAX_IMAGE_PIXELS
 
     levels = ["critical", "error", "warning", "info", "debug"]
@@ -33,7 +34,8 @@ def _flags() -> list[tuple[tuple[str, ...], dict[str, Any]]]:
             ("--api_key",),
             {
                 "default": os.environ.get("CITRUS_V_API_KEY"),
-                "help": "require 'Authorization: Bearer KEY' (taken from $CITRUS_V_API_KEY when set; none: no key)",
+                "help": "require 'Authorization: Bearer KEY' (taken from $CITRUS_V_API_KEY when set; none: anyone who "
+                "can reach the port may use the server; an empty key is refused)",
             },
         ),
         (("--allowed_local_media_path",), {"help": "folder whose files requests may name as images"}),
@@ -58,10 +60,20 @@ def _flags() -> list[tuple[tuple[str, ...], dict[str, Any]]]:
         ),
         (("--request_timeout",), {"type": float, "default": 300.0, "help": "seconds before a request gets 504"}),
         (
+            ("--body_timeout",),
+            {
+                "type": float,
+                "default": DEFAULT_BODY_TIMEOUT_S,
+                "help": "seconds a client may pause while sending a request body before it gets 408 and the "
+                "connection is closed (a slow but steady upload is never cut)",
+            },
+        ),
+        (
             ("--max_image_pixels",),
             {"type": int, "default": DEFAULT_MAX_IMAGE_PIXELS, "help": "largest image accepted, width × height"},
         ),
         (("--max_body_mb",), {"type": float, "default": 64.0, "help": "largest request body in MiB"}),
+        *_budget_flags(),
         (
             ("--max_tokens", "--max_new_tokens"),
             {
@@ -83,6 +95,69 @@ def _flags() -> list[tuple[tuple[str, ...], dict[str, Any]]]:
     ]
 
 
+def _budget_flags() -> list[tuple[tuple[str, ...], dict[str, Any]]]:
+    """The flags that bound a request as a whole and the memory of all requests in flight."""
+    from ..media.errors import DEFAULT_MAX_DECODED_BYTES
+    from .admission import default_inflight_memory_mb
+    from .request_budget import DEFAULT_MAX_IMAGES_PER_REQUEST, DEFAULT_MAX_REQUEST_PIXELS
+
+    return [
+        (
+            ("--max_decoded_bytes",),
+            {
+                "type": int,
+                "default": DEFAULT_MAX_DECODED_BYTES,
+                "help": "largest decoded container of one image, in bytes (a NIfTI volume in all its dimensions, "
+                "every frame of a DICOM file), checked from its header (413 image_too_large)",
+            },
+        ),
+        (
+            ("--max_images_per_request",),
+            {
+                "type": int,
+                "default": DEFAULT_MAX_IMAGES_PER_REQUEST,
+                "help": "most images in one request, all messages together (413 too_many_images)",
+            },
+        ),
+        (
+            ("--max_request_pixels",),
+            {
+                "type": int,
+                "default": DEFAULT_MAX_REQUEST_PIXELS,
+                "help": "most pixels of all images of one request together, from their headers, before any is "
+                "decoded (413 request_pixels_exceeded)",
+            },
+        ),
+        (
+            ("--max_inflight_memory_mb",),
+            {
+                "type": int,
+                "default": default_inflight_memory_mb(),
+                "help": "MiB of memory that the requests in flight may hold together (decoded images, the "
+                "processor's tensors, generation), each estimated from its headers before decoding: a request "
+                "that would pass it gets 429 server_busy with Retry-After, one that passes it alone 413 "
+                "request_memory_exceeded; the default is a quarter of the memory of this machine or its container",
+            },
+        ),
+    ]
+
+
+def _budget_note(settings) -> str:
+    """The start-up line that says what one request may hold and what all requests in flight may hold."""
+    memory = settings.max_inflight_memory_bytes // (1024 * 1024)
+    return (
+        f"per request: at most {settings.max_images_per_request} images, {settings.max_request_pixels} pixels in all, "
+        f"image and text tokens within the context; requests in flight: {memory} MiB of memory together (more: 429)"
+    )
+
+
+def _check_budgets(args: argparse.Namespace) -> str | None:
+    """Why a request-budget flag cannot be used, or ``None``."""
+    names = ("max_decoded_bytes", "max_images_per_request", "max_request_pixels", "max_inflight_memory_mb")
+    low = [f"--{name}" for name in names if getattr(args, name) < 1]
+    return f"{', '.join(low)} must be >= 1" if low else None
+
+
 def add_parser(sub) -> None:
     """Register ``deploy``."""
     parser = sub.add_parser("deploy", help="serve an OpenAI-compatible API (chat completions with boxes and masks)")
@@ -96,12 +171,28 @@ def _check_numbers(args: argparse.Namespace) -> str | None:
         args.max_batch_size < 1
         or args.max_wait_ms < 0
         or args.request_timeout <= 0
+        or args.body_timeout <= 0
         or (args.max_tokens is not None and args.max_tokens < 1)
         or (args.num_threads is not None and args.num_threads < 1)
     ):
         return (
-            "--max_batch_size, --max_tokens and --num_threads must be >= 1, --max_wait_ms >= 0, --request_timeout > 0"
+            "--max_batch_size, --max_tokens and --num_threads must be >= 1, --max_wait_ms >= 0, --request_timeout "
+            "and --body_timeout > 0"
         )
+    return None
+
+
+def _check_api_key(key: str | None) -> str | None:
+    """Why ``key`` cannot protect the server (empty, only spaces, or not printable ASCII), or ``None``."""
+    if key is None:
+        return None
+    if not key.strip():
+        return (
+            "--api_key (or $CITRUS_V_API_KEY) is empty: an empty key would leave the server open to anyone; give a "
+            "key, or leave both out to serve without one"
+        )
+    if not key.strip().isascii() or not key.strip().isprintable():
+        return "--api_key must be printable ASCII: an HTTP Authorization header carries nothing else"
     return None
 
 
@@ -136,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
     allowed = Path(args.allowed_local_media_path) if args.allowed_local_media_path else None
     if allowed is not None and not allowed.is_dir():
         return _fail(f"--allowed_local_media_path {allowed} is not a folder", 2)
-    problem = _check_numbers(args)
+    problem = _check_numbers(args) or _check_api_key(args.api_key) or _check_budgets(args)
     if problem:
         return _fail(problem, 2)
     try:
@@ -161,13 +252,18 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"cannot load {folder}: {err}", 1)
     settings = ServerSettings(
         served_model_name=args.served_model_name or folder.resolve().name,
-        api_key=args.api_key or None,
+        api_key=args.api_key.strip() if args.api_key is not None else None,  # a header value has no outer spaces
         allowed_local_media_path=allowed,
         max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms,
         request_timeout=args.request_timeout,
         max_image_pixels=args.max_image_pixels,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        body_timeout=args.body_timeout,
+        max_decoded_bytes=args.max_decoded_bytes,
+        max_images_per_request=args.max_images_per_request,
+        max_request_pixels=args.max_request_pixels,
+        max_inflight_memory_bytes=args.max_inflight_memory_mb * 1024 * 1024,
         generation=generation,
     )
     if generation.max_tokens > settings.max_tokens_limit:  # a checkpoint's file may allow more than a request may ask
@@ -187,6 +283,14 @@ def _announce(args: argparse.Namespace, folder: Path, variables: dict[str, str],
         lines.append("defaults of requests that leave them out: " + ", ".join(defaults))
     if settings.generation.max_tokens == settings.max_tokens_limit:
         lines.append(f"max_tokens of requests that give none: {settings.max_tokens_limit}, the server's limit")
+    if settings.api_key is None:
+        lines.append(
+            f"no API key: the server is open, anyone who can reach {args.host}:{args.port} may use it "
+            "(--api_key or $CITRUS_V_API_KEY requires one)"
+        )
+    else:
+        lines.append("API key required: requests must send 'Authorization: Bearer KEY'")
+    lines.append(_budget_note(settings))
     for line in lines:
         print(line, flush=True)
     print(

@@ -23,6 +23,7 @@ from urllib.parse import unquote, urlparse
 
 from PIL import Image, UnidentifiedImageError
 
+from ..media.errors import DEFAULT_MAX_DECODED_BYTES
 from ..media.nifti import is_nifti
 
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
@@ -45,6 +46,7 @@ class MediaPolicy:
 
     allowed_local_media_path: Path | None = None
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES  # one image's whole container, decoded
 
 
 def _check_size(width: int, height: int, policy: MediaPolicy, param: str | None) -> None:
@@ -59,15 +61,23 @@ def _check_size(width: int, height: int, policy: MediaPolicy, param: str | None)
 
 
 def _open_raster(data: bytes, policy: MediaPolicy, param: str | None) -> Image.Image:
+    """PNG, JPEG, GIF, TIFF, WebP... bytes to RGB: the header is checked (the first frame's pixels, every
+    frame's decoded bytes, the pieces it is stored in), then the first frame alone is decoded."""
+    from ..media import MedicalImageError
+    from ..media.raster import check_raster
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies instead
             image = Image.open(io.BytesIO(data))
         _check_size(*image.size, policy, param)  # from the header, before decoding the pixels
+        check_raster(image, "the image", policy.max_image_pixels, policy.max_decoded_bytes)
         image.load()
         return image.convert("RGB")
     except Image.DecompressionBombError as err:
         raise MediaError(f"the image is too large to decode: {err}", "image_too_large", 413, param) from err
+    except MedicalImageError as err:
+        raise _refusal(err, param) from err
     except MediaError:
         raise
     except UnidentifiedImageError:  # Pillow's message names its in-memory buffer, not the request's image
@@ -89,11 +99,17 @@ def _read_medical(ref, policy: MediaPolicy, param: str | None) -> Image.Image:
     from ..media import MedicalImageError, read_image
 
     try:
-        return read_image(ref, max_pixels=policy.max_image_pixels)
+        return read_image(ref, max_pixels=policy.max_image_pixels, max_bytes=policy.max_decoded_bytes)
     except MedicalImageError as err:
-        status = 413 if err.reason == "image_too_large" else 400
-        code = "image_too_large" if status == 413 else "invalid_image"
-        raise MediaError(f"the image could not be read: {err}", code, status, param) from err
+        raise _refusal(err, param) from err
+
+
+def _refusal(err: Exception, param: str | None) -> MediaError:
+    """A media reader's :class:`~citrus_v.media.MedicalImageError` as the server's answer: 413 for a limit,
+    else 400."""
+    status = 413 if getattr(err, "reason", None) == "image_too_large" else 400
+    code = "image_too_large" if status == 413 else "invalid_image"
+    return MediaError(f"the image could not be read: {err}", code, status, param)
 
 
 def _from_data_url(url: str, policy: MediaPolicy, param: str | None) -> Image.Image:
@@ -127,17 +143,24 @@ def _read_nifti_data(data: bytes, policy: MediaPolicy, param: str | None) -> Ima
     from ..media.nifti import read_nifti_bytes
 
     try:
-        image = read_nifti_bytes(data, "the request's image", max_pixels=policy.max_image_pixels).picture()
+        volume = read_nifti_bytes(
+            data, "the request's image", max_pixels=policy.max_image_pixels, max_bytes=policy.max_decoded_bytes
+        )
+        image = volume.picture()
     except MedicalImageError as err:
-        status = 413 if err.reason == "image_too_large" else 400
-        code = "image_too_large" if status == 413 else "invalid_image"
-        raise MediaError(f"the image could not be read: {err}", code, status, param) from err
+        raise _refusal(err, param) from err
     _check_size(*image.size, policy, param)  # the volume passed its voxel limit; the slice meets the image one
     return image
 
 
 def _from_local(text: str, policy: MediaPolicy, param: str | None) -> Image.Image:
+    """A file under the allowed folder, opened without a window between the check and the read (see
+    :mod:`citrus_v.serve.local_files`); the reference's options (``#slice=40&window=ct-lung``) apply."""
+    from dataclasses import replace
+
     from ..media import MedicalImageError, parse_ref
+    from ..media.nifti import read_nifti_bytes
+    from .local_files import LocalPathError, map_file, opened_local_file
 
     if policy.allowed_local_media_path is None:
         raise MediaError(
@@ -149,22 +172,28 @@ def _from_local(text: str, policy: MediaPolicy, param: str | None) -> Image.Imag
         )
     try:
         ref = parse_ref(text)
-    except MedicalImageError as err:
+    except (MedicalImageError, RuntimeError) as err:  # RuntimeError: '~' with no home folder to expand it to
         raise MediaError(str(err), "invalid_image_url", 400, param) from err
-    allowed = policy.allowed_local_media_path.resolve()
-    path = ref.path if ref.path.is_absolute() else allowed / ref.path
-    resolved = path.resolve()
-    if not resolved.is_relative_to(allowed):
-        raise MediaError(
-            f"{text!r} is outside the folder this server may read (--allowed_local_media_path)",
-            "local_media_not_allowed",
-            400,
-            param,
-        )
-    if not resolved.is_file():
-        raise MediaError(f"no such file under the allowed folder: {text!r}", "image_not_found", 400, param)
-    ref.path = resolved
-    return _read_medical(ref, policy, param)
+    try:
+        with opened_local_file(policy.allowed_local_media_path, ref.path, text) as private:
+            opened = replace(ref, path=private)
+            try:
+                if opened.kind != "nifti":
+                    return _read_medical(opened, policy, param)
+                # from its bytes: the path reader would open the file again by its real name
+                data = map_file(private)
+                volume = read_nifti_bytes(data, text, opened.t, policy.max_image_pixels, policy.max_decoded_bytes)
+                axis = 2 if opened.axis is None else opened.axis
+                image = volume.picture(opened.slice, axis, opened.window)
+            except MedicalImageError as err:
+                raise _refusal(err, param) from err
+            except MediaError as err:  # name the file as the client did, not by its private path
+                err.message = err.message.replace(str(private), text)
+                raise
+            _check_size(*image.size, policy, param)
+            return image
+    except LocalPathError as err:
+        raise MediaError(err.message, err.code, err.status, param) from err
 
 
 def load_image_url(url: str, policy: MediaPolicy, param: str | None = None) -> Image.Image:

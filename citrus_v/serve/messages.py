@@ -1,14 +1,18 @@
-"""OpenAI chat messages -> a predictor :class:`~citrus_v.infer.predictor.Request`.
+"""OpenAI chat messages -> a predictor :class:`~citrus_v.infer.predictor.Request`, in two steps.
 
-System (and ``developer``) messages come first and become the system prompt; the last message is the user's
-question; earlier user/assistant turns become the history. Each image part — OpenAI's ``image_url`` or
-ms-swift's ``image`` — becomes an ``<image>`` placeholder at its place in the text, and images are numbered in
-order over the whole conversation (masks and boxes refer to image 0).
+:func:`read_messages` walks the messages without decoding anything: system (and ``developer``) messages come
+first and become the system prompt; the last message is the user's question; earlier user/assistant turns
+become the history. Each image part — OpenAI's ``image_url`` or ms-swift's ``image`` — becomes an ``<image>``
+placeholder at its place in the text and an :class:`ImageSource` (the reference as sent, and where it was), and
+images are numbered in order over the whole conversation (masks and boxes refer to image 0). The server reads
+every image's header and checks the whole request before :meth:`Conversation.request` decodes any pixel;
+:func:`to_request` does both steps at once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from PIL import Image
 
@@ -23,20 +27,50 @@ ImageLoader = Callable[[str, str], Image.Image]  # (reference, param name) -> im
 RESERVED = (IMAGE_PLACEHOLDER, *STRUCTURAL_TOKENS)
 
 
-def _image(part: ImagePart | SwiftImagePart, param: str, load: ImageLoader, load_value: ImageLoader) -> Image.Image:
-    """The image of an ``image_url`` part (a URL) or of an ms-swift ``image`` part (a URL, path or base64)."""
+@dataclass(frozen=True)
+class ImageSource:
+    """One image of a request as sent, not decoded: ``reference`` is a URL (OpenAI ``image_url``) or, with
+    ``swift_value``, an ms-swift ``image`` value (a URL, a path or bare base64); ``param`` names its place."""
+
+    reference: str
+    param: str
+    swift_value: bool = False
+
+    def load(self, load: ImageLoader, load_value: ImageLoader) -> Image.Image:
+        """The decoded image, through the loader of its form."""
+        return (load_value if self.swift_value else load)(self.reference, self.param)
+
+
+@dataclass
+class Conversation:
+    """The messages of a request with every image still a reference: what the checks before decoding read."""
+
+    sources: list[ImageSource] = field(default_factory=list)
+    prompt: str = ""
+    system: str | None = None
+    history: list[dict] = field(default_factory=list)
+
+    def messages(self) -> list[dict]:
+        """The turns as the chat template takes them (``<image>`` placeholders in place), the question last."""
+        return [*self.history, {"role": "user", "content": self.prompt}]
+
+    def request(self, images: list[Image.Image]) -> Request:
+        """The predictor's request, with ``images`` decoded from :attr:`sources`, in order."""
+        return Request(images=images, prompt=self.prompt, system=self.system, history=list(self.history))
+
+
+def _source(part: ImagePart | SwiftImagePart, param: str) -> ImageSource:
+    """The reference of an ``image_url`` part (a URL) or of an ms-swift ``image`` part (a URL, path or base64)."""
     if isinstance(part, ImagePart):
         value = part.image_url
         inner = f"{param}.image_url" + (".url" if isinstance(value, ImageURL) else "")
-        return load(value.url if isinstance(value, ImageURL) else value, inner)
+        return ImageSource(value.url if isinstance(value, ImageURL) else value, inner)
     value = part.image
     inner = f"{param}.image" + (".url" if isinstance(value, ImageURL) else "")
-    return load_value(value.url if isinstance(value, ImageURL) else value, inner)
+    return ImageSource(value.url if isinstance(value, ImageURL) else value, inner, swift_value=True)
 
 
-def _content(
-    message: ChatMessage, index: int, loaders: tuple[ImageLoader, ImageLoader], images: list, allow_images: bool
-) -> str:
+def _content(message: ChatMessage, index: int, sources: list[ImageSource], allow_images: bool) -> str:
     content = message.content
     parts = [TextPart(type="text", text=content)] if isinstance(content, str) else content
     pieces: list[str] = []
@@ -58,16 +92,15 @@ def _content(
                     400,
                     param,
                 )
-            images.append(_image(part, param, *loaders))
+            sources.append(_source(part, param))
             pieces.append(IMAGE_PLACEHOLDER)
     return "".join(pieces)
 
 
-def to_request(messages: list[ChatMessage], load: ImageLoader, load_value: ImageLoader | None = None) -> Request:
-    """Turn OpenAI ``messages`` into a :class:`Request`, loading ``image_url`` URLs through ``load`` and ms-swift
-    ``image`` values through ``load_value`` (default: ``load``)."""
-    loaders = (load, load_value or load)
-    images: list[Image.Image] = []
+def read_messages(messages: list[ChatMessage]) -> Conversation:
+    """Check the order and text of OpenAI ``messages`` and collect their image references, decoding nothing;
+    raises :class:`MediaError` (``invalid_message``) saying what is wrong."""
+    conversation = Conversation()
     systems: list[str] = []
     turns: list[dict] = []
     for index, message in enumerate(messages):
@@ -76,18 +109,24 @@ def to_request(messages: list[ChatMessage], load: ImageLoader, load_value: Image
                 raise MediaError(
                     "system messages must come before the conversation", "invalid_message", 400, f"messages.{index}"
                 )
-            systems.append(_content(message, index, loaders, images, allow_images=False))
+            systems.append(_content(message, index, conversation.sources, allow_images=False))
             continue
-        text = _content(message, index, loaders, images, allow_images=message.role == "user")
+        text = _content(message, index, conversation.sources, allow_images=message.role == "user")
         turns.append({"role": message.role, "content": text})
     if not turns or turns[-1]["role"] != "user":
         raise MediaError("the last message must be the user's", "invalid_message", 400, "messages")
     for previous, current in zip(turns, turns[1:], strict=False):
         if previous["role"] == current["role"]:
             raise MediaError("user and assistant messages must alternate", "invalid_message", 400, "messages")
-    return Request(
-        images=images,
-        prompt=turns[-1]["content"],
-        system="\n".join(systems) if systems else None,
-        history=turns[:-1],
-    )
+    conversation.prompt = turns[-1]["content"]
+    conversation.system = "\n".join(systems) if systems else None
+    conversation.history = turns[:-1]
+    return conversation
+
+
+def to_request(messages: list[ChatMessage], load: ImageLoader, load_value: ImageLoader | None = None) -> Request:
+    """Turn OpenAI ``messages`` into a :class:`Request`, loading ``image_url`` URLs through ``load`` and ms-swift
+    ``image`` values through ``load_value`` (default: ``load``)."""
+    conversation = read_messages(messages)
+    value_loader = load_value or load
+    return conversation.request([source.load(load, value_loader) for source in conversation.sources])

@@ -36,8 +36,15 @@ compute it. (The Qwen2-VL processor's own ``image_grid_thw`` counts 14-pixel pat
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictStr, model_validator
+from pydantic_core import PydanticCustomError
+
+# Validation errors of these types are the client's request being unusable rather than mistyped: answered 400
+# with the type as the error code (the others are 422); their ``ctx["field"]`` names the field below ``loc``,
+# which the answer puts in ``param`` and before the message.
+BAD_REQUEST_ERRORS = ("invalid_text", "invalid_image_url")
 
 
 def _whole_number(value: Any) -> Any:
@@ -55,6 +62,52 @@ def _whole(**bounds: int) -> Any:
     clients and schema-based tools ignore).
     """
     return Annotated[int, Field(strict=True, **bounds), BeforeValidator(_whole_number)]
+
+
+def _lone_surrogate(text: str) -> int | None:
+    """Where ``text`` holds a lone UTF-16 surrogate (which JSON's ``\\ud800`` escapes can make, but which is no
+    Unicode character and cannot be encoded), or ``None``."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return err.start
+    return None
+
+
+def _first_bad_text(data: Any) -> tuple[str, int] | None:
+    """The dotted path of the first string of ``data`` (decoded JSON) holding a lone surrogate, and where in it;
+    a dict key is named by its object's path."""
+    pending: list[tuple[str, Any]] = [("", data)]
+    while pending:
+        path, item = pending.pop()
+        if isinstance(item, str):
+            at = _lone_surrogate(item)
+            if at is not None:
+                return path, at
+        elif isinstance(item, dict):
+            inner = []
+            for key, value in item.items():
+                at = _lone_surrogate(key) if isinstance(key, str) else None
+                if at is not None:
+                    return (f"{path} (a key)" if path else "a key"), at
+                inner.append((f"{path}.{key}" if path else str(key), value))
+            pending.extend(reversed(inner))
+        elif isinstance(item, list):
+            pending.extend(reversed([(f"{path}.{i}" if path else str(i), value) for i, value in enumerate(item)]))
+    return None
+
+
+def _url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be taken apart as a URL (an unclosed ``[`` in its host...), or ``None``."""
+    if url.startswith("data:"):  # no host to take apart
+        return None
+    try:
+        urlparse(url)
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 class _Strict(BaseModel):
@@ -96,6 +149,23 @@ class ChatMessage(_Strict):
     content: StrictStr | list[ContentPart]
     name: StrictStr | None = None
 
+    @model_validator(mode="after")
+    def _urls_parse(self) -> ChatMessage:
+        """Every image URL or path can at least be taken apart (the media loaders parse it first)."""
+        for k, part in enumerate(self.content if isinstance(self.content, list) else []):
+            if isinstance(part, TextPart):
+                continue
+            value, field = (part.image_url, "image_url") if isinstance(part, ImagePart) else (part.image, "image")
+            url, field = (value.url, f"{field}.url") if isinstance(value, ImageURL) else (value, field)
+            problem = _url_problem(url)
+            if problem is not None:
+                raise PydanticCustomError(
+                    "invalid_image_url",
+                    "not a usable URL or path ({problem}); send a data: URL, or a path without '[' or ']'",
+                    {"field": f"content.{k}.{field}", "problem": problem},
+                )
+        return self
+
 
 class StreamOptions(_Strict):
     include_usage: StrictBool = False
@@ -114,6 +184,21 @@ class ChatCompletionRequest(_Strict):
     """
 
     model_config = ConfigDict(strict=True, extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data: Any) -> Any:
+        """Refuse a lone UTF-16 surrogate anywhere in the request, before any field is read: it is no character,
+        and the tokenizer, the logs and the JSON answer could not encode it."""
+        bad = _first_bad_text(data)
+        if bad is not None:
+            raise PydanticCustomError(
+                "invalid_text",
+                "the text holds a lone UTF-16 surrogate at character {at}: a JSON escape from \\ud800 to "
+                "\\udfff must be one of a pair that makes one character; send valid Unicode text",
+                {"field": bad[0], "at": bad[1]},
+            )
+        return data
 
     model: StrictStr
     messages: list[ChatMessage] = Field(min_length=1)

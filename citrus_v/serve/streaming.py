@@ -4,7 +4,8 @@ Each choice's text arrives as it grows (the part that can no longer become a sto
 its last content event carries the rest of its text, its ``grounding`` and, when asked, its ``logprobs`` (all
 of its tokens in that one event); choice 0's also carries the top-level ``raw_response``. Then comes the
 choice's finish reason, and at the end the usage when ``stream_options.include_usage`` asks for it. An error
-after the status line has gone out is reported as an error event; ``data: [DONE]`` always ends the stream.
+after the status line has gone out is reported as an error event (an unexpected one with the request id under
+which its traceback is logged); ``data: [DONE]`` always ends the stream.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .batching import Job, JobResult
 from .chat import ChatService, usage
+from .errors import ApiError
 from .protocol import ChatCompletionChunk, ChunkChoice, Delta, RawResponse, Usage, error_body
 
 logger = logging.getLogger(__name__)
@@ -47,6 +49,23 @@ class _Events:
         return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
 
 
+def _error_event(chat: ChatService, err: Exception, request_id: str | None) -> str:
+    """The event reporting ``err``: a request the model cannot take as its API error, anything else as a bug
+    logged with its traceback under ``request_id``."""
+    try:
+        chat.raise_for(err)
+    except ApiError as api:
+        return f"data: {json.dumps(error_body(api.message, api.type, api.code, api.param))}\n\n"
+    except Exception:  # noqa: BLE001 - raise_for gives back what it does not map
+        pass
+    logger.error("request %s: streamed generation failed", request_id, exc_info=err)
+    message = (
+        f"generation failed ({type(err).__name__}) while serving request {request_id}; this is a bug in the "
+        "server: report the request id to the operator, whose log holds the traceback"
+    )
+    return f"data: {json.dumps(error_body(message, 'server_error', 'internal_error'))}\n\n"
+
+
 async def _final(chat: ChatService, events: _Events, index: int, job: Job, result: JobResult, sent: str) -> list[str]:
     """The closing events of choice ``index``: the rest of its text with grounding and logprobs, its finish."""
     choice = await run_in_threadpool(chat.choice, index, result)
@@ -61,7 +80,12 @@ async def _final(chat: ChatService, events: _Events, index: int, job: Job, resul
 
 
 async def stream_completion(
-    chat: ChatService, jobs: list[Job], completion_id: str, model: str, include_usage: bool
+    chat: ChatService,
+    jobs: list[Job],
+    completion_id: str,
+    model: str,
+    include_usage: bool,
+    request_id: str | None = None,
 ) -> AsyncIterator[str]:
     """Run ``jobs`` (one per choice) and answer them as server-sent events (see the module docstring)."""
     loop = asyncio.get_running_loop()
@@ -95,8 +119,7 @@ async def stream_completion(
         message = f"generation took longer than the request timeout of {timeout:g} s"
         yield f"data: {json.dumps(error_body(message, 'timeout_error', 'timeout'))}\n\n"
     except Exception as err:  # noqa: BLE001 - the status line is sent: report in the stream
-        logger.warning("streamed generation failed: %s", err)
-        yield f"data: {json.dumps(error_body(f'generation failed: {err}', 'server_error', 'internal_error'))}\n\n"
+        yield _error_event(chat, err, request_id)
     finally:
         for job, future in zip(jobs, futures, strict=True):
             if not future.done():
