@@ -40,6 +40,7 @@ from ..processing.boxes import DETECTION_PROMPT
 from .absent_rows import AbsentBalance, AbsentQuestion, AbsentScene, absent_meta, absent_rows
 from .documents import make_lab_report
 from .phantoms import KINDS, ORGANS, Anatomy, Slice, make_anatomy
+from .synthetic_dicom import synthetic_dataset
 from .volume_rows import ABSENT_STREAM, CLIP_STREAM, VOLUME_STREAM, clip_case, volume_case, write_volume
 
 __all__ = ["CorpusOptions", "CorpusSummary", "split_of", "write_corpus", "write_dicom", "write_volume"]
@@ -215,28 +216,13 @@ class _CaseWriter:
 
 def write_dicom(path: Path, values: np.ndarray, anatomy: Anatomy, uid_seed: str, rng: np.random.Generator) -> None:
     """A single-frame DICOM image with rescale and window tags (CT, MR, or DX possibly MONOCHROME1)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
     sop_class = {
         "CT": "1.2.840.10008.5.1.4.1.1.2",
         "MR": "1.2.840.10008.5.1.4.1.1.4",
         "X-ray": "1.2.840.10008.5.1.4.1.1.1.1",
     }[anatomy.modality]
-    sop_instance = generate_uid(entropy_srcs=[uid_seed, "instance"])
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_instance
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_instance
-    ds.StudyInstanceUID = generate_uid(entropy_srcs=[uid_seed, "study"])
-    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[uid_seed, "series"])
-    ds.PatientName, ds.PatientID = "Synthetic^Phantom", uid_seed[-10:]
-    ds.StudyDate = ds.SeriesDate = "20240101"
-    ds.Modality = {"CT": "CT", "MR": "MR", "X-ray": "DX"}[anatomy.modality]
-    ds.BodyPartExamined = anatomy.region.upper()
+    modality = {"CT": "CT", "MR": "MR", "X-ray": "DX"}[anatomy.modality]
+    ds = synthetic_dataset(sop_class, uid_seed, modality, anatomy.region.upper())
     ds.Rows, ds.Columns = values.shape
     ds.PixelSpacing = [round(anatomy.spacing_mm, 4), round(anatomy.spacing_mm, 4)]
     ds.SamplesPerPixel = 1

@@ -45,6 +45,7 @@ from ..media import from_display
 from ..tokens import VIDEO_PLACEHOLDER
 from .absent_rows import AbsentBalance, AbsentQuestion, AbsentScene, absent_meta, absent_rows
 from .phantoms import CINE_STRUCTURES, ORGANS, Cine, make_cine, make_volume_anatomy
+from .synthetic_dicom import synthetic_dataset
 
 if TYPE_CHECKING:
     from .corpus import CorpusOptions
@@ -84,23 +85,9 @@ def write_volume(path: Path, slices: list[np.ndarray], spacing: tuple[float, flo
 
 def write_cine_dicom(path: Path, cine: Cine, uid_seed: str) -> None:
     """A cine loop as one multi-frame ultrasound DICOM file (8-bit grey, Frame Time in ms, Cine Rate)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.tag import Tag
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-    sop_instance = generate_uid(entropy_srcs=[uid_seed, "instance"])
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ULTRASOUND_SOP_CLASS
-    meta.MediaStorageSOPInstanceUID = sop_instance
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = ULTRASOUND_SOP_CLASS, sop_instance
-    ds.StudyInstanceUID = generate_uid(entropy_srcs=[uid_seed, "study"])
-    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[uid_seed, "series"])
-    ds.PatientName, ds.PatientID = "Synthetic^Phantom", uid_seed[-10:]
-    ds.StudyDate = ds.SeriesDate = "20240101"
-    ds.Modality, ds.BodyPartExamined = "US", "HEART"
+    ds = synthetic_dataset(ULTRASOUND_SOP_CLASS, uid_seed, "US", "HEART")
     frames, rows, cols = cine.frames.shape
     ds.NumberOfFrames, ds.Rows, ds.Columns = frames, rows, cols
     ds.FrameTime = f"{1000.0 / cine.fps:.3f}"
