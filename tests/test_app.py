@@ -257,7 +257,11 @@ def test_viewer_chips_stale_results_frames_and_downloads(app_url, tmp_path):
             shot_first = _screenshot(page.locator("#viewer"))
             assert np.abs(shot_first - shot_middle).mean() > 2, "the screen did not change with the frame"
 
-            # frame 4: ask, download its DICOM Segmentation, then another frame clears the results
+            # frame 4 as a picture (untick the whole-volume mode, on by default for a multi-frame file): ask,
+            # download its DICOM Segmentation, then another frame clears the results
+            page.click("#whole input[type=checkbox]")
+            page.wait_for_function("!document.querySelector('#whole input[type=checkbox]').checked", timeout=WAIT_MS)
+            page.wait_for_timeout(300)  # the picture mode's view is shown
             before = _viewer_sources(page)
             page.fill("#frame input[type=number]", "4")
             page.press("#frame input[type=number]", "Enter")

@@ -153,8 +153,8 @@ def test_the_seed_deploy_line_serves_an_upstream_style_client(tiny_dir, tmp_path
         said = log.read()
     for line in (
         "MAX_PIXELS=65535: the vision tower's smart-resize bound",
-        "VIDEO_MAX_PIXELS=50176: accepted, not used",
-        "FPS_MAX_FRAMES=12: accepted, not used",
+        "VIDEO_MAX_PIXELS=50176: the most pixels a frame of a volume or clip is resized to",
+        "FPS_MAX_FRAMES=12: the most frames of a clip, or slices of a volume",
         "--infer_backend pt: PyTorch generation",
         "--torch_dtype bfloat16: the model is loaded in torch.bfloat16",
         "--template citrus_v_infer: upstream's template name",
@@ -205,7 +205,7 @@ def test_every_ms_swift_variable_is_honoured_or_named_as_unused(tiny):
     check_image_factor(found, processor)
     notes = environment_notes(found, processor, environ)
     assert len(notes) == len(found) + 1  # one line each, and one for CUDA_VISIBLE_DEVICES
-    assert any(n.startswith("FPS=2.0: accepted, not used") for n in notes)
+    assert any(n.startswith("FPS=2.0: the rate a clip is sampled at") for n in notes)
     assert any(n.startswith("CUDA_VISIBLE_DEVICES=0,1,2,3:") and "not split" in n for n in notes)
     with pytest.raises(DeployLineError, match="IMAGE_FACTOR=32 does not match"):
         check_image_factor(read_environment({"IMAGE_FACTOR": "32"}), processor)

@@ -1,5 +1,6 @@
 """The answer as the page shows it: each ``[SEG]`` replaced by a chip in its mask's colour and number, and a line
 when the masks do not match the answer (counts differ, a segmentation request without a mask, an empty mask).
+In a whole-volume answer a target the server found on no frame gets a grey "not present" chip.
 
 Chip colours come from :func:`citrus_v.infer.overlay.colour` by the mask's position, the same colour the overlay
 and the legend give that mask.
@@ -9,7 +10,8 @@ from __future__ import annotations
 
 import html
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from typing import Protocol
 
 from ..infer.overlay import colour
 from ..infer.results import MaskResult
@@ -21,16 +23,24 @@ _THINK_PART = re.compile(r"<think>.*?(?:</think>|$)", re.S)
 MISSING_CHIP_COLOUR = (128, 128, 128)
 
 
+class Target(Protocol):
+    """What a chip needs of a mask: which ``[SEG]`` it answers and its label (a 2-D mask or a volume target)."""
+
+    index: int
+    label: str | None
+
+
 def text_colour(fill: tuple[int, int, int]) -> str:
     """Black or white, whichever reads better on ``fill`` (the rule the overlay's number tags use)."""
     luminance = 0.299 * fill[0] + 0.587 * fill[1] + 0.114 * fill[2]
     return "#000000" if luminance > 140 else "#ffffff"
 
 
-def chip_html(number: int, fill: tuple[int, int, int], title: str, missing: bool = False) -> str:
-    """One chip: the mask's number on its colour (``data-mask`` holds the number, 0 when no mask came back)."""
+def chip_html(number: int, fill: tuple[int, int, int], title: str, missing: bool = False, text: str = "") -> str:
+    """One chip: the mask's number on its colour (``data-mask`` holds the number, 0 when no mask came back);
+    ``text`` replaces the number (a grey "not present" chip keeps its number in ``data-mask``)."""
     r, g, b = fill
-    text = "no mask" if missing else str(number)
+    text = text or ("no mask" if missing else str(number))
     return (
         f'<span class="seg-chip{" seg-chip-missing" if missing else ""}" data-mask="{0 if missing else number}" '
         f'title="{html.escape(title)}" style="background-color: rgb({r}, {g}, {b}); color: {text_colour(fill)}; '
@@ -53,8 +63,9 @@ def answer_part(content: str) -> tuple[str, int]:
     return (content[: think.start()] + content[think.end() :]).strip(), content[: think.end()].count(SEG_TOKEN)
 
 
-def answer_html(content: str, masks: Sequence[MaskResult]) -> str:
-    """The shown answer as HTML, every ``[SEG]`` a chip; ``masks`` in overlay order (sorted by ``index``)."""
+def answer_html(content: str, masks: Sequence[Target], absent: Collection[int] = ()) -> str:
+    """The shown answer as HTML, every ``[SEG]`` a chip; ``masks`` in overlay order (sorted by ``index``);
+    ``absent``: positions of targets found nowhere in the volume (grey chips)."""
     shown, offset = answer_part(content)
     position_of = {m.index: k for k, m in enumerate(masks)}
     pieces = shown.split(SEG_TOKEN)
@@ -63,6 +74,10 @@ def answer_html(content: str, masks: Sequence[MaskResult]) -> str:
         position = position_of.get(offset + j)
         if position is None:
             parts.append(chip_html(0, MISSING_CHIP_COLOUR, "the server returned no mask for this [SEG]", True))
+        elif position in absent:
+            label = masks[position].label or "mask"
+            title = f"mask {position + 1}: {label}, not present in this volume"
+            parts.append(chip_html(position + 1, MISSING_CHIP_COLOUR, title, text=f"{position + 1} not present"))
         else:
             label = masks[position].label or "mask"
             parts.append(chip_html(position + 1, colour(position), f"mask {position + 1}: {label}"))
@@ -70,8 +85,11 @@ def answer_html(content: str, masks: Sequence[MaskResult]) -> str:
     return f'<div class="answer-text" style="white-space: pre-wrap">{"".join(parts)}</div>'
 
 
-def answer_notes(content: str, masks: Sequence[MaskResult], expects_mask: bool) -> list[str]:
-    """Plain-text lines about what does not add up between the answer and its masks."""
+def answer_notes(
+    content: str, masks: Sequence[MaskResult] | Sequence[Target], expects_mask: bool, check_empty: bool = True
+) -> list[str]:
+    """Plain-text lines about what does not add up between the answer and its masks (``check_empty=False``: the
+    masks are targets through a volume, whose absence the legend states)."""
     notes = []
     seg_count = content.count(SEG_TOKEN)
     if expects_mask and not masks:
@@ -82,7 +100,7 @@ def answer_notes(content: str, masks: Sequence[MaskResult], expects_mask: bool) 
             f"The answer marks {seg_count} target(s) with [SEG] but the server returned {len(masks)} mask(s): "
             "read the count in the answer with care."
         )
-    for position, item in enumerate(masks):
+    for position, item in enumerate(masks if check_empty else ()):
         if not item.mask.any():
             notes.append(f"Mask {position + 1} ({item.label or 'mask'}) is empty: the model found no pixel for it.")
     return notes

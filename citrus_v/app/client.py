@@ -60,21 +60,25 @@ class ApiClient:
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        reply = self._chat({"type": "image_url", "image_url": {"url": url}}, query)
+        return Reply(reply.content, reply.reasoning, *decode_grounding(reply.grounding, image.size), reply.grounding)
+
+    def ask_volume(self, url: str, query: str) -> Reply:
+        """Send a whole volume or clip (a ``data:`` URL of its file) as one ``video_url`` part and ``query``.
+
+        The answer's per-frame masks stay in ``grounding``: only the page knows the frames they belong to
+        (:func:`citrus_v.app.volume_answer.decode_volume_grounding` reads them)."""
+        return self._chat({"type": "video_url", "video_url": {"url": url}}, query)
+
+    def _chat(self, media_part: dict[str, Any], query: str) -> Reply:
+        """One user turn (the media part, then the question); the answer's text, reasoning and raw grounding."""
         reply = self.client.chat.completions.create(
             model=self.model,
-            messages=[
-                {
-                    "role": "user",
-                    "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": query}],
-                }
-            ],
+            messages=[{"role": "user", "content": [media_part, {"type": "text", "text": query}]}],
         )
         message = reply.choices[0].message
         extra = message.model_extra or {}
-        grounding = extra.get("grounding") or None
-        content = message.content or ""
-        reasoning = extra.get("reasoning_content")
-        return Reply(content, reasoning, *decode_grounding(grounding, image.size), grounding)
+        return Reply(message.content or "", extra.get("reasoning_content"), grounding=extra.get("grounding") or None)
 
 
 def decode_grounding(grounding: dict[str, Any] | None, size: tuple[int, int]) -> tuple[list[MaskResult], list[Box]]:

@@ -2,7 +2,10 @@
 pixel spacing of what is shown, and the 2-D picture of one chosen view at the file's own resolution.
 
 Pixels come from :mod:`citrus_v.media`; the DICOM header (modality, pixel spacing) is read with pydicom, without
-the pixel data.
+the pixel data. A zip of DICOM slices and a video are shown from the :class:`~citrus_v.media.volume.Volume` that
+:func:`citrus_v.media.read_volume` reads; a multi-frame DICOM asked about as a whole is shown frame by frame as
+in picture mode, in the Volume's frame order (enhanced frames by position along the normal). So frame ``k`` of a
+whole-volume answer, which the server numbers in that order, is the frame shown at slider position ``k + 1``.
 """
 
 from __future__ import annotations
@@ -11,27 +14,36 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from .measurements import PixelSpacing, usable_spacing
 from .window_menu import FILE_WINDOW, is_ct
 
+if TYPE_CHECKING:
+    from ..media import Volume
+
 # NIfTI volumes are brought to RAS+ by citrus_v.media: axis 0 runs left-right, 1 back-front, 2 feet-head.
 AXES: dict[str, int] = {"axial": 2, "coronal": 1, "sagittal": 0}
 NIFTI_LENGTH_UNITS_MM = {"mm": 1.0, "meter": 1000.0, "micron": 0.001}
+# a NIfTI volume sent whole is read by the server along this RAS+ axis (read_volume_bytes' default: axial)
+SERVER_AXIS = 2
+STACK_KINDS = frozenset({"series", "video"})  # uploads shown from their Volume
+VOLUMES_KEPT = 2  # decoded stacks kept in memory: the upload shown and the one before it
 
 
 @dataclass(frozen=True)
 class View:
     """Which 2-D picture of a scan: frame (DICOM) or slice (NIfTI) ``index``, NIfTI ``axis`` and time point
-    ``t``, and the window (a preset name, ``"C,W"`` or ``file``)."""
+    ``t``, the window (a preset name, ``"C,W"`` or ``file``), and whether the question is about the whole
+    volume (``whole``: a multi-frame DICOM is then shown in the volume's frame order)."""
 
     index: int = 0
     axis: int = 2
     t: int = 0
     window: str = FILE_WINDOW
+    whole: bool = False
 
 
 @dataclass(frozen=True)
@@ -39,7 +51,7 @@ class Scan:
     """What the page knows about an upload before showing it."""
 
     path: Path
-    kind: str  # "raster", "dicom" or "nifti"
+    kind: str  # "raster", "dicom", "nifti", "series" (a zip of DICOM slices) or "video"
     modality: str | None  # DICOM Modality; None for NIfTI and pictures
     ct: bool  # whether the CT window presets apply
     frames: tuple[int, int, int]  # frames (DICOM: all three equal) or slices along NIfTI axes 0, 1, 2
@@ -51,13 +63,30 @@ class Scan:
     def frame_count(self, axis: int = 2) -> int:
         return self.frames[axis]
 
+    @property
+    def volume_capable(self) -> bool:
+        """Whether the file can be asked about as a whole: a volume or clip of more than one frame."""
+        return self.kind in STACK_KINDS or (self.kind in ("nifti", "dicom") and self.frames[SERVER_AXIS] > 1)
+
+    def file_frame(self, view: View) -> int:
+        """The DICOM file's frame (0-based) ``view`` shows: in whole-volume mode, slider frame ``k`` is the
+        Volume's frame ``k`` (the file frame its reference names); else the file's frame ``k``."""
+        if not view.whole or self.kind != "dicom" or self.frames[SERVER_AXIS] < 2:
+            return view.index
+        reference = self.volume().references[view.index]
+        return view.index if reference.frame_number is None else reference.frame_number - 1
+
+    def volume(self, t: int = 0) -> Volume:
+        """The stack the server reads when the file is sent whole (time point ``t`` of a 4-D NIfTI file)."""
+        return load_volume(self.path, t if self.time_points > 1 else None)
+
     def default_view(self, axis: int = 2) -> View:
         """The middle frame or slice along ``axis``."""
         return View(index=self.frame_count(axis) // 2, axis=axis)
 
     def pixel_spacing(self, axis: int = 2) -> PixelSpacing | None:
         """Spacing of the displayed picture's rows and columns, or ``None`` when the file has no usable one."""
-        if self.kind == "dicom":
+        if self.kind in ("dicom", "series"):
             return self.dicom_spacing
         if self.kind != "nifti" or self.spacing_mm is None:
             return None
@@ -68,7 +97,9 @@ class Scan:
     def describe(self, view: View) -> str:
         """What the picture is, in words: ``scan.dcm, frame 4 of 10``."""
         name = self.path.name
-        if self.kind == "dicom" and self.frames[2] > 1:
+        if self.kind == "series":
+            return f"{name}, slice {view.index + 1} of {self.frames[2]}"
+        if self.kind in ("dicom", "video") and self.frames[2] > 1:
             return f"{name}, frame {view.index + 1} of {self.frames[2]}"
         if self.kind == "nifti":
             axis_name = next(n for n, a in AXES.items() if a == view.axis)
@@ -81,8 +112,10 @@ class Scan:
         from ..media import MediaRef, apply_window, full_range_window, parse_window, read_dicom, read_image, read_nifti
 
         window = view.window if self.ct and view.window != FILE_WINDOW else None
+        if self.kind in STACK_KINDS:
+            return self.volume(view.t).frame_image(view.index, window)
         if self.kind == "dicom":
-            return Image.fromarray(read_dicom(self.path, view.index).to_uint8(window)).convert("RGB")
+            return Image.fromarray(read_dicom(self.path, self.file_frame(view)).to_uint8(window)).convert("RGB")
         if self.kind == "nifti":
             volume = read_nifti(self.path, view.t)
             plane = volume.slice(view.index, view.axis)
@@ -100,15 +133,55 @@ def open_scan(path: str | Path) -> Scan:
 
 @lru_cache(maxsize=8)
 def _open_scan_cached(path_text: str, _mtime: float) -> Scan:
-    from ..media import parse_ref
+    from ..media import MedicalImageError, parse_ref
+    from ..media.dicom_series import is_zip
+    from ..media.video import is_video_name
 
     path = Path(path_text)
     kind = parse_ref(path_text).kind
+    if kind == "raster" and is_video_name(path.name):
+        return _open_stack(path, "video")
+    if kind == "raster":
+        try:
+            with open(path, "rb") as handle:
+                head = handle.read(4)
+        except OSError as err:
+            raise MedicalImageError(f"{path}: cannot be read ({err})", "unreadable_image") from err
+        if is_zip(head):
+            return _open_stack(path, "series")
     if kind == "dicom":
         return _open_dicom(path)
     if kind == "nifti":
         return _open_nifti(path)
     return Scan(path, "raster", None, False, (1, 1, 1), 1, None, "", None)
+
+
+def load_volume(path: str | Path, t: int | None = None) -> Volume:
+    """The upload as :func:`citrus_v.media.read_volume` reads it (time point ``t`` of a 4-D NIfTI file), kept for
+    the next view of the same file."""
+    path = Path(path)
+    return _load_volume_cached(str(path.resolve()), os.path.getmtime(path), t)
+
+
+@lru_cache(maxsize=VOLUMES_KEPT)
+def _load_volume_cached(path_text: str, _mtime: float, t: int | None) -> Volume:
+    from ..media import read_volume
+
+    return read_volume({"path": path_text, "t": t} if t is not None else path_text)
+
+
+def _open_stack(path: Path, kind: str) -> Scan:
+    """A zip of DICOM slices or a video: frames, modality and pixel spacing from the decoded stack."""
+    volume = load_volume(path)
+    modality = None
+    if volume.datasets:
+        modality = str(volume.datasets[0].get("Modality", "") or "").strip() or None
+    spacing = None
+    if volume.spacing is not None:
+        source = "DICOM PixelSpacing" if kind == "series" else f"{path.name}'s spacing"
+        spacing = usable_spacing(volume.spacing[1], volume.spacing[2], source)
+    frames = (volume.num_frames,) * 3
+    return Scan(path, kind, modality, is_ct("dicom", modality), frames, 1, None, "", spacing)
 
 
 def _open_dicom(path: Path) -> Scan:

@@ -11,21 +11,33 @@ answer text, boxes and masks in original-image pixels, so the scoring code canno
   Qwen2.5-VL's smart-resized pixels; ``norm1000``: 0–1000 of the image), and no masks. The client retries
   connection errors, 408/409/429 and 5xx answers ``retries`` times with backoff and gives up after
   ``timeout`` seconds per request; the sample is then marked failed and the run goes on.
+
+A sample about a volume or clip (``videos``) is asked with its video (in-process: the reference itself; over
+the API: a ``video_url`` part with the file's bytes) and answered with one ``[N, H, W]`` mask stack per
+``[SEG]`` on the video's whole grid, in place of 2-D masks (:mod:`.backend_videos`).
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
-from ..tokens import IMAGE_PLACEHOLDER
+from ..tokens import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+from . import backend_videos
 from .samples import EvalSample
+
+if TYPE_CHECKING:
+    from ..infer.results import Prediction
+
+logger = logging.getLogger(__name__)
 
 BOX_FORMATS = ("pixels", "qwen", "norm1000")
 
@@ -41,7 +53,8 @@ class GenerationOptions:
 
 @dataclass
 class ModelOutput:
-    """One answer: text, boxes ``[x1, y1, x2, y2]`` and boolean masks ``[H, W]``, all in original pixels."""
+    """One answer: text, boxes ``[x1, y1, x2, y2]`` and boolean masks ``[H, W]``, all in original pixels (for a
+    sample about a volume or clip, ``masks`` holds one ``[N, H, W]`` stack per ``[SEG]`` on the video's grid)."""
 
     text: str
     boxes: list[list[float]] = field(default_factory=list)
@@ -86,20 +99,29 @@ class InProcessBackend(Backend):
         from ..infer.predictor import Request
 
         requests = [
-            Request(images=imgs, prompt=s.prompt, system=s.system, history=list(s.history))
+            Request(images=imgs, prompt=s.prompt, system=s.system, history=list(s.history),
+                    videos=backend_videos.video_references(s))
             for s, imgs in zip(samples, images, strict=True)
         ]
         predictions = self.predictor.predict_batch(
             requests, max_new_tokens=options.max_new_tokens, temperature=options.temperature, seed=options.seed
         )
-        return [
-            ModelOutput(
-                text=p.text,
-                boxes=[[float(b.x1), float(b.y1), float(b.x2), float(b.y2)] for b in p.boxes],
-                masks=[np.asarray(m.mask, dtype=bool) for m in p.masks],
-            )
-            for p in predictions
-        ]
+        return [self._output(s, p) for s, p in zip(samples, predictions, strict=True)]
+
+    @staticmethod
+    def _output(sample: EvalSample, prediction: Prediction) -> ModelOutput:
+        """A prediction as a :class:`ModelOutput`: a video sample's masks are its volume masks' stacks on the
+        video's grid (frames SAM 2 did not segment stay empty, and the predictor's note is logged)."""
+        boxes = [[float(b.x1), float(b.y1), float(b.x2), float(b.y2)] for b in prediction.boxes]
+        if not sample.videos:
+            return ModelOutput(text=prediction.text, boxes=boxes,
+                               masks=[np.asarray(m.mask, dtype=bool) for m in prediction.masks])
+        for note in getattr(prediction, "notes", []):
+            logger.warning("%s: %s", sample.where(), note)
+        volume_masks = getattr(prediction, "volume_masks", [])
+        stacks = (backend_videos.stacks_from_volume_masks(volume_masks, backend_videos.video_grid(sample))
+                  if volume_masks else [])
+        return ModelOutput(text=prediction.text, boxes=boxes, masks=stacks)
 
     def describe(self) -> dict[str, Any]:
         return {"backend": "in-process", "model": self.name, "batch_size": self.batch_size}
@@ -112,23 +134,44 @@ def png_data_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def chat_messages(sample: EvalSample, images: Sequence[Image.Image]) -> list[dict[str, Any]]:
-    """OpenAI chat messages: system, earlier turns, then the prompt with each image where its placeholder is."""
+_PLACEHOLDERS = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
+
+
+def chat_messages(
+    sample: EvalSample, images: Sequence[Image.Image], videos: Sequence[str] = ()
+) -> list[dict[str, Any]]:
+    """OpenAI chat messages: system, earlier turns, then the prompt with each image (a PNG ``data:`` URL) and each
+    video (``videos``: ``data:`` URLs) where its placeholder is. A kind whose placeholders do not match its count
+    goes before the text, images first, as the processor places them."""
     messages: list[dict[str, Any]] = []
     if sample.system is not None:
         messages.append({"role": "system", "content": sample.system})
-    for turn in sample.history:
-        text = turn["content"].replace(IMAGE_PLACEHOLDER, "")  # earlier turns' images are not resent
+    for turn in sample.history:  # earlier turns' images and videos are not resent
+        text = turn["content"].replace(IMAGE_PLACEHOLDER, "").replace(VIDEO_PLACEHOLDER, "")
         messages.append({"role": turn["role"], "content": text})
-    pieces = sample.prompt.split(IMAGE_PLACEHOLDER)
-    if len(pieces) - 1 != len(images):  # no (or too few) placeholders: images first, as the processor does
-        pieces = [""] * len(images) + ["".join(pieces)]
+    media = {
+        IMAGE_PLACEHOLDER: [{"type": "image_url", "image_url": {"url": png_data_url(image)}} for image in images],
+        VIDEO_PLACEHOLDER: [{"type": "video_url", "video_url": {"url": url}} for url in videos],
+    }
+    pieces = _PLACEHOLDERS.split(sample.prompt)
     parts: list[dict[str, Any]] = []
-    for k, piece in enumerate(pieces):
-        if piece:
-            parts.append({"type": "text", "text": piece})
-        if k < len(images):
-            parts.append({"type": "image_url", "image_url": {"url": png_data_url(images[k])}})
+    for tag, items in media.items():
+        if pieces.count(tag) != len(items):  # no (or too few) placeholders: these go first
+            parts += items
+            pieces = [piece for piece in pieces if piece != tag]
+            items.clear()
+    queues = {tag: iter(items) for tag, items in media.items()}
+    text = ""
+    for piece in pieces:
+        if piece in queues:
+            if text:
+                parts.append({"type": "text", "text": text})
+            parts.append(next(queues[piece]))
+            text = ""
+        else:
+            text += piece
+    if text:
+        parts.append({"type": "text", "text": text})
     messages.append({"role": "user", "content": parts})
     return messages
 
@@ -165,9 +208,10 @@ class OpenAIBackend(Backend):
         return [self._one(sample, imgs, options) for sample, imgs in zip(samples, images, strict=True)]
 
     def _one(self, sample: EvalSample, images: list[Image.Image], options: GenerationOptions) -> ModelOutput:
+        videos = [backend_videos.video_data_url(ref) for ref in backend_videos.video_references(sample)]
         reply = self.client.chat.completions.create(
             model=self.model,
-            messages=chat_messages(sample, images),
+            messages=chat_messages(sample, images, videos),
             max_tokens=options.max_new_tokens,
             temperature=options.temperature,
             seed=options.seed,
@@ -178,6 +222,8 @@ class OpenAIBackend(Backend):
         text = message.content or ""
         grounding = (message.model_extra or {}).get("grounding")
         if isinstance(grounding, dict):
+            if sample.videos:
+                return self._grounded_video(sample, text, grounding)
             return self._grounded(text, grounding, images)
         return ModelOutput(text=text, boxes=self._text_boxes(text, images), grounded=False)
 
@@ -192,6 +238,19 @@ class OpenAIBackend(Backend):
         boxes = [[float(v) for v in b["bbox_2d"]] for b in grounding.get("boxes") or []]
         masks = [rle_to_mask(m["segmentation"]) for m in sorted(grounding.get("masks") or [], key=lambda m: m["index"])]
         return ModelOutput(text=text, boxes=boxes, masks=masks, grounded=True)
+
+    @staticmethod
+    def _grounded_video(sample: EvalSample, text: str, grounding: dict) -> ModelOutput:
+        """A video sample's answer: the grounding's per-frame RLE masks rebuilt into stacks on the video's grid
+        (N, H, W from the video's headers here); no volume masks at all gives no stack."""
+        boxes = [[float(v) for v in b["bbox_2d"]] for b in grounding.get("boxes") or []]
+        for note in grounding.get("notes") or []:
+            logger.warning("%s: %s", sample.where(), note)
+        grid = backend_videos.video_grid(sample)
+        backend_videos.check_video_size(grounding, grid)
+        listed = backend_videos.grounding_volume_masks(grounding)
+        stacks = backend_videos.stacks_from_grounding(listed, grid) if listed else []
+        return ModelOutput(text=text, boxes=boxes, masks=stacks, grounded=True)
 
     def _text_boxes(self, text: str, images: list[Image.Image]) -> list[list[float]]:
         from ..processing.boxes import Box, BoxScaler, parse_boxes

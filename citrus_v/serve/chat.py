@@ -1,10 +1,12 @@
 """The steps of a chat completion: check the key and the model, turn the body into one job per choice, run the
 jobs through the batcher, and answer them whole (:meth:`ChatService.complete`) or streamed (``streaming``).
 
-Turning the body into jobs reads every image's header first and checks the whole request — the number of
-images, their pixels together, image and text tokens against the context, and its memory estimate against the
-server's budget (:mod:`~citrus_v.serve.request_budget`, :mod:`~citrus_v.serve.admission`) — and only then
-decodes the images, holding the memory reserved for them until the request is answered.
+Turning the body into jobs reads every image's and video's header first and checks the whole request — the
+number of images, their pixels together, the frames and voxels of its volumes and clips together, image, video
+and text tokens against the context, and its memory estimate against the server's budget
+(:mod:`~citrus_v.serve.request_budget`, :mod:`~citrus_v.serve.video_budget`, :mod:`~citrus_v.serve.admission`)
+— and only then decodes the images and videos, holding the memory reserved for them until the request is
+answered.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from dataclasses import dataclass, field, replace
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
@@ -38,6 +41,8 @@ from .request_budget import (
 )
 from .request_fields import FieldRefused, check_fields, sampling_params
 from .settings import ServerSettings
+from .video_budget import MeasuredVideo, footprint, measure_videos, sam_frame_bytes, video_tokens
+from .video_sources import VideoPolicy
 
 
 def _itemsize(predictor) -> int:
@@ -52,6 +57,30 @@ def _context_length(predictor) -> int | None:
     text_config = getattr(config, "text_config", None) or config
     value = getattr(text_config, "max_position_embeddings", None)
     return int(value) if value else None
+
+
+def _memory_model(predictor, itemsize: int) -> MemoryModel:
+    """The memory model of ``predictor``'s checkpoint, with what SAM 2 holds per frame of a video and how many
+    frames at once (a chunk per-frame, every frame with memory propagation)."""
+    model = getattr(predictor, "model", None)
+    base = MemoryModel.for_model(getattr(model, "config", None), itemsize, predictor.processor)
+    segmenter = getattr(predictor, "volume_segmenter", None)
+    memory = getattr(segmenter, "propagation", None) == "memory"
+    return replace(
+        base,
+        per_sam_frame=sam_frame_bytes(model, predictor.processor, itemsize),
+        sam_frames_held=None if memory else int(getattr(segmenter, "frames_per_chunk", base.sam_frames_held)),
+        max_sam_frames=int(getattr(predictor, "max_frames", base.max_sam_frames)),
+    )
+
+
+@dataclass
+class Measured:
+    """A request's messages with every image and video measured from its headers, nothing decoded."""
+
+    conversation: Conversation
+    images: list[MeasuredImage]
+    videos: list[MeasuredVideo] = field(default_factory=list)
 
 
 def usage(results: list[JobResult]) -> Usage:
@@ -73,11 +102,12 @@ class ChatService:
             settings.allowed_local_media_path, settings.max_image_pixels, settings.max_decoded_bytes
         )
         self.limits = RequestLimits(settings.max_images_per_request, settings.max_request_pixels)
+        self.video_policy = VideoPolicy(
+            settings.allowed_local_media_path, settings.max_video_frames, settings.max_video_voxels
+        )
         budget = settings.max_inflight_memory_bytes or default_inflight_memory_mb() * MIB
         self.admission = MemoryAdmission(budget)
-        self.memory = MemoryModel.for_model(
-            getattr(getattr(predictor, "model", None), "config", None), _itemsize(predictor), predictor.processor
-        )
+        self.memory = _memory_model(predictor, _itemsize(predictor))
         self.created = int(time.time())
         self.context_length = _context_length(predictor)
         tokenizer = predictor.processor.tokenizer
@@ -123,9 +153,9 @@ class ChatService:
                 "max_tokens_too_large",
                 param="max_tokens",
             )
-        conversation, images = self.measure(body)
-        reservation = self.admit(conversation, images, body.n, max_tokens)
-        request = self.decode(conversation, images, reservation)
+        measured = self.measure(body)
+        reservation = self.admit(measured, body.n, max_tokens)
+        request = self.decode(measured, reservation)
         encoded = self.encode(request, reservation)
         jobs = [
             Job(request=request, encoded=encoded, max_tokens=max_tokens, sampling=s, stop=body.stop_list())
@@ -141,33 +171,43 @@ class ChatService:
             lambda value, param: load_image_value(value, self.policy, param),
         )
 
-    def measure(self, body: ChatCompletionRequest) -> tuple[Conversation, list[MeasuredImage]]:
-        """The first pass: the messages checked and every image measured from its header, nothing decoded;
-        then the request-wide image limits."""
+    def measure(self, body: ChatCompletionRequest) -> Measured:
+        """The first pass: the messages checked and every image and video measured from its headers, nothing
+        decoded; the request-wide image limits, and the video limits as each video is measured."""
         try:
             conversation = read_messages(body.messages)
             check_image_count(len(conversation.sources), self.limits)  # before a single header is read
             images = read_headers(conversation.sources, self.policy, self._load)
+            check_images(images, self.limits)
+            videos = measure_videos(conversation.videos, self.video_policy)
         except MediaError as err:
             raise ApiError(err.status, err.message, err.code, param=err.param) from err
-        check_images(images, self.limits)
-        return conversation, images
+        return Measured(conversation, images, videos)
 
-    def admit(self, conversation: Conversation, images: list[MeasuredImage], choices: int, max_tokens: int):
-        """Image and text tokens against the context, then the memory estimate reserved from the server's budget
-        (413 when it alone passes the budget, 429 while requests in flight hold too much of it)."""
-        headers = [image.header for image in images]
-        tokens = count_tokens(self.predictor.processor, conversation.messages(), conversation.system, headers)
-        check_context(tokens, max_tokens, self.context_length, len(headers))
-        held = sum(len(image.source.reference) for image in images)  # the body's image text, as sent and parsed
-        estimate = self.memory.estimate(headers, tokens, choices, max_tokens, held)
+    def admit(self, measured: Measured, choices: int, max_tokens: int):
+        """Image, video and text tokens against the context, then the memory estimate reserved from the server's
+        budget (413 when it alone passes the budget, 429 while requests in flight hold too much of it)."""
+        conversation, processor = measured.conversation, self.predictor.processor
+        headers = [image.header for image in measured.images]
+        try:
+            pads = [video_tokens(processor, video.header, video.source.param) for video in measured.videos]
+        except MediaError as err:
+            raise ApiError(err.status, err.message, err.code, param=err.param) from err
+        tokens = count_tokens(processor, conversation.messages(), conversation.system, headers, pads)
+        check_context(tokens, max_tokens, self.context_length, len(headers), len(pads))
+        footprints = [footprint(processor, video) for video in measured.videos]
+        # the body's image and video text, as sent and parsed
+        held = sum(len(item.source.reference) for item in [*measured.images, *measured.videos])
+        estimate = self.memory.estimate(headers, tokens, choices, max_tokens, held, footprints)
         return self.admission.reserve(estimate, holders=choices)
 
-    def decode(self, conversation: Conversation, images: list[MeasuredImage], reservation: Reservation):
-        """The second pass: every image decoded, in order; the reservation is given back if this fails, and at
-        the latest when the request and its images are freed."""
+    def decode(self, measured: Measured, reservation: Reservation):
+        """The second pass: every image and video decoded, in order; the reservation is given back if this
+        fails, and at the latest when the request and its images are freed."""
         try:
-            request = conversation.request([image.load(self._load) for image in images])
+            images = [image.load(self._load) for image in measured.images]
+            videos = [video.decode() for video in measured.videos]
+            request = measured.conversation.request(images, videos)
         except MediaError as err:
             reservation.release()
             raise ApiError(err.status, err.message, err.code, param=err.param) from err

@@ -100,6 +100,7 @@ def _budget_flags() -> list[tuple[tuple[str, ...], dict[str, Any]]]:
     from ..media.errors import DEFAULT_MAX_DECODED_BYTES
     from .admission import default_inflight_memory_mb
     from .request_budget import DEFAULT_MAX_IMAGES_PER_REQUEST, DEFAULT_MAX_REQUEST_PIXELS
+    from .video_sources import DEFAULT_MAX_VIDEO_FRAMES, DEFAULT_MAX_VIDEO_VOXELS
 
     return [
         (
@@ -129,6 +130,26 @@ def _budget_flags() -> list[tuple[tuple[str, ...], dict[str, Any]]]:
             },
         ),
         (
+            ("--max_video_frames",),
+            {
+                "type": int,
+                "default": DEFAULT_MAX_VIDEO_FRAMES,
+                "help": "most frames of all volumes and clips of one request together (slices of a volume, frames "
+                "of a clip), from their headers, before any is decoded (413 video_too_large); SAM 2 segments "
+                "every frame, the language model sees FPS_MAX_FRAMES of them",
+            },
+        ),
+        (
+            ("--max_video_voxels",),
+            {
+                "type": int,
+                "default": DEFAULT_MAX_VIDEO_VOXELS,
+                "help": "most voxels (frames × height × width × colour samples) of all volumes and clips of one "
+                "request together, from their headers, before any is decoded (413 video_too_large); a local file "
+                "or series folder may hold at most 8 bytes a voxel of it",
+            },
+        ),
+        (
             ("--max_inflight_memory_mb",),
             {
                 "type": int,
@@ -147,13 +168,22 @@ def _budget_note(settings) -> str:
     memory = settings.max_inflight_memory_bytes // (1024 * 1024)
     return (
         f"per request: at most {settings.max_images_per_request} images, {settings.max_request_pixels} pixels in all, "
-        f"image and text tokens within the context; requests in flight: {memory} MiB of memory together (more: 429)"
+        f"volumes and clips of {settings.max_video_frames} frames and {settings.max_video_voxels} voxels in all, "
+        f"image, video and text tokens within the context; requests in flight: {memory} MiB of memory together "
+        "(more: 429)"
     )
 
 
 def _check_budgets(args: argparse.Namespace) -> str | None:
     """Why a request-budget flag cannot be used, or ``None``."""
-    names = ("max_decoded_bytes", "max_images_per_request", "max_request_pixels", "max_inflight_memory_mb")
+    names = (
+        "max_decoded_bytes",
+        "max_images_per_request",
+        "max_request_pixels",
+        "max_video_frames",
+        "max_video_voxels",
+        "max_inflight_memory_mb",
+    )
     low = [f"--{name}" for name in names if getattr(args, name) < 1]
     return f"{', '.join(low)} must be >= 1" if low else None
 
@@ -263,6 +293,8 @@ def run(args: argparse.Namespace) -> int:
         max_decoded_bytes=args.max_decoded_bytes,
         max_images_per_request=args.max_images_per_request,
         max_request_pixels=args.max_request_pixels,
+        max_video_frames=args.max_video_frames,
+        max_video_voxels=args.max_video_voxels,
         max_inflight_memory_bytes=args.max_inflight_memory_mb * 1024 * 1024,
         generation=generation,
     )

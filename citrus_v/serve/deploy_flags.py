@@ -6,16 +6,19 @@ Upstream Citrus-V's README deploys with::
         --served_model_name CitrusV_8B --template citrus_v_infer --infer_backend pt --torch_dtype bfloat16 --port 8000
 
 and the same line with ``citrus-v deploy`` in place of ``swift deploy`` runs here. Each flag maps to ours or is
-honoured; the environment variables that ms-swift hands to ``qwen_vl_utils`` are honoured (the pixel bounds,
-read by the processor) or accepted and named as unused (the video settings, until video input exists). A
-backend other than ``pt`` is refused with the reason. :func:`notes` gives the one line per flag or variable
-that the server prints at start.
+honoured; the environment variables that ms-swift hands to ``qwen_vl_utils`` are honoured, read by the
+processor when the model loads: the image pixel bounds, and the video settings that choose and size the frames
+of a volume or clip the language model sees (:mod:`citrus_v.media.frame_sampling`). ``MAX_RATIO`` is accepted
+and named as unused. A backend other than ``pt`` is refused with the reason. :func:`environment_notes` and
+:func:`flag_notes` give the one line per variable or flag that the server prints at start, with the value in
+effect.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from typing import Any
 
 INFER_BACKENDS = ("pt", "vllm", "sglang", "lmdeploy")
@@ -23,16 +26,25 @@ TEMPLATES = ("citrus_v_infer", "citrus_v")
 TORCH_DTYPES = ("bfloat16", "float16", "float32")
 
 PIXEL_VARIABLES = ("MIN_PIXELS", "MAX_PIXELS")
-_NO_VIDEO = "accepted, not used: this server takes images only (video input is not served yet)"
-# ms-swift's qwen_vl_utils variables (swift/llm/model/model/qwen.py, patch_qwen_vl_utils) that change nothing here
+# ms-swift's qwen_vl_utils video variables (swift/llm/model/model/qwen.py, patch_qwen_vl_utils): what each does to
+# a volume or clip in a request, with the value in effect (the processor's video sampling, by lower-case name)
+VIDEO_VARIABLES = {
+    "VIDEO_MIN_PIXELS": "the fewest pixels a frame of a volume or clip is resized to for the language model (in "
+    "effect: {video_min_pixels})",
+    "VIDEO_MAX_PIXELS": "the most pixels a frame of a volume or clip is resized to for the language model (in "
+    "effect: {video_max_pixels}); SAM 2 still segments each frame at its own size",
+    "VIDEO_TOTAL_PIXELS": "the pixels of all frames of one video the language model sees together: a frame gets at "
+    "most this x FRAME_FACTOR / frames (in effect: {video_total_pixels})",
+    "FPS": "the rate a clip is sampled at for the language model (in effect: {fps:g} frames per second); a volume's "
+    "slices have no rate and are all kept up to FPS_MAX_FRAMES",
+    "FPS_MIN_FRAMES": "the fewest frames of a clip the language model sees (in effect: {fps_min_frames})",
+    "FPS_MAX_FRAMES": "the most frames of a clip, or slices of a volume, the language model sees, evenly spaced (in "
+    "effect: {fps_max_frames}); SAM 2 still segments every frame",
+    "FRAME_FACTOR": "the frames the language model sees are a multiple of this (in effect: {frame_factor}); the "
+    "vision tower takes them in pairs",
+}
+# accepted, and named as changing nothing here
 UNUSED_VARIABLES = {
-    "VIDEO_MIN_PIXELS": _NO_VIDEO,
-    "VIDEO_MAX_PIXELS": _NO_VIDEO,
-    "VIDEO_TOTAL_PIXELS": _NO_VIDEO,
-    "FPS": _NO_VIDEO,
-    "FPS_MIN_FRAMES": _NO_VIDEO,
-    "FPS_MAX_FRAMES": _NO_VIDEO,
-    "FRAME_FACTOR": _NO_VIDEO,
     "MAX_RATIO": "accepted, not used: transformers' smart resize refuses aspect ratios over 200, as qwen_vl_utils does",
 }
 FLOAT_VARIABLES = ("FPS",)
@@ -54,7 +66,7 @@ def check_backend(name: str) -> None:
 
 def read_environment(environ: Mapping[str, str]) -> dict[str, str]:
     """The ms-swift variables set in ``environ``, each checked to be a number; raises :class:`DeployLineError`."""
-    known = (*PIXEL_VARIABLES, "IMAGE_FACTOR", *UNUSED_VARIABLES)
+    known = (*PIXEL_VARIABLES, "IMAGE_FACTOR", *VIDEO_VARIABLES, *UNUSED_VARIABLES)
     found = {name: environ[name] for name in known if environ.get(name) not in (None, "")}
     for name, value in found.items():
         kind = float if name in FLOAT_VARIABLES else int
@@ -90,6 +102,8 @@ def environment_notes(found: Mapping[str, str], processor, environ: Mapping[str,
             )
         elif name == "IMAGE_FACTOR":
             lines.append(f"IMAGE_FACTOR={value}: the checkpoint's own patch × merge size, as required")
+        elif name in VIDEO_VARIABLES:
+            lines.append(f"{name}={value}: {VIDEO_VARIABLES[name].format(**asdict(processor.video_sampling))}")
         else:
             lines.append(f"{name}={value}: {UNUSED_VARIABLES[name]}")
     devices = environ.get("CUDA_VISIBLE_DEVICES")

@@ -15,6 +15,10 @@ link by the system (``O_NOFOLLOW``):
 - the readers then read **the opened descriptor only**, through a private path with the file's own name (which
   says its format) that opens the same file: ``/proc/self/fd/N`` on Linux, ``/dev/fd/N`` elsewhere.
 
+A **folder** (a DICOM series sent as a video) is reached the same way and opened for listing only; each file
+found in it (and in its sub-folders, never through a symbolic link to a folder) is then opened on its own by
+the same walk from the allowed folder (:func:`read_folder_files`), so a link inside the series cannot lead out.
+
 Every refusal is a :class:`LocalPathError` naming the path as the client sent it, what is wrong with it and
 the fix.
 """
@@ -29,6 +33,7 @@ import tempfile
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path, PurePath
 
 MAX_LINKS = 40  # symbolic links followed in one path, as Linux allows
@@ -43,6 +48,8 @@ _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 # a folder on the way is only searched, never listed or read: O_PATH where the system has it
 _FOLDER_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | _NOFOLLOW | _CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | _NOFOLLOW | _CLOEXEC
+# a folder that is listed (a DICOM series): readable, never through a symbolic link
+_LISTED_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW | _CLOEXEC
 
 
 class LocalPathError(Exception):
@@ -151,8 +158,9 @@ class _Walk:
                 os.close(self.folders.pop())
         return names
 
-    def run(self, names: list[str]) -> tuple[int, str]:
-        """The descriptor of the regular file ``names`` leads to, and that file's own name."""
+    def run(self, names: list[str], folder_ok: bool = False) -> tuple[int, str]:
+        """The descriptor of the regular file ``names`` leads to, and that file's own name; with ``folder_ok``,
+        a folder there is opened for listing instead of refused."""
         pending = deque(names)
         while pending:
             name = pending.popleft()
@@ -172,19 +180,23 @@ class _Walk:
                 continue
             if last:
                 try:
-                    _check_regular(fd, self.shown)
+                    if not (folder_ok and stat.S_ISDIR(os.fstat(fd).st_mode)):
+                        _check_regular(fd, self.shown)
                 except BaseException:
                     os.close(fd)
                     raise
                 return fd, name
             self.folders.append(fd)
+        if folder_ok:  # the path ends at a folder already entered (the allowed folder itself, or "..")
+            return os.open(".", _LISTED_FOLDER_FLAGS, dir_fd=self.folders[-1]), "."
         raise LocalPathError(f"{self.shown!r} names a folder, not a file; name an image file", BAD_PATH)
 
 
-def open_inside(folder: Path, path: Path, shown: str) -> tuple[int, str]:
+def open_inside(folder: Path, path: Path, shown: str, folder_ok: bool = False) -> tuple[int, str]:
     """A read-only descriptor of the regular file that ``path`` (absolute, or relative to ``folder``) names
     inside ``folder``, and that file's own name; raises :class:`LocalPathError` for anything else (see the
-    module docstring). ``shown`` is the path as the client sent it, for the messages."""
+    module docstring). ``shown`` is the path as the client sent it, for the messages. With ``folder_ok`` a
+    folder is opened too (for listing: check with :func:`is_folder`)."""
     text = os.fspath(path)
     if "\0" in text:
         raise LocalPathError(f"{shown!r}: the path holds a NUL byte, which no file name can", BAD_PATH)
@@ -208,9 +220,114 @@ def open_inside(folder: Path, path: Path, shown: str) -> tuple[int, str]:
         ) from None
     walk = _Walk(root_fd, roots, shown)
     try:
-        return walk.run(names)
+        return walk.run(names, folder_ok)
     finally:
         walk.close()
+
+
+def is_folder(fd: int) -> bool:
+    """Whether the descriptor :func:`open_inside` gave is a folder."""
+    return stat.S_ISDIR(os.fstat(fd).st_mode)
+
+
+@dataclass(frozen=True)
+class FolderListing:
+    """The files under a folder: their names relative to it (``/``-separated, sorted) and their sizes."""
+
+    names: list[str]
+    sizes: list[int]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.sizes)
+
+
+def list_folder(fd: int, shown: str, max_files: int) -> FolderListing:
+    """The files under the folder ``fd`` (from :func:`open_inside` with ``folder_ok``), sub-folders included
+    but never entered through a symbolic link; a symbolic link to a file is listed (:func:`read_folder_files`
+    opens it safely). More than ``max_files`` is a 413 naming the limit."""
+    found: list[tuple[str, int]] = []
+    pending: list[tuple[int, str]] = [(os.dup(fd), "")]
+    try:
+        while pending:
+            folder, prefix = pending.pop()
+            try:
+                with os.scandir(folder) as entries:
+                    for entry in entries:
+                        if entry.is_dir(follow_symlinks=False):
+                            sub = os.open(entry.name, _LISTED_FOLDER_FLAGS, dir_fd=folder)
+                            pending.append((sub, f"{prefix}{entry.name}/"))
+                            continue
+                        found.append((prefix + entry.name, entry.stat(follow_symlinks=False).st_size))
+                        if len(found) > max_files:
+                            raise LocalPathError(
+                                f"{shown!r} holds more than {max_files} files, more than a series within this "
+                                "server's frame limit can need; send the series' own folder, or fewer slices",
+                                "video_too_large",
+                                413,
+                            )
+            finally:
+                os.close(folder)
+    except OSError as err:
+        raise LocalPathError(f"{shown!r}: the folder cannot be listed ({err.strerror or err})", BAD_PATH) from None
+    finally:
+        for folder, _prefix in pending:
+            os.close(folder)
+    found.sort()
+    return FolderListing([name for name, _size in found], [size for _name, size in found])
+
+
+def read_folder_files(
+    folder: Path, path: Path, names: list[str], shown: str, max_bytes: int
+) -> Iterator[tuple[str, bytes]]:
+    """Each of ``names`` (relative to ``path``, the folder as the client named it) opened on its own by the walk
+    of :func:`open_inside` and read whole, in order; more than ``max_bytes`` in all is a 413."""
+    total = 0
+    for name in names:
+        fd, _own = open_inside(folder, Path(path) / name, f"{shown.rstrip('/')}/{name}")
+        try:
+            size = os.fstat(fd).st_size
+            total += size
+            if total > max_bytes:
+                raise LocalPathError(
+                    f"the files of {shown!r} hold more than {max_bytes} bytes, more than a series within this "
+                    "server's voxel limit can need; send a smaller series",
+                    "video_too_large",
+                    413,
+                )
+            with os.fdopen(os.dup(fd), "rb") as handle:
+                data = handle.read(max_bytes - total + size + 1)
+        finally:
+            os.close(fd)
+        if len(data) > size:  # grew while it was read
+            total += len(data) - size
+            if total > max_bytes:
+                raise LocalPathError(
+                    f"the files of {shown!r} hold more than {max_bytes} bytes; send a smaller series",
+                    "video_too_large",
+                    413,
+                )
+        yield name, data
+
+
+def read_local_file(fd: int, shown: str, max_bytes: int) -> bytes:
+    """The whole regular file ``fd`` (from :func:`open_inside`), refused with a 413 when it holds more than
+    ``max_bytes``."""
+    size = os.fstat(fd).st_size
+    if size > max_bytes:
+        raise LocalPathError(
+            f"{shown!r} is {size} bytes, more than a volume or clip within this server's voxel limit can need "
+            f"({max_bytes} bytes); send a smaller file",
+            "video_too_large",
+            413,
+        )
+    with os.fdopen(os.dup(fd), "rb") as handle:
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise LocalPathError(
+            f"{shown!r} holds more than {max_bytes} bytes; send a smaller file", "video_too_large", 413
+        )
+    return data
 
 
 @contextmanager

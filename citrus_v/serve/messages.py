@@ -4,9 +4,11 @@
 first and become the system prompt; the last message is the user's question; earlier user/assistant turns
 become the history. Each image part — OpenAI's ``image_url`` or ms-swift's ``image`` — becomes an ``<image>``
 placeholder at its place in the text and an :class:`ImageSource` (the reference as sent, and where it was), and
-images are numbered in order over the whole conversation (masks and boxes refer to image 0). The server reads
-every image's header and checks the whole request before :meth:`Conversation.request` decodes any pixel;
-:func:`to_request` does both steps at once.
+images are numbered in order over the whole conversation (masks and boxes refer to image 0). Each video part — a
+volume or a clip, as ``video_url`` or ms-swift's ``video`` — becomes a ``<video>`` placeholder and a
+:class:`VideoSource` the same way (3-D masks refer to video 0). The server reads every image's and video's
+header and checks the whole request before :meth:`Conversation.request` decodes any pixel; :func:`to_request`
+does both steps at once for images.
 """
 
 from __future__ import annotations
@@ -17,14 +19,15 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from ..infer.predictor import Request
-from ..tokens import IMAGE_PLACEHOLDER, STRUCTURAL_TOKENS
+from ..media import Volume
+from ..tokens import IMAGE_PLACEHOLDER, STRUCTURAL_TOKENS, VIDEO_PLACEHOLDER
 from .media import MediaError
-from .protocol import ChatMessage, ImagePart, ImageURL, SwiftImagePart, TextPart
+from .protocol import ChatMessage, ImagePart, SwiftImagePart, SwiftVideoPart, TextPart, VideoPart, media_reference
 
 ImageLoader = Callable[[str, str], Image.Image]  # (reference, param name) -> image
 
-# typed into a message these would forge turns or image slots, so they are refused
-RESERVED = (IMAGE_PLACEHOLDER, *STRUCTURAL_TOKENS)
+# typed into a message these would forge turns or image and video slots, so they are refused
+RESERVED = (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, *STRUCTURAL_TOKENS)
 
 
 @dataclass(frozen=True)
@@ -41,36 +44,51 @@ class ImageSource:
         return (load_value if self.swift_value else load)(self.reference, self.param)
 
 
+@dataclass(frozen=True)
+class VideoSource:
+    """One video (a volume or a clip) of a request as sent, not decoded: ``reference`` is a URL (``video_url``)
+    or, with ``swift_value``, an ms-swift ``video`` value (a URL, a path or bare base64); ``param`` names its
+    place."""
+
+    reference: str
+    param: str
+    swift_value: bool = False
+
+
 @dataclass
 class Conversation:
-    """The messages of a request with every image still a reference: what the checks before decoding read."""
+    """The messages of a request with every image and video still a reference: what the checks before decoding
+    read."""
 
     sources: list[ImageSource] = field(default_factory=list)
     prompt: str = ""
     system: str | None = None
     history: list[dict] = field(default_factory=list)
+    videos: list[VideoSource] = field(default_factory=list)
 
     def messages(self) -> list[dict]:
-        """The turns as the chat template takes them (``<image>`` placeholders in place), the question last."""
+        """The turns as the chat template takes them (``<image>`` and ``<video>`` placeholders in place), the
+        question last."""
         return [*self.history, {"role": "user", "content": self.prompt}]
 
-    def request(self, images: list[Image.Image]) -> Request:
-        """The predictor's request, with ``images`` decoded from :attr:`sources`, in order."""
-        return Request(images=images, prompt=self.prompt, system=self.system, history=list(self.history))
+    def request(self, images: list[Image.Image], videos: list[Volume] | None = None) -> Request:
+        """The predictor's request, with ``images`` decoded from :attr:`sources` and ``videos`` from
+        :attr:`videos`, in order."""
+        return Request(
+            images=images, prompt=self.prompt, system=self.system, history=list(self.history), videos=videos or []
+        )
 
 
-def _source(part: ImagePart | SwiftImagePart, param: str) -> ImageSource:
-    """The reference of an ``image_url`` part (a URL) or of an ms-swift ``image`` part (a URL, path or base64)."""
-    if isinstance(part, ImagePart):
-        value = part.image_url
-        inner = f"{param}.image_url" + (".url" if isinstance(value, ImageURL) else "")
-        return ImageSource(value.url if isinstance(value, ImageURL) else value, inner)
-    value = part.image
-    inner = f"{param}.image" + (".url" if isinstance(value, ImageURL) else "")
-    return ImageSource(value.url if isinstance(value, ImageURL) else value, inner, swift_value=True)
+def _source(part: ImagePart | SwiftImagePart | VideoPart | SwiftVideoPart, param: str) -> ImageSource | VideoSource:
+    """The reference of an image or video part: OpenAI's ``image_url`` / ``video_url`` (a URL) or ms-swift's
+    ``image`` / ``video`` (a URL, path or base64)."""
+    reference, inner = media_reference(part)
+    swift = isinstance(part, (SwiftImagePart, SwiftVideoPart))
+    kind = VideoSource if isinstance(part, (VideoPart, SwiftVideoPart)) else ImageSource
+    return kind(reference, f"{param}.{inner}", swift_value=swift)
 
 
-def _content(message: ChatMessage, index: int, sources: list[ImageSource], allow_images: bool) -> str:
+def _content(message: ChatMessage, index: int, conversation: Conversation, allow_images: bool) -> str:
     content = message.content
     parts = [TextPart(type="text", text=content)] if isinstance(content, str) else content
     pieces: list[str] = []
@@ -79,7 +97,10 @@ def _content(message: ChatMessage, index: int, sources: list[ImageSource], allow
         if isinstance(part, TextPart):
             reserved = next((token for token in RESERVED if token in part.text), None)
             if reserved is not None:
-                hint = "; send each image as an image or image_url part" if reserved == IMAGE_PLACEHOLDER else ""
+                hint = {
+                    IMAGE_PLACEHOLDER: "; send each image as an image or image_url part",
+                    VIDEO_PLACEHOLDER: "; send each volume or clip as a video or video_url part",
+                }.get(reserved, "")
                 raise MediaError(
                     f"text must not contain the reserved token {reserved}{hint}", "invalid_message", 400, param
                 )
@@ -87,18 +108,23 @@ def _content(message: ChatMessage, index: int, sources: list[ImageSource], allow
         else:
             if not allow_images:
                 raise MediaError(
-                    f"{message.role} messages cannot hold images; put images in user messages",
+                    f"{message.role} messages cannot hold images or videos; put them in user messages",
                     "invalid_message",
                     400,
                     param,
                 )
-            sources.append(_source(part, param))
-            pieces.append(IMAGE_PLACEHOLDER)
+            source = _source(part, param)
+            if isinstance(source, VideoSource):
+                conversation.videos.append(source)
+                pieces.append(VIDEO_PLACEHOLDER)
+            else:
+                conversation.sources.append(source)
+                pieces.append(IMAGE_PLACEHOLDER)
     return "".join(pieces)
 
 
 def read_messages(messages: list[ChatMessage]) -> Conversation:
-    """Check the order and text of OpenAI ``messages`` and collect their image references, decoding nothing;
+    """Check the order and text of OpenAI ``messages`` and collect their image and video references, decoding nothing;
     raises :class:`MediaError` (``invalid_message``) saying what is wrong."""
     conversation = Conversation()
     systems: list[str] = []
@@ -109,9 +135,9 @@ def read_messages(messages: list[ChatMessage]) -> Conversation:
                 raise MediaError(
                     "system messages must come before the conversation", "invalid_message", 400, f"messages.{index}"
                 )
-            systems.append(_content(message, index, conversation.sources, allow_images=False))
+            systems.append(_content(message, index, conversation, allow_images=False))
             continue
-        text = _content(message, index, conversation.sources, allow_images=message.role == "user")
+        text = _content(message, index, conversation, allow_images=message.role == "user")
         turns.append({"role": message.role, "content": text})
     if not turns or turns[-1]["role"] != "user":
         raise MediaError("the last message must be the user's", "invalid_message", 400, "messages")

@@ -15,7 +15,26 @@ Each answer's message carries the usual ``content`` and a ``grounding`` object::
                  "segmentation": {"size": [H, W], "counts": "..."}}]}  # COCO RLE (pycocotools)
 
 All coordinates are pixels of the original image (not the model's resized image). Boxes come from the
-answer text; masks are one per ``[SEG]`` token. ``grounding`` is ``null`` for a request without images.
+answer text; masks are one per ``[SEG]`` token. ``grounding`` is ``null`` for a request without images or videos.
+
+A volume (CT, MR: a NIfTI file, a zip or folder of DICOM slices, a multi-frame DICOM) or a clip (an mp4, a cine
+loop) comes as a ``{"type": "video_url", "video_url": {"url": ...}}`` part or ms-swift's ``{"type": "video",
+"video": ...}``; the answer's ``grounding`` then also holds, for the first video::
+
+      "video_index": 0,
+      "video_size": {"frames": N, "height": H, "width": W},   # the source's frames, in display orientation
+      "volume_masks": [{"index": 0, "label": "liver",
+                        "present": true,          # SAM 2's object score finds the target on some frame
+                        "score": 2.3,             # the highest object-score logit over the frames
+                        "mode": "per_frame",      # or "memory" (SAM 2 memory propagation)
+                        "key_frame": 12,          # the source frame where SAM 2 is most certain
+                        "frames": [{"frame": 12, "area": 340, "rle": {"size": [H, W], "counts": "..."}}],
+                        "voxels": 5210, "volume_ml": 41.7, "spacing": [2.5, 0.8, 0.8],
+                        "bbox3d": {"frames": [9, 17], "rows": [..], "columns": [..], "size_mm": [..]}}],
+      "notes": []                                 # e.g. SAM 2 segmented a sample of the frames, and why
+
+Only frames with mask are listed, by their index in the source's stack; an absent target (``present: false``)
+lists none; ``image_index`` and ``image_size`` are ``null`` when the request holds no image.
 
 Compatibility with upstream Citrus-V's clients (ms-swift's ``swift deploy``): requests may send images as
 ms-swift content parts ``{"type": "image", "image": "data:image/png;base64,..." | "<base64>" | "path"}``, and
@@ -141,7 +160,45 @@ class SwiftImagePart(_Strict):
     )
 
 
-ContentPart = Annotated[TextPart | ImagePart | SwiftImagePart, Field(discriminator="type")]
+class VideoURL(_Strict):
+    url: StrictStr = Field(
+        description="a data: URL (base64) of a NIfTI file, a zip of DICOM slices, a DICOM file or a video (mp4, "
+        "webm...), or a local path / file:// URL (a folder: a DICOM series) when the server allows"
+    )
+
+
+class VideoPart(_Strict):
+    """OpenAI-style video part: a volume (CT, MR) or a clip (ultrasound, endoscopy), one ``<video>`` of the prompt."""
+
+    type: Literal["video_url"]
+    video_url: VideoURL | StrictStr = Field(description="{url: ...}, or the URL alone")
+
+
+class SwiftVideoPart(_Strict):
+    """ms-swift's video part: a volume or a clip, one ``<video>`` of the prompt."""
+
+    type: Literal["video"]
+    video: StrictStr | VideoURL = Field(
+        description="a data: URL, the file's bytes as bare base64, or a local path / file:// URL (a folder: a DICOM "
+        "series) when the server allows"
+    )
+
+
+ContentPart = Annotated[
+    TextPart | ImagePart | SwiftImagePart | VideoPart | SwiftVideoPart, Field(discriminator="type")
+]
+
+_MEDIA_FIELDS = {ImagePart: "image_url", SwiftImagePart: "image", VideoPart: "video_url", SwiftVideoPart: "video"}
+
+
+def media_reference(part: Any) -> tuple[str, str]:
+    """The URL, path or base64 value of an image or video part, and its field below the part
+    (``image_url.url``, ``video``...)."""
+    field = _MEDIA_FIELDS[type(part)]
+    value = getattr(part, field)
+    if isinstance(value, (ImageURL, VideoURL)):
+        return value.url, f"{field}.url"
+    return value, field
 
 
 class ChatMessage(_Strict):
@@ -151,12 +208,11 @@ class ChatMessage(_Strict):
 
     @model_validator(mode="after")
     def _urls_parse(self) -> ChatMessage:
-        """Every image URL or path can at least be taken apart (the media loaders parse it first)."""
+        """Every image or video URL or path can at least be taken apart (the media loaders parse it first)."""
         for k, part in enumerate(self.content if isinstance(self.content, list) else []):
             if isinstance(part, TextPart):
                 continue
-            value, field = (part.image_url, "image_url") if isinstance(part, ImagePart) else (part.image, "image")
-            url, field = (value.url, f"{field}.url") if isinstance(value, ImageURL) else (value, field)
+            url, field = media_reference(part)
             problem = _url_problem(url)
             if problem is not None:
                 raise PydanticCustomError(
@@ -287,11 +343,60 @@ class GroundingMask(BaseModel):
     segmentation: RLE
 
 
+class VideoSize(BaseModel):
+    frames: int = Field(description="the source's frames (slices of a volume, frames of a clip)")
+    height: int = Field(description="one frame's height in display orientation")
+    width: int = Field(description="one frame's width in display orientation")
+
+
+class FrameMask(BaseModel):
+    frame: int = Field(description="the source frame (0-based, in the source's stack order)")
+    area: int = Field(description="foreground pixels on that frame")
+    rle: RLE = Field(description="the frame's mask, COCO RLE of [height, width]")
+
+
+class BoundingBox3D(BaseModel):
+    frames: list[int] = Field(description="[first, last + 1] source frame with mask")
+    rows: list[int] = Field(description="[first, last + 1] row with mask")
+    columns: list[int] = Field(description="[first, last + 1] column with mask")
+    size_mm: list[float | None] | None = Field(
+        default=None, description="(along frames: null for a clip, rows, columns) in mm; null without spacing"
+    )
+
+
+class GroundingVolumeMask(BaseModel):
+    """One ``[SEG]``'s mask through a volume or clip: only the frames that hold mask are listed."""
+
+    index: int = Field(description="which [SEG] token of the answer (0-based)")
+    label: str | None = Field(default=None, description="the phrase just before that [SEG]")
+    present: bool = Field(description="SAM 2's object score finds the target on at least one frame")
+    score: float = Field(description="the highest object-score logit over the frames (> 0: present)")
+    mode: Literal["per_frame", "memory"] = Field(description="per-frame prompting or SAM 2 memory propagation")
+    key_frame: int = Field(description="the source frame where SAM 2 is most certain (memory: where it prompted)")
+    frames: list[FrameMask] = Field(default_factory=list, description="the frames with mask, in order")
+    voxels: int = Field(description="foreground voxels over all frames")
+    volume_ml: float | None = Field(
+        default=None, description="mL from the voxel spacing; null for a clip, without spacing, or on a frame sample"
+    )
+    spacing: list[float] | None = Field(
+        default=None, description="(between frames, row, column) in mm, when the source states it"
+    )
+    bbox3d: BoundingBox3D | None = Field(default=None, description="null for an empty mask")
+
+
 class Grounding(BaseModel):
-    image_index: int = 0
-    image_size: ImageSize
+    image_index: int | None = Field(default=0, description="the image the 2-D masks refer to; null without one")
+    image_size: ImageSize | None = None
     boxes: list[GroundingBox] = Field(default_factory=list)
     masks: list[GroundingMask] = Field(default_factory=list)
+    video_index: int | None = Field(
+        default=None, description="the video (volume or clip) volume_masks refer to; null without one"
+    )
+    video_size: VideoSize | None = None
+    volume_masks: list[GroundingVolumeMask] = Field(
+        default_factory=list, description="one per [SEG], through every frame of the video (requests with a video)"
+    )
+    notes: list[str] = Field(default_factory=list, description="what a reader of the masks should know")
 
 
 # --- response ------------------------------------------------------------------------------------------------

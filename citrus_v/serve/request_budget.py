@@ -5,9 +5,10 @@ header through Pillow's lazy ``Image.open``, a DICOM file's attributes up to gro
 inflated only as far as that, never whole), a NIfTI header (a gzipped one inflated only for its first bytes).
 :func:`check_images` then applies the limits that concern the whole request (how many images, how many pixels
 in all), :func:`count_tokens` counts the prompt as the model will see it (each image's tokens after the
-processor's smart resize, the chat template's text around them) against the context, and
-:meth:`MemoryModel.estimate` gives the memory the request will hold while it is decoded and served, which the
-server reserves (:mod:`~citrus_v.serve.admission`) before it decodes anything.
+processor's smart resize, the chat template's text around them; a video's tokens as
+:mod:`~citrus_v.serve.video_budget` counts them) against the context, and :meth:`MemoryModel.estimate` gives the
+memory the request will hold while it is decoded and served (its images, and its volumes and clips as
+:class:`VideoFootprint`), which the server reserves (:mod:`~citrus_v.serve.admission`) before it decodes anything.
 
 A reference whose header cannot be read here (a remote URL, a local path outside the allowed folder, a damaged
 container) goes to the decoder straight away: the decoder refuses it with its own status and code before it
@@ -229,6 +230,23 @@ def _nifti_header(stream: IO[bytes], param: str, axis: int = 2) -> ImageHeader:
     return ImageHeader(width, height, 2 * math.prod(shape) * itemsize)
 
 
+def nifti_value_bytes(data: bytes) -> int:
+    """Bytes of one voxel as the NIfTI reader gives it, from the header: the stored type's, or 8 when the header
+    scales the values (read as float64); 8 for a header that cannot be read (the reader then refuses it)."""
+    import nibabel as nib
+
+    head = _nifti_head(io.BytesIO(data))
+    kind = nib.Nifti2Image if head[4:8] == _NIFTI2_MAGIC else nib.Nifti1Image
+    try:
+        header = kind.header_class(head[: kind.header_class.template_dtype.itemsize], check=False)
+        slope, inter = header.get_slope_inter()
+        itemsize = int(header.get_data_dtype().itemsize)
+    except Exception:  # noqa: BLE001 - a damaged header: the widest value, the reader says what is wrong
+        return _FLOAT_BYTES
+    scaled = (slope is not None and slope != 1) or (inter is not None and inter != 0)
+    return _FLOAT_BYTES if scaled else max(itemsize, 1)
+
+
 def _bytes_header(data: bytes, mime: str, param: str) -> ImageHeader:
     stream = io.BytesIO(data)
     if mime in _DICOM_MIMES or data[128:132] == b"DICM":
@@ -393,15 +411,17 @@ def check_images(images: Sequence[MeasuredImage], limits: RequestLimits) -> None
 @dataclass(frozen=True)
 class PromptTokens:
     """The prompt as the model sees it: ``image`` tokens (each image's merged patches and its two vision
-    markers) and ``text`` tokens (the chat template's and the messages')."""
+    markers), ``video`` tokens (the same for each video's sampled frames) and ``text`` tokens (the chat
+    template's and the messages')."""
 
     text: int
     image: int
     per_image: tuple[int, ...] = ()
+    video: int = 0
 
     @property
     def total(self) -> int:
-        return self.text + self.image
+        return self.text + self.image + self.video
 
 
 def image_tokens(processor: Any, width: int, height: int, param: str = "messages") -> int:
@@ -421,29 +441,42 @@ def image_tokens(processor: Any, width: int, height: int, param: str = "messages
 
 
 def count_tokens(
-    processor: Any, messages: list[dict], system: str | None, images: Sequence[ImageHeader]
+    processor: Any,
+    messages: list[dict],
+    system: str | None,
+    images: Sequence[ImageHeader],
+    video_pads: Sequence[int] = (),
 ) -> PromptTokens:
     """The prompt's tokens exactly as the predictor will build it (the same chat template, the generation
-    prompt, each image expanded to its tokens), split into image and text tokens."""
+    prompt, each image and video expanded to its tokens: ``video_pads`` per video, see
+    :func:`~citrus_v.serve.video_budget.video_tokens`), split into image, video and text tokens."""
     pads = [image_tokens(processor, header.width, header.height) for header in images]
-    encoded = processor.template.encode(messages, pads, system=system, add_generation_prompt=True)
+    encoded = processor.template.encode(
+        messages, pads, system=system, add_generation_prompt=True, video_tokens=list(video_pads)
+    )
     image = sum(pads) + 2 * len(pads)  # each image's pads between its vision start and end markers
-    return PromptTokens(text=len(encoded.input_ids) - image, image=image, per_image=tuple(p + 2 for p in pads))
+    video = sum(video_pads) + 2 * len(video_pads)
+    return PromptTokens(
+        text=len(encoded.input_ids) - image - video, image=image, per_image=tuple(p + 2 for p in pads), video=video
+    )
 
 
-def check_context(tokens: PromptTokens, max_tokens: int, context_length: int | None, images: int) -> None:
-    """Refuse a prompt whose image and text tokens, with ``max_tokens`` to generate, pass the context
+def check_context(
+    tokens: PromptTokens, max_tokens: int, context_length: int | None, images: int, videos: int = 0
+) -> None:
+    """Refuse a prompt whose image, video and text tokens, with ``max_tokens`` to generate, pass the context
     (400 ``context_length_exceeded``, naming each part)."""
     if context_length is None or tokens.total + max_tokens <= context_length:
         return
-    fix = (
-        "send fewer or smaller images, shorten the messages or lower max_tokens"
-        if images
-        else ("shorten the messages or lower max_tokens")
-    )
+    fix = "shorten the messages or lower max_tokens"
+    if images:
+        fix = "send fewer or smaller images, " + fix
+    if videos:
+        fix = "send fewer videos or lower the frames the model sees (FPS_MAX_FRAMES, VIDEO_MAX_PIXELS), " + fix
+    shown = f" and {tokens.video} video tokens ({videos} videos)" if videos else ""
     raise ApiError(
         400,
-        f"the prompt holds {tokens.image} image tokens ({images} images) and {tokens.text} text tokens, and "
+        f"the prompt holds {tokens.image} image tokens ({images} images){shown} and {tokens.text} text tokens, and "
         f"max_tokens is {max_tokens}: {tokens.total + max_tokens} tokens, more than the model's context length "
         f"of {context_length}; {fix}",
         "context_length_exceeded",
@@ -467,19 +500,57 @@ BODY_COPIES = 2
 ACTIVATION_COPIES = 9
 _PIXEL_VALUE_BYTES = 4  # the processor's pixel_values are float32
 _CHANNELS = 3
+# Videos, measured the same way (tiny-base on CPU, float32, per-frame SAM 2, NIfTI volumes of 4 and 8 M voxels in
+# int16, float32 and float64, answers with two [SEG] and none): beyond the body and the file's bytes, a grey voxel
+# took 19, 30 and 50 bytes, i.e. 5 copies of its value (the file's array, its RAS+ reorientation, the stacked
+# frames, the readers' intermediate copies) and 8 bytes more (the float64 stack the display window is taken
+# from); a colour clip (mp4, 256 frames of 256 x 256) held 2 copies of its RGB values. Each frame pixel also holds
+# one boolean per [SEG] (two counted) in the mask stacks.
+PER_VIDEO_BYTES = 2 * 1024 * 1024
+GREY_VALUE_COPIES = 5
+GREY_WINDOW_BYTES = 8
+COLOUR_VALUE_COPIES = 2
+PER_FRAME_PIXEL_BYTES = 2
+# SAM 2 frames held at once in per-frame mode (the segmenter's chunk); memory mode holds every frame it segments
+SAM_FRAMES_PER_CHUNK = 8
+SAM_MAX_FRAMES = 512
+
+
+@dataclass(frozen=True)
+class VideoFootprint:
+    """What one video costs before it is decoded, from its header: its ``frames``, the pixels of all its frames
+    (``frame_pixels``), the bytes its readers hold of its decoded values (``decoded_bytes``: copies × values ×
+    bytes per value), the pixels of the frames the language model sees (``model_pixels``) and its file's bytes
+    (``encoded_bytes``)."""
+
+    frames: int
+    frame_pixels: int
+    decoded_bytes: int
+    model_pixels: int = 0
+    encoded_bytes: int = 0
 
 
 @dataclass(frozen=True)
 class MemoryModel:
     """What one request holds in memory while it is decoded and served, estimated before decoding::
 
-        per_request + body_copies × image text of the body
+        per_request + body_copies × image and video text of the body
                     + Σ_images (per_image + per_pixel × width × height + decoded_bytes)
+                    + Σ_videos (per_video + file bytes
+                                + (copies × bytes per value [+ 8 for grey]) × frames × height × width × samples
+                                + per_frame_pixel × frames × height × width
+                                + per_pixel × pixels of the frames the language model sees
+                                + per_sam_frame × frames SAM 2 holds at once)
                     + per_token × choices × (prompt tokens + max_tokens)
 
     ``per_pixel`` covers the decoded picture and what the processor and the answer make from it at its size;
     ``decoded_bytes`` is the container's own decode (a DICOM frame, a NIfTI volume, from its header);
-    ``per_token`` is what one token costs in the model (:meth:`for_model`).
+    ``per_token`` is what one token costs in the model (:meth:`for_model`). For a video, ``copies`` are the
+    copies of its decoded values the readers hold (``GREY_VALUE_COPIES`` of modality values or NIfTI voxels and
+    a float64 stack for the window, ``COLOUR_VALUE_COPIES`` of RGB; :class:`VideoFootprint`),
+    ``per_frame_pixel`` the mask stacks; SAM 2 holds ``sam_frames_held`` frames' inputs and features at once
+    (per-frame prompting, a chunk) or every frame it segments (``None``: memory propagation), at most
+    ``max_sam_frames``.
     """
 
     per_request: int = PER_REQUEST_BYTES
@@ -487,6 +558,11 @@ class MemoryModel:
     per_pixel: float = PER_PIXEL_BYTES
     per_token: int = 0
     body_copies: int = BODY_COPIES
+    per_video: int = PER_VIDEO_BYTES
+    per_frame_pixel: float = PER_FRAME_PIXEL_BYTES
+    per_sam_frame: int = 0
+    sam_frames_held: int | None = SAM_FRAMES_PER_CHUNK
+    max_sam_frames: int = SAM_MAX_FRAMES
 
     @classmethod
     def for_model(cls, config: Any, itemsize: int, processor: Any) -> MemoryModel:
@@ -512,9 +588,29 @@ class MemoryModel:
         return cls(per_token=int(per_token))
 
     def estimate(
-        self, images: Sequence[ImageHeader], tokens: PromptTokens, choices: int, max_tokens: int, body_bytes: int = 0
+        self,
+        images: Sequence[ImageHeader],
+        tokens: PromptTokens,
+        choices: int,
+        max_tokens: int,
+        body_bytes: int = 0,
+        videos: Sequence[VideoFootprint] = (),
     ) -> int:
         """The bytes one request is expected to hold at its peak (see the class docstring)."""
         pictures = sum(self.per_image + self.per_pixel * h.pixels + h.decoded_bytes for h in images)
+        stacks = sum(self.video_bytes(video) for video in videos)
         generation = self.per_token * choices * (tokens.total + max_tokens)
-        return int(self.per_request + self.body_copies * body_bytes + pictures + generation)
+        return int(self.per_request + self.body_copies * body_bytes + pictures + stacks + generation)
+
+    def video_bytes(self, video: VideoFootprint) -> int:
+        """One video's share of the estimate (see the class docstring)."""
+        segmented = min(video.frames, self.max_sam_frames)
+        held = segmented if self.sam_frames_held is None else min(segmented, self.sam_frames_held)
+        return int(
+            self.per_video
+            + video.encoded_bytes
+            + video.decoded_bytes
+            + self.per_frame_pixel * video.frame_pixels
+            + self.per_pixel * video.model_pixels
+            + self.per_sam_frame * held
+        )

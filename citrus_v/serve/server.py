@@ -122,6 +122,7 @@ def create_app(predictor: CitrusVPredictor, settings: ServerSettings) -> FastAPI
     )
     app.state.batcher = batcher
     app.state.settings = settings
+    app.state.chat = chat  # its memory admission says what requests in flight hold
     app.add_middleware(BodyLimits, max_bytes=settings.max_body_bytes, body_timeout=settings.body_timeout)
     app.add_middleware(RequestIds)  # the outermost: every answer, 413 and 408 included, carries the id
     _add_error_handlers(app)
