@@ -386,6 +386,7 @@ def test_the_server_refuses_container_bombs_with_413_and_stays_small(tiny_dir, t
             assert response.status_code == 413, (case, response.text)
             # the request's own memory estimate may refuse it from the headers before the image's reader does
             assert response.json()["error"]["code"] in SIZE_CODES and seconds < 10, (case, response.text, seconds)
+            assert ".dcm:" not in response.json()["error"]["message"]  # named as sent, not by a server file
             print(f"{case}: {response.status_code} {response.json()['error']['code']} in {seconds:.2f} s")
         grown = _memory_kib(process.pid)["VmHWM"] - before["VmRSS"]
         print(f"server: resident {before['VmRSS']} KiB before, peak {grown} KiB above it after the bombs")

@@ -131,7 +131,12 @@ def _from_bytes(data: bytes, mime: str, policy: MediaPolicy, param: str | None) 
         with tempfile.NamedTemporaryFile(suffix=".dcm") as handle:
             handle.write(data)
             handle.flush()
-            return _read_medical(Path(handle.name), policy, param)
+            try:
+                return _read_medical(Path(handle.name), policy, param)
+            except MediaError as err:  # name the image as the client knows it, not by the server's file
+                err.message = err.message.replace(handle.name, "the request's image")
+                err.args = (err.message,)
+                raise
     if is_nifti(data):
         return _read_nifti_data(data, policy, param)
     return _open_raster(data, policy, param)
