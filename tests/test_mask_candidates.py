@@ -73,6 +73,7 @@ def test_upstream_objective_is_unchanged_when_off(tiny):
     torch.testing.assert_close(out.loss, out.lm_loss + 2.0 * out.mask_bce_loss + out.mask_dice_loss
                                + weights["lesion_map"] * aux.get("lesion_map", 0.0)
                                + weights["point"] * aux.get("point", 0.0))
+    assert out.presence_loss is None
 
 
 def test_iou_head_learns_to_rank_the_candidates(tiny):

@@ -29,6 +29,7 @@ def test_forward_backward_all_losses_finite(tiny):
         expected = expected + model.config.iou_loss_weight * out.mask_iou_loss
     if model.config.seg_point_head:  # and the [SEG] point head's
         expected = expected + PointLoss().weight(model.config) * out.aux_losses["point"]
+    assert out.presence_loss is None  # SAM 2's presence loss is off by default, as upstream trains
     torch.testing.assert_close(out.loss, expected)
     out.loss.backward()
     grads = {
@@ -159,12 +160,14 @@ def test_loss_weights_are_configurable(tiny):
     model.config.loss_dice_config = {"loss_weight": 0.5, "eps": 1.0}
     model.config.iou_loss_weight = 0.25
     model.config.point_loss_weight = 3.0
+    model.config.presence_loss_weight = 0.75
     with torch.no_grad():
         out = model(**processor(seg_sample(1, seed=8)))
     point = out.aux_losses["point"]
     torch.testing.assert_close(
         out.loss,
-        out.lm_loss + out.mask_bce_loss + 0.5 * out.mask_dice_loss + 0.25 * out.mask_iou_loss + 3.0 * point,
+        out.lm_loss + out.mask_bce_loss + 0.5 * out.mask_dice_loss + 0.25 * out.mask_iou_loss + 3.0 * point
+        + 0.75 * out.presence_loss,
     )
 
 

@@ -99,9 +99,10 @@ def test_upstream_stage3_command_on_two_cpu_processes(tiny_dir, dataset, tmp_pat
     CitrusV.from_pretrained(out)  # loadable
     records = [json.loads(line) for line in (out / "logging.jsonl").read_text().splitlines()]
     steps = [r for r in records if "lm_loss" in r]
-    # the tiny preset also trains SAM's IoU head and the [SEG] point head (weights 1.0); no row here carries
-    # a lesion or text map
-    parts = ("lm_loss", "mask_bce", "mask_bce", "mask_dice", "mask_iou", "lesion_map", "text_map", "point")
+    # the tiny preset also trains SAM's IoU head and the [SEG] point head (weights 1.0), and SAM 2's presence loss
+    # its object score when turned on; no row here carries a lesion or text map
+    parts = ("lm_loss", "mask_bce", "mask_bce", "mask_dice", "mask_iou", "lesion_map", "text_map", "point",
+             "presence")
     assert steps and all(abs(r["loss"] - sum(r.get(k, 0.0) for k in parts)) < 1e-2 for r in steps)
     assert (out / "loss_curves.png").stat().st_size > 0
     assert list((out / "runs").rglob("events.out.tfevents*")), "TensorBoard events missing"

@@ -114,7 +114,7 @@ def test_upstream_stage3_command_line_is_stage_3_with_hookgrad(tiny_dir, dataset
     assert result.returncode == 0, result.stderr[-3000:]
     err = result.stderr
     assert "stage 3, inferred — --freeze_vit false, --freeze_aligner false, --freeze_llm false: all false; " \
-        "trains everything; HookGrad 0.001" in err
+        "trains everything but sam memory; HookGrad 0.001" in err
     assert "HookGrad factor: 0.001" in err
     counts = parameter_counts(err)
     assert counts["total"][1] == 0 and counts["vision encoder"][0] > 0
@@ -148,7 +148,7 @@ def test_upstream_stage4_command_line_is_stage_4(tiny_dir, dataset, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     err = result.stderr
     assert "stage 4, inferred — --freeze_vit true, --freeze_aligner true, --freeze_llm true: all true; trains " \
-        "seg projector, sam image encoder, sam prompt encoder, sam mask decoder; no HookGrad" in err
+        "seg projector, sam image encoder, sam prompt encoder, sam mask decoder, sam memory; no HookGrad" in err
     assert "HookGrad factor: 1.0" in err
     counts = parameter_counts(err)
     assert {c for c, (t, _) in counts.items() if t and c != "total"} == SEG_AND_SAM
@@ -199,10 +199,11 @@ def test_unset_flags_take_ms_swift_defaults(tmp_path):
 @pytest.mark.parametrize(
     ("flags", "stage", "frozen"),
     [
-        (("--freeze_vit", "false", "--freeze_aligner", "false", "--freeze_llm", "false"), 3, set()),
+        # SAM 2's memory modules train in stage 4 alone
+        (("--freeze_vit", "false", "--freeze_aligner", "false", "--freeze_llm", "false"), 3, {"sam memory"}),
         (("--freeze_llm", "true"), 4, {"vision encoder", "aligner", "llm"}),  # vit and aligner by default
-        (("--freeze_vit", "false"), None, {"aligner"}),
-        (("--stage", "3", "--freeze_vit", "true"), 3, {"vision encoder"}),  # a given stage: flags on top
+        (("--freeze_vit", "false"), None, {"aligner", "sam memory"}),
+        (("--stage", "3", "--freeze_vit", "true"), 3, {"vision encoder", "sam memory"}),  # a given stage: flags on top
         (("--stage", "4",), 4, {"vision encoder", "aligner", "llm"}),  # the stage sets the unset flags
     ],
 )

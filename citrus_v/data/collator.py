@@ -48,6 +48,10 @@ class CitrusVCollator:
         max_seg_samples: samples with ``[SEG]`` allowed in one packed row. 1 (default) suits today's model,
             which gives each row one SAM image; more needs a model that reads ``seg_image_index``.
         skips: where dropped items are counted (default: a new counter, ``collator.skips``).
+        sam_train_frames: frames of a volume or clip SAM 2 trains on per sample with 3-D masks (default: the
+            processor's ``sam_train_frames``); ``seed`` seeds which (with each row's ``frame_draw``).
+        tokens_per_second: the model's ``vision_config.tokens_per_second``, which Qwen2.5-VL's rotary time
+            positions of a video scale by; packing a video row needs it.
     """
 
     def __init__(
@@ -59,6 +63,9 @@ class CitrusVCollator:
         pad_to_max_length: bool = False,
         max_seg_samples: int = 1,
         skips: SkipCounter | None = None,
+        sam_train_frames: int | None = None,
+        seed: int = 0,
+        tokens_per_second: int | None = None,
     ) -> None:
         if packing and max_length is None:
             raise ValueError("packing needs max_length (the length of a packed row)")
@@ -69,6 +76,11 @@ class CitrusVCollator:
         self.pad_to_max_length = pad_to_max_length
         self.max_seg_samples = max_seg_samples
         self.skips = skips if skips is not None else SkipCounter()
+        if sam_train_frames is not None and sam_train_frames < 1:
+            raise ValueError(f"sam_train_frames must be at least 1, got {sam_train_frames}")
+        self.sam_train_frames = sam_train_frames
+        self.seed = seed
+        self.tokens_per_second = tokens_per_second
 
     def _skip(self, batch: Batch, issue: RowIssue) -> None:
         batch.skipped.append(issue)
@@ -88,7 +100,11 @@ class CitrusVCollator:
             sample = item["sample"] if isinstance(item, dict) and "sample" in item else item
             where = item.get("where", f"batch item {position}") if isinstance(item, dict) else f"item {position}"
             try:
-                encoded.append(self.processor.encode_sample(sample, max_length=self.max_length))
+                encoded.append(
+                    self.processor.encode_sample(
+                        sample, max_length=self.max_length, sam_frames=self.sam_train_frames, seed=self.seed
+                    )
+                )
             except SampleTooLongError as err:
                 self._skip(batch, _issue(where, "too_long", str(err)))
             except MedicalImageError as err:
@@ -112,6 +128,8 @@ class CitrusVCollator:
                     mask_size=self.processor.mask_size,
                     pad_to=self.max_length if self.pad_to_max_length else None,
                     max_seg_samples=self.max_seg_samples,
+                    video_token_id=self.processor.video_token_id,
+                    tokens_per_second=self.tokens_per_second,
                 )
             )
             width = batch["input_ids"].shape[1]

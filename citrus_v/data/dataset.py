@@ -4,13 +4,16 @@
 counted by reason, with ``file:line``), drops rows longer than ``max_length`` (counted as ``too_long``),
 and keeps the token length of each row for packing or length-grouped sampling. ``dataset[i]`` loads the
 row's images and masks through :mod:`citrus_v.media` (paths relative to the JSONL file's folder)
-and fills ``<ref-object>``/``<bbox>`` placeholders in the model's box coordinates. A row that fails to
+and fills ``<ref-object>``/``<bbox>`` placeholders in the model's box coordinates. A row's videos, and the 3-D
+masks of a row with a video and no image, stay references (resolved against the JSONL file's folder): the
+processor decodes only the frames the language model and SAM 2 see. A row that fails to
 load at that point comes back as a :class:`SkippedRow`, which the collator counts and drops.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,12 +34,34 @@ class SkippedRow:
     issue: RowIssue
 
 
+def resolve_reference(ref: Any, base: str | os.PathLike) -> Any:
+    """A media reference with a relative path made relative to ``base`` (a path string keeps its ``#options``;
+    a dict its keys); absolute and ``~`` paths stay as they are."""
+    if isinstance(ref, Mapping):
+        path = str(ref.get("path", ""))
+        return {**ref, "path": path if _is_anchored(path) else os.path.join(base, path)}
+    text = os.fspath(ref)
+    return text if _is_anchored(text) else os.path.join(base, text)
+
+
+def _is_anchored(path: str) -> bool:
+    return not path or path.startswith("~") or os.path.isabs(path)
+
+
 def load_sample(record: RowRecord, options: ValidationOptions) -> dict[str, Any]:
-    """A row as a processor-ready sample: ``messages`` (objects rendered), PIL ``images``, boolean ``masks``.
+    """A row as a processor-ready sample: ``messages`` (objects rendered), PIL ``images``, boolean ``masks`` (a
+    video row's 3-D masks as resolved references), ``videos`` as resolved references.
 
     Raises :class:`RowProblem` naming what failed.
     """
     row, base = record.row, record.base_dir
+    videos = [resolve_reference(ref, base) for ref in row.get("videos") or []]
+    if videos and not row.get("images"):  # the masks are label volumes of the first video
+        sample = {"messages": render_objects(row, None), "images": [], "videos": videos,
+                  "masks": [resolve_reference(ref, base) for ref in row.get("masks") or []]}  # fmt: skip
+        if row.get("system") is not None:
+            sample["system"] = row["system"]
+        return sample
     images = []
     for k, ref in enumerate(row.get("images") or []):
         try:
@@ -64,6 +89,8 @@ def load_sample(record: RowRecord, options: ValidationOptions) -> dict[str, Any]
             sample.update(annotations.load(row, base, images[0].size))
         except AnnotationError as err:
             raise RowProblem(err.reason, str(err)) from err
+    if videos:
+        sample["videos"] = videos
     if row.get("system") is not None:
         sample["system"] = row["system"]
     return sample
@@ -118,6 +145,7 @@ class RowDataset(Dataset):
         self.options = options
         self.lengths = list(lengths) if lengths is not None else None
         self.skips = skips if skips is not None else SkipCounter()
+        self.epoch = 0  # set by the trainer's loader each epoch: a video row's SAM 2 frames change with it
 
     @classmethod
     def from_jsonl(
@@ -159,5 +187,13 @@ class RowDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch about to run (accelerate's loader calls this), so that each epoch draws other frames."""
+        self.epoch = int(epoch)
+
     def __getitem__(self, index: int) -> dict[str, Any] | SkippedRow:
-        return load_item(self.records[index], self.options)
+        item = load_item(self.records[index], self.options)
+        if isinstance(item, dict) and item["sample"].get("videos"):
+            # the SAM 2 frames of a video row: one draw per place in the epoch (FILE#N repeats differ) and epoch
+            item["sample"]["frame_draw"] = self.epoch * len(self.records) + index
+        return item

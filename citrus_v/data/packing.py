@@ -12,6 +12,13 @@ a row with that row's one SAM image (``sam_pixel_values[row]``), so by default a
 sample with ``[SEG]`` and samples without (VQA, reports, boxes) fill the rest. With ``max_seg_samples > 1``
 the batch carries one SAM image per ``[SEG]`` sample (``sam_pixel_values [N, 3, S, S]``) and
 ``seg_image_index`` (per row, the SAM image of each ``[SEG]``) — for a model that accepts that key.
+
+Videos: a sample's ``pixel_values_videos``, ``video_grid_thw`` and ``second_per_grid_ts`` are concatenated in
+pack order, as its images are; its video tokens are typed 2 in ``mm_token_type_ids`` and get their rotary time
+positions from ``get_rope_index`` with the model's ``tokens_per_second``. A sample with 3-D masks keeps its own
+SAM 2 training frames and targets: the batch lists them per such sample (``sam_video_pixel_values``,
+``gt_video_masks``, ``gt_video_present``), and ``seg_video_index`` gives per row the sample of each ``[SEG]``
+(-1 for a ``[SEG]`` of an image; those keep ``gt_masks`` and ``seg_image_index`` as above).
 """
 
 from __future__ import annotations
@@ -95,25 +102,60 @@ def packed_stats(lengths: Sequence[int], packs: list[list[int]], max_length: int
     return PackStats(int(sum(sizes)), width * len(packs), len(packs), sum(len(p) for p in packs))
 
 
+# what _rope_owner's time scale is when no video asks for the model's: images have no time positions
+IMAGE_ONLY_TOKENS_PER_SECOND = 2
+# the batch keys of the samples with 3-D masks, listed per such sample in pack order
+VIDEO_TARGET_KEYS = ("sam_video_pixel_values", "gt_video_masks", "gt_video_present")
+
+
 @functools.lru_cache(maxsize=8)
-def _rope_owner(spatial_merge_size: int) -> SimpleNamespace:
+def _rope_owner(spatial_merge_size: int, tokens_per_second: int = IMAGE_ONLY_TOKENS_PER_SECOND) -> SimpleNamespace:
     """The attributes transformers' ``get_rope_index`` reads, so that packing uses its exact code."""
-    vision = SimpleNamespace(spatial_merge_size=spatial_merge_size, tokens_per_second=2)
+    vision = SimpleNamespace(spatial_merge_size=spatial_merge_size, tokens_per_second=tokens_per_second)
     owner = SimpleNamespace(config=SimpleNamespace(vision_config=vision))
     owner.get_vision_position_ids = functools.partial(Qwen2_5_VLModel.get_vision_position_ids, owner)
     return owner
 
 
 def rope_positions(
-    input_ids: torch.Tensor, image_token_id: int, image_grid_thw: torch.Tensor | None, spatial_merge_size: int
+    input_ids: torch.Tensor,
+    image_token_id: int,
+    image_grid_thw: torch.Tensor | None,
+    spatial_merge_size: int,
+    video_token_id: int | None = None,
+    video_grid_thw: torch.Tensor | None = None,
+    second_per_grid_ts: torch.Tensor | None = None,
+    tokens_per_second: int | None = None,
 ) -> torch.Tensor:
-    """Qwen2.5-VL's 3-D rope positions ``[3, L]`` of one sample (text positions when it has no image)."""
+    """Qwen2.5-VL's 3-D rope positions ``[3, L]`` of one sample (text positions when it has no image or video).
+
+    A sample with a video needs ``video_token_id`` and the model's ``tokens_per_second``.
+    """
     ids = input_ids.view(1, -1)
-    if image_grid_thw is None or image_grid_thw.numel() == 0:
+    has_images = image_grid_thw is not None and image_grid_thw.numel() > 0
+    has_videos = video_grid_thw is not None and video_grid_thw.numel() > 0
+    if not has_images and not has_videos:
         return torch.arange(ids.shape[1]).view(1, -1).expand(3, -1).clone()
     token_types = (ids == image_token_id).int()
+    if not has_videos:
+        positions, _ = Qwen2_5_VLModel.get_rope_index(
+            _rope_owner(spatial_merge_size), ids, mm_token_type_ids=token_types, image_grid_thw=image_grid_thw
+        )
+        return positions[:, 0]
+    if video_token_id is None or tokens_per_second is None:
+        raise ValueError(
+            "packing a sample with a video needs the video token id and the model's vision_config.tokens_per_second "
+            "(its rotary time scale). Fix: CitrusVCollator(..., tokens_per_second=model.config.vision_config."
+            "tokens_per_second), or train without --packing"
+        )
+    token_types = token_types + 2 * (ids == video_token_id).int()
     positions, _ = Qwen2_5_VLModel.get_rope_index(
-        _rope_owner(spatial_merge_size), ids, mm_token_type_ids=token_types, image_grid_thw=image_grid_thw
+        _rope_owner(spatial_merge_size, int(tokens_per_second)),
+        ids,
+        mm_token_type_ids=token_types,
+        image_grid_thw=image_grid_thw if has_images else None,
+        video_grid_thw=video_grid_thw,
+        second_per_grid_ts=second_per_grid_ts,
     )
     return positions[:, 0]
 
@@ -128,44 +170,76 @@ class _PackedRow:
     text_positions: torch.Tensor  # [L]
     masks: torch.Tensor  # [K, h, w]
     sam: torch.Tensor | None  # the SAM image of its one [SEG] sample (max_seg_samples == 1)
-    seg_image_index: torch.Tensor  # per [SEG], its image in the batch's per-[SEG]-sample list
+    seg_image_index: torch.Tensor  # per [SEG] of an image, its image in the batch's per-[SEG]-sample list
+    seg_video_index: torch.Tensor  # per [SEG], its sample in the batch's list of samples with 3-D masks (-1: none)
+
+
+@dataclass
+class _PackSettings:
+    """What packing needs to know of the tokenizer, the processor and the model."""
+
+    image_token_id: int
+    spatial_merge_size: int
+    mask_size: int
+    max_seg_samples: int
+    video_token_id: int | None = None
+    tokens_per_second: int | None = None
+
+    def positions(self, sample: dict[str, Any], ids: torch.Tensor) -> torch.Tensor:
+        """The sample's own rope positions (its images' and videos' grids)."""
+        if sample.get("video_grid_thw") is None:
+            return rope_positions(ids, self.image_token_id, sample.get("image_grid_thw"), self.spatial_merge_size)
+        return rope_positions(
+            ids,
+            self.image_token_id,
+            sample.get("image_grid_thw"),
+            self.spatial_merge_size,
+            video_token_id=self.video_token_id,
+            video_grid_thw=sample["video_grid_thw"],
+            second_per_grid_ts=sample.get("second_per_grid_ts"),
+            tokens_per_second=self.tokens_per_second,
+        )
 
 
 def _pack_row(
     encoded: Sequence[dict[str, Any]],
     pack: list[int],
-    image_token_id: int,
-    spatial_merge_size: int,
-    mask_size: int,
-    max_seg_samples: int,
+    settings: _PackSettings,
     per_seg_images: list[torch.Tensor],
+    video_samples: list[dict[str, Any]],
 ) -> _PackedRow:
-    """Concatenate the samples of one pack; their SAM images are appended to ``per_seg_images``."""
-    ids, labels, pos, text_pos, masks, image_index = [], [], [], [], [], []
+    """Concatenate the samples of one pack; their SAM images are appended to ``per_seg_images`` and the samples
+    with 3-D masks to ``video_samples``."""
+    ids, labels, pos, text_pos, masks, image_index, video_index = [], [], [], [], [], [], []
     sam = None
     for index in pack:
         sample = encoded[index]
         sample_ids = torch.as_tensor(sample["input_ids"], dtype=torch.long)
         ids.append(sample_ids)
         labels.append(torch.as_tensor(sample["labels"], dtype=torch.long))
-        pos.append(rope_positions(sample_ids, image_token_id, sample.get("image_grid_thw"), spatial_merge_size))
+        pos.append(settings.positions(sample, sample_ids))
         text_pos.append(torch.arange(len(sample_ids)))
         targets = sample.get("gt_masks")
         if targets is not None and targets.shape[0]:
-            if sam is not None and max_seg_samples == 1:
+            if sam is not None and settings.max_seg_samples == 1:
                 raise ValueError("two samples with [SEG] in one packed row: plan packs with max_seg_samples=1")
             sam = sample["sam_pixel_values"]
             masks.append(targets)
             image_index += [len(per_seg_images)] * int(targets.shape[0])
+            video_index += [-1] * int(targets.shape[0])
             per_seg_images.append(sam)
+        if sample.get("gt_video_masks") is not None:
+            video_index += [len(video_samples)] * int(sample["gt_video_masks"].shape[0])
+            video_samples.append(sample)
     return _PackedRow(
         input_ids=torch.cat(ids),
         labels=torch.cat(labels),
         rope=torch.cat(pos, dim=1),
         text_positions=torch.cat(text_pos),
-        masks=torch.cat(masks) if masks else torch.zeros(0, mask_size, mask_size),
+        masks=torch.cat(masks) if masks else torch.zeros(0, settings.mask_size, settings.mask_size),
         sam=sam,
         seg_image_index=torch.tensor(image_index, dtype=torch.long),
+        seg_video_index=torch.tensor(video_index, dtype=torch.long),
     )
 
 
@@ -186,6 +260,14 @@ def _pad_rows(rows: list[_PackedRow], width: int, pad_token_id: int) -> dict[str
     return {"input_ids": input_ids, "labels": label_ids, "position_ids": position_ids}
 
 
+def _token_types(input_ids: torch.Tensor, settings: _PackSettings) -> torch.Tensor:
+    """``mm_token_type_ids``: 0 text, 1 image token, 2 video token (as the processor's ``mm_token_type_ids``)."""
+    types = (input_ids == settings.image_token_id).int()
+    if settings.video_token_id is not None:
+        types = types + 2 * (input_ids == settings.video_token_id).int()
+    return types
+
+
 def pack_encoded(
     encoded: Sequence[dict[str, Any]],
     packs: list[list[int]],
@@ -197,13 +279,19 @@ def pack_encoded(
     pad_to: int | None = None,
     return_labels: bool = True,
     max_seg_samples: int = 1,
+    video_token_id: int | None = None,
+    tokens_per_second: int | None = None,
 ) -> dict[str, Any]:
-    """Build a packed CitrusV batch from encoded samples and a pack plan (see the module docstring)."""
+    """Build a packed CitrusV batch from encoded samples and a pack plan (see the module docstring).
+
+    ``video_token_id`` and the model's ``tokens_per_second`` are needed once a sample has a video.
+    """
+    settings = _PackSettings(
+        image_token_id, spatial_merge_size, mask_size, max_seg_samples, video_token_id, tokens_per_second
+    )
     per_seg_images: list[torch.Tensor] = []
-    rows = [
-        _pack_row(encoded, pack, image_token_id, spatial_merge_size, mask_size, max_seg_samples, per_seg_images)
-        for pack in packs
-    ]
+    video_samples: list[dict[str, Any]] = []
+    rows = [_pack_row(encoded, pack, settings, per_seg_images, video_samples) for pack in packs]
     width = max(len(row.input_ids) for row in rows)
     if pad_to is not None:
         if pad_to < width:
@@ -211,13 +299,16 @@ def pack_encoded(
         width = pad_to
     padded = _pad_rows(rows, width, pad_token_id)
     labels = padded.pop("labels")
-    batch: dict[str, Any] = {**padded, "mm_token_type_ids": (padded["input_ids"] == image_token_id).int()}
+    batch: dict[str, Any] = {**padded, "mm_token_type_ids": _token_types(padded["input_ids"], settings)}
     # pixel_values are gathered pack by pack, sample by sample: every per-image target follows that order
     in_order = [encoded[i] for pack in packs for i in pack]
     with_pixels = [sample for sample in in_order if sample.get("pixel_values") is not None]
     if with_pixels:
         batch["pixel_values"] = torch.cat([sample["pixel_values"] for sample in with_pixels])
         batch["image_grid_thw"] = torch.cat([sample["image_grid_thw"] for sample in with_pixels])
+    with_videos = [sample for sample in in_order if sample.get("pixel_values_videos") is not None]
+    for key in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts") if with_videos else ():
+        batch[key] = torch.cat([sample[key] for sample in with_videos])
     empty = torch.zeros(3, sam_image_size, sam_image_size)
     if max_seg_samples == 1:
         batch["sam_pixel_values"] = torch.stack([row.sam if row.sam is not None else empty for row in rows])
@@ -228,6 +319,9 @@ def pack_encoded(
     if return_labels:
         batch["labels"] = labels
         batch["gt_masks"] = [row.masks for row in rows]
+        if video_samples:
+            batch.update({key: [sample[key] for sample in video_samples] for key in VIDEO_TARGET_KEYS})
+            batch["seg_video_index"] = [row.seg_video_index for row in rows]
         starts = [0, *itertools.accumulate(len(pack) for pack in packs)]
         layout = [list(range(start, start + len(pack))) for start, pack in zip(starts, packs, strict=False)]
         targets = objectives.collate_targets(in_order, spatial_merge_size, layout, width)

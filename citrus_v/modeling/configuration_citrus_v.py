@@ -22,6 +22,10 @@ DEFAULT_DICE_EPS = 1.0
 MASK_POSTPROCESS = ("upsample_logits", "threshold_low_res")
 DEFAULT_MASK_POSTPROCESS = "upsample_logits"
 UPSTREAM_MASK_POSTPROCESS = "threshold_low_res"
+# off by default, as upstream trains; a recipe that teaches "not present" (volumes, absent targets) turns it on
+DEFAULT_PRESENCE_LOSS_WEIGHT = 0.0
+# How the [SEG]s of volume and clip samples meet their training frames (see citrus_v.modeling.video_segmentation)
+TRAIN_PROPAGATIONS = ("per_frame", "memory")
 
 
 class CitrusVConfig(Qwen2_5_VLConfig):
@@ -63,6 +67,13 @@ class CitrusVConfig(Qwen2_5_VLConfig):
             default) builds none; a dict builds them, its keys any memory fields of transformers'
             ``Sam2VideoConfig`` (``{}``: SAM 2's memory architecture at the image encoder's width). A released
             upstream checkpoint gets the settings of the memory tensors it carries.
+        presence_loss_weight: weight of SAM 2's presence loss in training: the sigmoid BCE of its object-score
+            logit (``pred_obj_score_head``, which decides on which frames of a volume a target is) against the
+            truth, for every 2-D ``[SEG]`` (present) and every frame of a volume's or clip's ``[SEG]``; 0 (the
+            default, as upstream trains) turns it off.
+        train_propagation: how each ``[SEG]`` of a volume or clip sample meets its training frames:
+            ``"per_frame"`` (each frame prompted on its own) or ``"memory"`` (SAM 2's memory carries the mask
+            from the most certain frame, so the memory modules train; needs ``sam2_memory_config``).
 
     Training-only auxiliary objectives keep their own config keys (``*_loss_weight`` and the like, 0.0 or
     absent: off); each is documented in its file under :mod:`citrus_v.objectives`, which reads them from this
@@ -85,6 +96,8 @@ class CitrusVConfig(Qwen2_5_VLConfig):
     seg_point_head: bool = False
     mask_postprocess: str = DEFAULT_MASK_POSTPROCESS
     sam2_memory_config: dict | None = None
+    presence_loss_weight: float = DEFAULT_PRESENCE_LOSS_WEIGHT
+    train_propagation: str = "per_frame"
 
     # --- derived views -------------------------------------------------------------------------------
     def sam2_config(self) -> Sam2Config:

@@ -32,12 +32,14 @@ class SamImageFeatures:
 @dataclass
 class DecodedMasks:
     """Best-IoU low-resolution mask logits ``[K, h, w]`` and their predicted IoU ``[K]``; all candidates
-    ``[K, C, h, w]`` and their predicted IoU ``[K, C]`` (C = 3 with multimask output)."""
+    ``[K, C, h, w]`` and their predicted IoU ``[K, C]`` (C = 3 with multimask output); SAM 2's object-score
+    logits ``[K]`` (``pred_obj_score_head``: > 0 says the target is in the image; the masks are left as decoded)."""
 
     logits: torch.Tensor
     iou_scores: torch.Tensor
     candidates: torch.Tensor
     candidate_iou: torch.Tensor
+    object_scores: torch.Tensor | None = None
 
 
 class GroundingEncoder(Sam2Model):
@@ -100,7 +102,7 @@ class GroundingEncoder(Sam2Model):
         )
         language = prompt_embeddings.to(sparse.dtype).view(1, num_prompts, 1, -1)
         sparse = torch.cat([sparse, language], dim=2)
-        masks, iou, _, _ = self.mask_decoder(
+        masks, iou, _, object_scores = self.mask_decoder(
             image_embeddings=image_embedding,
             image_positional_embeddings=self.get_image_wide_positional_embeddings().to(dtype),
             sparse_prompt_embeddings=sparse,
@@ -108,11 +110,15 @@ class GroundingEncoder(Sam2Model):
             multimask_output=multimask_output,
             high_resolution_features=features.levels[:-1],
         )
-        # masks [1, K, C, h, w], iou [1, K, C]: keep the candidate with the highest predicted IoU
+        # masks [1, K, C, h, w], iou [1, K, C], object_scores [1, K, 1]: keep the highest predicted IoU
         best = iou[0].argmax(dim=-1)
         rows = torch.arange(num_prompts, device=best.device)
         return DecodedMasks(
-            logits=masks[0, rows, best], iou_scores=iou[0, rows, best], candidates=masks[0], candidate_iou=iou[0]
+            logits=masks[0, rows, best],
+            iou_scores=iou[0, rows, best],
+            candidates=masks[0],
+            candidate_iou=iou[0],
+            object_scores=object_scores[0, :, 0],
         )
 
 

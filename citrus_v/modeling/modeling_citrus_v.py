@@ -43,9 +43,10 @@ from ..objectives import Objective, ObjectiveInputs
 from ..tokens import IGNORE_INDEX
 from .checkpoint import check_weights
 from .configuration_citrus_v import CitrusVConfig
+from .frame_losses import MaskLossSettings, VideoLossSums, video_loss_sums
 from .grounding import GroundingEncoder, SamImageFeatures
 from .hook_grad import hook_grad
-from .losses import dice_loss_each, dice_loss_sum, mask_bce_each, mask_bce_sum
+from .losses import best_candidates, dice_loss_sum, mask_bce_sum, presence_bce_each
 from .point_head import PointHead, sample_prompt_points
 from .propagation import SegPropagator, video_config
 from .seg_projector import ResidualSegProjector, SegProjector, build_seg_projector
@@ -59,6 +60,7 @@ from .upstream_checkpoint import (
     stored_dtype,
     upstream_memory_config,
 )
+from .video_segmentation import VideoBatch, VideoSegDecoding, decode_video_segs, route_video_segs
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +91,15 @@ class CitrusVOutput(ModelOutput):
     # the point head's own guesses (SAM may have been given real points in training instead)
     predicted_points: list[torch.Tensor] | None = None
     last_hidden_state: torch.Tensor | None = None
+    # volume and clip samples in training (see .video_segmentation and .frame_losses): the mask losses of their
+    # [SEG]s on the frames that show the target, and SAM 2's presence loss over every [SEG] (images and videos)
+    video_mask_bce_loss: torch.Tensor | None = None
+    video_mask_dice_loss: torch.Tensor | None = None
+    video_mask_iou_loss: torch.Tensor | None = None
+    presence_loss: torch.Tensor | None = None
+    # per video sample (None without [SEG]): mask logits [K_v, F, h, w] and object-score logits [K_v, F]
+    pred_video_masks: list[torch.Tensor | None] | None = None
+    video_object_scores: list[torch.Tensor | None] | None = None
 
 
 @dataclass
@@ -98,7 +109,7 @@ class SegDecoding:
     ``masks[i]`` low-res logits ``[K_i, h, w]``, ``scores[i]`` their predicted IoU ``[K_i]``, ``candidates[i]``
     all of SAM's candidates with their predicted IoU (``([K_i, C, h, w], [K_i, C])``; None without ``[SEG]``),
     ``embeddings[i]`` the projected prompts ``[K_i, d_sam]``, ``predicted_points[i]`` the point head's
-    ``[K_i, 2]`` (None without a point head).
+    ``[K_i, 2]`` (None without a point head), ``object_scores[i]`` SAM 2's object-score logits ``[K_i]``.
     """
 
     masks: list[torch.Tensor]
@@ -106,6 +117,22 @@ class SegDecoding:
     candidates: list[tuple[torch.Tensor, torch.Tensor] | None]
     embeddings: list[torch.Tensor]
     predicted_points: list[torch.Tensor] | None
+    object_scores: list[torch.Tensor] | None = None
+
+
+@dataclass
+class SegLosses:
+    """The segmentation losses of one forward pass (None: not computed): mask BCE, Dice and IoU-head loss of the
+    images' ``[SEG]`` tokens, the same of the videos' (over the frames that show the target), and SAM 2's
+    presence loss over both."""
+
+    bce: torch.Tensor | None = None
+    dice: torch.Tensor | None = None
+    iou: torch.Tensor | None = None
+    video_bce: torch.Tensor | None = None
+    video_dice: torch.Tensor | None = None
+    video_iou: torch.Tensor | None = None
+    presence: torch.Tensor | None = None
 
 
 class CitrusVPreTrainedModel(PreTrainedModel):
@@ -297,7 +324,22 @@ class CitrusV(CitrusVPreTrainedModel):
         as SAM itself is trained; everywhere else SAM gets the point head's guess.
         """
         embeddings, predicted = self._split_prompts(seg_states)
-        masks, scores, candidates = self.predict_masks(
+        return self._decode_prompts(
+            embeddings, predicted, sam_pixel_values, sam_image_mask, seg_image_index, gt_masks, strict
+        )
+
+    def _decode_prompts(
+        self,
+        embeddings: list[torch.Tensor],
+        predicted: list[torch.Tensor] | None,
+        sam_pixel_values: torch.Tensor | None,
+        sam_image_mask: torch.Tensor | None,
+        seg_image_index: list[torch.Tensor] | None,
+        gt_masks: list[torch.Tensor] | None,
+        strict: bool,
+    ) -> SegDecoding:
+        """:meth:`decode_masks` once the ``[SEG]`` states are projected (and located)."""
+        masks, scores, candidates, object_scores = self._predict(
             embeddings,
             sam_pixel_values,
             sam_image_mask,
@@ -305,7 +347,7 @@ class CitrusV(CitrusVPreTrainedModel):
             seg_image_index=seg_image_index,
             seg_points=self._prompt_points(predicted, gt_masks),
         )
-        return SegDecoding(masks, scores, candidates, embeddings, predicted)
+        return SegDecoding(masks, scores, candidates, embeddings, predicted, object_scores)
 
     def _split_prompts(
         self, seg_states: list[torch.Tensor]
@@ -358,23 +400,42 @@ class CitrusV(CitrusVPreTrainedModel):
         per sample ``[K_i, 2]`` positive points in SAM input pixels (the point head's, or real ones in
         training), NaN where none.
         """
+        masks, scores, candidates, _ = self._predict(
+            seg_embeddings, sam_pixel_values, sam_image_mask, strict, seg_image_index, seg_points
+        )
+        return masks, scores, candidates
+
+    def _predict(
+        self,
+        seg_embeddings: list[torch.Tensor],
+        sam_pixel_values: torch.Tensor | None,
+        sam_image_mask: torch.Tensor | None = None,
+        strict: bool = True,
+        seg_image_index: list[torch.Tensor] | None = None,
+        seg_points: list[torch.Tensor] | None = None,
+    ) -> tuple[
+        list[torch.Tensor], list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor] | None], list[torch.Tensor]
+    ]:
+        """:meth:`predict_masks`, with SAM 2's object-score logits ``[K_i]`` per sample as well."""
         image_of = self._seg_images(seg_embeddings, sam_pixel_values, sam_image_mask, seg_image_index, strict)
         needed = sorted({int(j) for index in image_of if index is not None for j in index.tolist()})
         features = self.grounding_encoder.image_features(sam_pixel_values[needed]) if needed else None
         ref = seg_embeddings[0] if seg_embeddings else torch.zeros(0)
-        masks, scores, candidates = [], [], []
+        masks, scores, candidates, object_scores = [], [], [], []
         for sample, (emb, index) in enumerate(zip(seg_embeddings, image_of, strict=True)):
             if index is None:
                 masks.append(ref.new_zeros(0, *self.mask_size))
                 scores.append(ref.new_zeros(0))
                 candidates.append(None)
+                object_scores.append(ref.new_zeros(0))
                 continue
             points = None if seg_points is None else seg_points[sample]
-            chosen, score, options, option_iou = self._decode_sample(emb, index, needed, features, points)
+            chosen, score, options, option_iou, presence = self._decode_sample(emb, index, needed, features, points)
             masks.append(chosen)
             scores.append(score)
             candidates.append((options, option_iou))
-        return masks, scores, candidates
+            object_scores.append(presence)
+        return masks, scores, candidates, object_scores
 
     def _seg_images(
         self,
@@ -412,7 +473,7 @@ class CitrusV(CitrusVPreTrainedModel):
             )
             if strict:
                 raise SegTargetError(message)
-            warnings.warn(message + "; no mask is returned for those tokens", stacklevel=3)
+            warnings.warn(message + "; no mask is returned for those tokens", stacklevel=4)
         return image_of
 
     def _decode_sample(
@@ -422,11 +483,11 @@ class CitrusV(CitrusVPreTrainedModel):
         needed: list[int],
         features: SamImageFeatures,
         points: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One sample's ``[SEG]`` prompts decoded on their images, in ``[SEG]`` order: chosen logits, their
-        predicted IoU, all candidates and the candidates' predicted IoU."""
+        predicted IoU, all candidates, the candidates' predicted IoU and SAM 2's object-score logits."""
         count = emb.shape[0]
-        slots: list[list[torch.Tensor | None]] = [[None] * count for _ in range(4)]
+        slots: list[list[torch.Tensor | None]] = [[None] * count for _ in range(5)]
         for image in sorted(set(index.tolist())):
             chosen = (index == image).nonzero()[:, 0]
             decoded = self.grounding_encoder.decode(
@@ -435,12 +496,13 @@ class CitrusV(CitrusVPreTrainedModel):
                 self.config.multimask_output,
                 points=None if points is None else points[chosen],
             )
-            parts = (decoded.logits, decoded.iou_scores, decoded.candidates, decoded.candidate_iou)
+            parts = (decoded.logits, decoded.iou_scores, decoded.candidates, decoded.candidate_iou,
+                     decoded.object_scores)  # fmt: skip
             for slot, k in enumerate(chosen.tolist()):
                 for kind, values in enumerate(parts):
                     slots[kind][k] = values[slot]
-        masks, scores, options, option_iou = (torch.stack(kind) for kind in slots)
-        return masks, scores, options, option_iou
+        masks, scores, options, option_iou, presence = (torch.stack(kind) for kind in slots)
+        return masks, scores, options, option_iou, presence
 
     # --- forward -----------------------------------------------------------------------------------------
     def forward(
@@ -460,6 +522,11 @@ class CitrusV(CitrusVPreTrainedModel):
         num_masks_in_batch: int | torch.Tensor | None = None,
         objective_targets: dict[str, Any] | None = None,
         label_logits_only: bool = False,
+        sam_video_pixel_values: list[torch.Tensor | None] | None = None,
+        gt_video_masks: list[torch.Tensor | None] | None = None,
+        gt_video_present: list[torch.Tensor | None] | None = None,
+        seg_video_index: list[torch.Tensor] | None = None,
+        num_video_masks_in_batch: int | torch.Tensor | None = None,
         **kwargs,
     ) -> CitrusVOutput:
         """Language-model logits, one mask per ``[SEG]`` token, and the losses when targets are given.
@@ -476,6 +543,9 @@ class CitrusV(CitrusVPreTrainedModel):
             num_masks_in_batch: number of masks in the accumulated batch (mask loss normaliser).
             objective_targets: the training-only objectives' targets by name, as the processor collates them.
             label_logits_only: with ``labels``, logits only where the next token is a target (``[N, vocab]``).
+            sam_video_pixel_values, gt_video_masks, gt_video_present, seg_video_index, num_video_masks_in_batch:
+                training on volumes and clips, see :class:`~.video_segmentation.VideoBatch`: the ``[SEG]`` tokens
+                of a sample with 3-D masks prompt SAM 2 on its training frames (``config.train_propagation``).
         """
         targets = objective_targets or {}
         active = [o for o in self.objectives if o.enabled(self.config) and o.active(targets)]  # weights as now
@@ -492,35 +562,173 @@ class CitrusV(CitrusVPreTrainedModel):
             )
         hidden_states = outputs.last_hidden_state
         logits, lm_loss = self._language_loss(hidden_states, labels, num_items_in_batch, label_logits_only)
-        decoded = self.decode_masks(
-            self.seg_states(input_ids, hidden_states),
-            sam_pixel_values,
-            sam_image_mask,
-            seg_image_index,
-            gt_masks,
-            strict=labels is not None or gt_masks is not None,
+        video = None if gt_video_masks is None else VideoBatch(
+            sam_video_pixel_values, gt_video_masks, gt_video_present, seg_video_index, num_video_masks_in_batch
         )
-        bce = dice = iou_loss = None
-        if gt_masks is not None:
-            bce, dice, iou_loss = self._mask_loss_parts(decoded, gt_masks, num_masks_in_batch)
-        image_tokens = torch.cat(seen["image_tokens"]) if seen.get("image_tokens") else None
+        images = (sam_pixel_values, sam_image_mask, seg_image_index, gt_masks)
+        decoded, videos = self._decode_segs(self.seg_states(input_ids, hidden_states), images, labels, video)
+        losses = self._seg_losses(decoded, videos, gt_masks, num_masks_in_batch, video)
+        image_tokens = self._image_tokens(seen, pixel_values, kwargs.get("pixel_values_videos"))
         shared = ObjectiveInputs(self, None, {}, image_tokens, image_grid_thw, decoded.predicted_points, gt_masks,
                                  num_masks_in_batch)
         aux = self._objective_losses(active, seen, targets, shared)
         return CitrusVOutput(
-            loss=self._total_loss(logits, lm_loss, bce, dice, iou_loss, active, aux),
+            loss=self._total_loss(logits, lm_loss, losses, active, aux),
             lm_loss=lm_loss,
-            mask_bce_loss=bce,
-            mask_dice_loss=dice,
-            mask_iou_loss=iou_loss,
             aux_losses={o.log_name: aux[o.name] for o in active if o.name in aux} or None,
             logits=logits,
-            pred_masks=decoded.masks,
-            iou_scores=decoded.scores,
-            seg_embeddings=decoded.embeddings,
-            predicted_points=decoded.predicted_points,
             last_hidden_state=hidden_states,
+            **self._seg_outputs(losses, decoded, videos),
         )
+
+    @staticmethod
+    def _seg_outputs(losses: SegLosses, decoded: SegDecoding, videos: list[VideoSegDecoding | None]) -> dict[str, Any]:
+        """The :class:`CitrusVOutput` fields of the ``[SEG]`` tokens: masks and their losses, of images and, in
+        training, of volumes and clips, and the presence loss."""
+        return {
+            "mask_bce_loss": losses.bce,
+            "mask_dice_loss": losses.dice,
+            "mask_iou_loss": losses.iou,
+            "pred_masks": decoded.masks,
+            "iou_scores": decoded.scores,
+            "seg_embeddings": decoded.embeddings,
+            "predicted_points": decoded.predicted_points,
+            "video_mask_bce_loss": losses.video_bce,
+            "video_mask_dice_loss": losses.video_dice,
+            "video_mask_iou_loss": losses.video_iou,
+            "presence_loss": losses.presence,
+            "pred_video_masks": [None if v is None else v.logits for v in videos] if videos else None,
+            "video_object_scores": [None if v is None else v.object_scores for v in videos] if videos else None,
+        }
+
+    def _decode_segs(
+        self,
+        seg_states: list[torch.Tensor],
+        image_inputs: tuple[Any, ...],
+        labels: torch.Tensor | None,
+        video: VideoBatch | None,
+    ) -> tuple[SegDecoding, list[VideoSegDecoding | None]]:
+        """Every ``[SEG]`` of the batch decoded: on its image (``image_inputs``: ``sam_pixel_values``,
+        ``sam_image_mask``, ``seg_image_index``, ``gt_masks``), or in training on its video sample's frames. A
+        ``[SEG]`` without an image is an error in training (with ``labels`` or ``gt_masks``)."""
+        strict = labels is not None or image_inputs[3] is not None
+        if video is None:
+            return self.decode_masks(seg_states, *image_inputs, strict=strict), []
+        return self._decode_with_videos(seg_states, (*image_inputs, strict), video)
+
+    def _seg_losses(
+        self,
+        decoded: SegDecoding,
+        videos: list[VideoSegDecoding | None],
+        gt_masks: list[torch.Tensor] | None,
+        num_masks_in_batch: int | torch.Tensor | None,
+        video: VideoBatch | None,
+    ) -> SegLosses:
+        """The mask losses of images and of videos, and SAM 2's presence loss (with ``gt_masks``, in training)."""
+        losses = SegLosses()
+        if gt_masks is not None:
+            losses.bce, losses.dice, losses.iou = self._mask_loss_parts(decoded, gt_masks, num_masks_in_batch)
+        sums = None
+        if videos and video is not None:
+            sums = video_loss_sums(videos, video.masks, video.present, self._mask_loss_settings())
+            if sums is not None:
+                losses.video_bce, losses.video_dice, losses.video_iou = self._video_losses(sums, video.num_masks)
+        if gt_masks is not None and self.config.presence_loss_weight > 0:
+            losses.presence = self._presence_loss(
+                decoded, sums, num_masks_in_batch, None if video is None else video.num_masks
+            )
+        return losses
+
+    @staticmethod
+    def _image_tokens(
+        seen: dict[str, Any], pixel_values: torch.Tensor | None, pixel_values_videos: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The merged image tokens the vision tower gave (for the objectives that read them); with videos it ran
+        on the images first, then on the videos, whose tokens the objectives do not read."""
+        captured = seen.get("image_tokens")
+        if captured and pixel_values_videos is not None:
+            captured = captured[:1] if pixel_values is not None else []
+        return torch.cat(captured) if captured else None
+
+    # --- volumes and clips in training ---------------------------------------------------------------------
+    def _decode_with_videos(
+        self, seg_states: list[torch.Tensor], image_inputs: tuple[Any, ...], video: VideoBatch
+    ) -> tuple[SegDecoding, list[VideoSegDecoding | None]]:
+        """The ``[SEG]`` tokens of a batch that holds samples with 3-D masks: those of images through
+        :meth:`decode_masks`' path (``image_inputs``: its ``sam_pixel_values``, ``sam_image_mask``,
+        ``seg_image_index``, ``gt_masks`` and ``strict``), those of videos on their SAM 2 training frames
+        (:mod:`.video_segmentation`). The projector and point head see every ``[SEG]`` of the batch at once."""
+        pixels = list(video.sam_pixel_values or [])
+        routes = route_video_segs([states.shape[0] for states in seg_states], pixels, video.seg_index)
+        embeddings, predicted = self._split_prompts(seg_states)
+
+        def images_only(values: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [value[(route < 0).to(value.device)] for value, route in zip(values, routes, strict=True)]
+
+        decoded = self._decode_prompts(
+            images_only(embeddings), None if predicted is None else images_only(predicted), *image_inputs
+        )
+        videos: list[VideoSegDecoding | None] = []
+        for sample, frames in enumerate(pixels):
+            mine = [(route == sample).to(value.device) for value, route in zip(embeddings, routes, strict=True)]
+            prompts = torch.cat([value[chosen] for value, chosen in zip(embeddings, mine, strict=True)])
+            if frames is None or prompts.shape[0] == 0:
+                videos.append(None)
+                continue
+            # the point head's guess, as inference gives every frame (real points are drawn on 2-D targets)
+            points = None
+            if predicted is not None:
+                points = torch.cat([value[chosen] for value, chosen in zip(predicted, mine, strict=True)]).detach()
+            videos.append(
+                decode_video_segs(
+                    self.grounding_encoder, self.propagator, frames, prompts, points, self.config.multimask_output,
+                    self.config.train_propagation,
+                )  # fmt: skip
+            )
+        return decoded, videos
+
+    def _mask_loss_settings(self) -> MaskLossSettings:
+        config = self.config
+        return MaskLossSettings(
+            config.mask_loss_weight, config.dice_loss_weight, config.dice_eps, config.multimask_min_loss
+        )
+
+    @staticmethod
+    def _video_losses(
+        sums: VideoLossSums, num_video_masks_in_batch: int | torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The video samples' mask BCE, Dice and IoU-head loss, per 3-D mask of the accumulated batch."""
+        count = num_video_masks_in_batch if num_video_masks_in_batch is not None else sums.masks
+        count = torch.as_tensor(count, dtype=torch.float32, device=sums.bce.device).clamp(min=1)
+        return sums.bce / count, sums.dice / count, None if sums.iou is None else sums.iou / count
+
+    @staticmethod
+    def _presence_loss(
+        decoded: SegDecoding,
+        video_sums: VideoLossSums | None,
+        num_masks_in_batch: int | torch.Tensor | None,
+        num_video_masks_in_batch: int | torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """SAM 2's presence loss per mask of the accumulated batch: each 2-D ``[SEG]``'s object score against
+        "present" (its target is in its image), each 3-D one's averaged over its frames (see .frame_losses);
+        None without any ``[SEG]``."""
+        scores = [s for s in (decoded.object_scores or []) if s.shape[0]]
+        flat = torch.cat(scores) if scores else None
+        if flat is None and video_sums is None:
+            return None
+        images = 0 if flat is None else int(flat.shape[0])
+        total = presence_bce_each(flat, torch.ones_like(flat)).sum() if flat is not None else 0.0
+        if video_sums is not None:
+            total = total + video_sums.presence
+        image_count = num_masks_in_batch if num_masks_in_batch is not None else images
+        video_count = num_video_masks_in_batch if num_video_masks_in_batch is not None else (
+            video_sums.masks if video_sums is not None else 0
+        )
+        device = total.device
+        count = torch.as_tensor(image_count, dtype=torch.float32, device=device) + torch.as_tensor(
+            video_count, dtype=torch.float32, device=device
+        )
+        return total / count.clamp(min=1)
 
     @contextmanager
     def _watch(self, active: list[Objective]) -> Iterator[dict[str, Any]]:
@@ -603,23 +811,28 @@ class CitrusV(CitrusVPreTrainedModel):
         self,
         logits: torch.Tensor,
         lm_loss: torch.Tensor | None,
-        bce: torch.Tensor | None,
-        dice: torch.Tensor | None,
-        iou_loss: torch.Tensor | None,
+        seg: SegLosses,
         active: list[Objective],
         aux: dict[str, torch.Tensor],
     ) -> torch.Tensor | None:
         """The weighted sum of the losses there are; None when there are none."""
-        if lm_loss is None and bce is None and not aux:
+        if lm_loss is None and seg.bce is None and not aux and seg.video_bce is None and seg.presence is None:
             return None
+        config = self.config
         loss = lm_loss if lm_loss is not None else logits.new_zeros(())
-        if bce is not None:
-            loss = loss + self.config.mask_loss_weight * bce + self.config.dice_loss_weight * dice
-        if iou_loss is not None:
-            loss = loss + self.config.iou_loss_weight * iou_loss
+        if seg.bce is not None:
+            loss = loss + config.mask_loss_weight * seg.bce + config.dice_loss_weight * seg.dice
+        if seg.iou is not None:
+            loss = loss + config.iou_loss_weight * seg.iou
         for objective in active:
             if objective.name in aux:
-                loss = loss + objective.weight(self.config) * aux[objective.name]
+                loss = loss + objective.weight(config) * aux[objective.name]
+        if seg.video_bce is not None:
+            loss = loss + config.mask_loss_weight * seg.video_bce + config.dice_loss_weight * seg.video_dice
+        if seg.video_iou is not None:
+            loss = loss + config.iou_loss_weight * seg.video_iou
+        if seg.presence is not None:
+            loss = loss + config.presence_loss_weight * seg.presence
         return loss
 
     def _best_candidates(
@@ -642,20 +855,12 @@ class CitrusV(CitrusVPreTrainedModel):
                     f"sample {i} has {logits.shape[0]} [SEG] token(s) but {target.shape[0]} ground-truth mask(s): "
                     "each [SEG] in the answer needs exactly one mask, in the same order"
                 )
-            target = target.to(logits.device).float()
-            with torch.no_grad():
-                flat = logits.float().flatten(2)  # [K, C, hw]
-                goal = target.flatten(1)[:, None, :].expand_as(flat)
-                pairs, goals = flat.flatten(0, 1), goal.flatten(0, 1)  # one row per (mask, candidate)
-                cost = self.config.mask_loss_weight * mask_bce_each(pairs, goals)
-                cost = cost + self.config.dice_loss_weight * dice_loss_each(pairs, goals, self.config.dice_eps)
-                best = cost.view(flat.shape[:2]).argmin(dim=1)
-                hard = flat > 0
-                inter = (hard & (goal > 0.5)).sum(-1).float()
-                union = (hard | (goal > 0.5)).sum(-1).float()
-                real_iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-            chosen.append(logits[torch.arange(logits.shape[0], device=logits.device), best])
-            squared.append(((predicted_iou.float() - real_iou) ** 2).mean(1))
+            best, error = best_candidates(
+                logits, predicted_iou, target, self.config.mask_loss_weight, self.config.dice_loss_weight,
+                self.config.dice_eps,
+            )  # fmt: skip
+            chosen.append(best)
+            squared.append(error)
         if not squared:
             return chosen, None
         count = num_masks_in_batch if num_masks_in_batch is not None else sum(c.shape[0] for c in chosen)

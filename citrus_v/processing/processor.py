@@ -33,6 +33,7 @@ from .boxes import model_size
 from .images import ImageInput, MaskInput, load_image, load_mask, mask_target, sam_pixel_values, smart_resized
 from .template import ChatTemplate, TemplateError, place_images, place_videos
 from .tokenizer_builder import add_citrus_tokens
+from .video_masks import DEFAULT_SAM_TRAIN_FRAMES, VideoMaskError, VideoTargets, frame_rng, video_targets
 from .videos import LoadedVideo, VideoInput, load_video, video_pixel_values
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ DEFAULT_MAX_PIXELS = 1003520
 SAM_INPUTS = ("original", "smart_resized")
 DEFAULT_SAM_INPUT = "original"
 UPSTREAM_SAM_INPUT = "smart_resized"
+# what a sample with 3-D masks gives the model: SAM 2's training frames and their targets (see video_masks.py)
+VIDEO_TARGET_KEYS = ("sam_video_pixel_values", "gt_video_masks", "gt_video_present")
 
 
 class ProcessorError(ValueError):
@@ -60,8 +63,11 @@ class Sample(TypedDict, total=False):
     messages: list[dict]
     images: list[ImageInput]
     videos: list[VideoInput]  # one per <video> placeholder: a Volume, a list of frames, or a volume/clip path
+    # one per [SEG]: 2-D masks of the first image, or (a row with a video and no image) 3-D masks of the first
+    # video (label volume references or [N, H, W] arrays, see citrus_v.processing.video_masks)
     masks: list[MaskInput]
     system: str
+    frame_draw: int  # optional, training-only: the row's draw number, which seeds the SAM 2 frames of a video row
     # optional, training-only: row annotations (citrus_v.objectives.annotations) such as lesion_points
 
 
@@ -99,6 +105,8 @@ class CitrusVProcessor:
         video_sampling: how videos are sampled and sized; default ms-swift's environment variables
             (``FPS_MAX_FRAMES``, ``VIDEO_MAX_PIXELS``, ...) at construction, else qwen_vl_utils' defaults.
             Change it later with :meth:`set_video_sampling`.
+        sam_train_frames: frames of a volume or clip SAM 2 trains on per sample, for a row with 3-D masks (see
+            :mod:`~citrus_v.processing.video_masks`); a training setting, not saved with the processor.
     """
 
     def __init__(
@@ -112,6 +120,7 @@ class CitrusVProcessor:
         max_pixels: int | None = None,
         sam_input: str = DEFAULT_SAM_INPUT,
         video_sampling: VideoSampling | None = None,
+        sam_train_frames: int = DEFAULT_SAM_TRAIN_FRAMES,
     ) -> None:
         if sam_input not in SAM_INPUTS:
             raise ProcessorError(
@@ -133,6 +142,9 @@ class CitrusVProcessor:
         self.template = ChatTemplate(tokenizer, default_system)
         resolve_pixels(image_processor, min_pixels, max_pixels)
         self.video_sampling = video_sampling if video_sampling is not None else _video_sampling_from_env()
+        if int(sam_train_frames) < 1:
+            raise ProcessorError(f"sam_train_frames must be at least 1, got {sam_train_frames}")
+        self.sam_train_frames = int(sam_train_frames)
 
     # --- ids -------------------------------------------------------------------------------------------
     @property
@@ -250,7 +262,8 @@ class CitrusVProcessor:
         ``image_grid_thw`` (when there are images), ``pixel_values_videos``, ``video_grid_thw`` and
         ``second_per_grid_ts`` (when there are videos), ``sam_pixel_values`` ``[B, 3, S, S]``,
         ``sam_image_mask`` ``[B]``, and with ``return_labels`` also ``labels`` and ``gt_masks``
-        (per sample ``[K_i, h, w]``, one per ``[SEG]`` in the sample's text). A sample longer than
+        (per sample ``[K_i, h, w]``, one per ``[SEG]`` in the sample's text; a sample with 3-D masks has none
+        here but its video targets, see :meth:`collate`). A sample longer than
         ``max_length`` raises (samples are dropped, never cut; see :class:`~.template.SampleTooLongError`).
         """
         if isinstance(samples, dict):
@@ -270,21 +283,35 @@ class CitrusVProcessor:
         return_labels: bool = True,
         max_length: int | None = None,
         sam_input: bool = True,
+        sam_frames: int | None = None,
+        seed: int = 0,
     ) -> dict[str, Any]:
         """Encode one sample: ``input_ids``/``labels`` lists, ``pixel_values``, ``image_grid_thw``,
         ``pixel_values_videos``, ``video_grid_thw``, ``second_per_grid_ts`` (None without a video),
         ``sam_pixel_values`` (None without an image, or with ``sam_input=False``: inference makes SAM 2's input
         only for an answer that holds a ``[SEG]``) and ``gt_masks`` ``[K, h, w]``.
 
+        A sample with a video, no image and 3-D masks (with ``return_labels``) also gets SAM 2's training frames
+        (:mod:`~citrus_v.processing.video_masks`): ``sam_video_pixel_values`` ``[F, 3, S, S]``,
+        ``gt_video_masks`` ``[K, F, h, w]``, ``gt_video_present`` ``[K, F]`` and ``sam_video_frames`` (the
+        source frame of each); None for every other sample. ``sam_frames`` is F (default
+        :attr:`sam_train_frames`), ``seed`` with the sample's ``frame_draw`` seeds the choice.
+
         The unit that :meth:`collate` pads and :mod:`citrus_v.data.packing` packs. Raises
         :class:`~.template.SampleTooLongError` past ``max_length`` (the sample is dropped, never cut).
         """
-        return self._encode_sample(sample, add_generation_prompt, return_labels, max_length, sam_input)
+        frames = (sam_frames or self.sam_train_frames, seed)
+        return self._encode_sample(sample, add_generation_prompt, return_labels, max_length, sam_input, frames)
 
     def collate(
         self, rows: Sequence[dict[str, Any]], padding_side: str = "right", return_labels: bool = True
     ) -> dict[str, Any]:
-        """Pad samples from :meth:`encode_sample` into one batch (the same keys as :meth:`__call__`)."""
+        """Pad samples from :meth:`encode_sample` into one batch (the same keys as :meth:`__call__`).
+
+        With ``return_labels``, a batch holding a sample with 3-D masks also gets per sample (None for the
+        others) ``sam_video_pixel_values`` ``[F, 3, S, S]``, ``gt_video_masks`` ``[K, F, h, w]`` and
+        ``gt_video_present`` ``[K, F]``.
+        """
         if padding_side not in ("left", "right"):
             raise ProcessorError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         pixel_values, grids, sam_inputs, sam_flags, gt_masks = [], [], [], [], []
@@ -317,6 +344,7 @@ class CitrusVProcessor:
             targets = objectives.collate_targets(rows, merge, singles, width, padding_side)
             if targets:
                 batch["objective_targets"] = targets
+            batch.update(_collate_video_targets(rows))
         return batch
 
     def _encode_sample(
@@ -326,11 +354,13 @@ class CitrusVProcessor:
         return_labels: bool,
         max_length: int | None = None,
         sam_input: bool = True,
+        frames: tuple[int, int] | None = None,
     ) -> dict[str, Any]:
         if not isinstance(sample, dict) or "messages" not in sample:
             raise ProcessorError("each sample must be a dict with a 'messages' list")
         images = [load_image(image) for image in sample.get("images") or []]
         video = self._encode_videos(sample.get("videos") or [])
+        loaded = video.pop("loaded")
         messages = place_videos(place_images(sample["messages"], len(images)), len(video["video_tokens"]))
         pixel_values = grid = None
         image_tokens: list[int] = []
@@ -356,11 +386,11 @@ class CitrusVProcessor:
         has_video = video["pixel_values_videos"] is not None
         if num_seg and not images and not has_video:
             raise ProcessorError(f"{num_seg} {SEG_TOKEN} token(s) but no image: a mask needs an image")
-        if masks and not images and has_video:
-            raise ProcessorError(
-                f"{len(masks)} mask(s) but no image: \"masks\" are 2-D masks of the first image (a video's masks "
-                "are not taken here). Fix: drop the masks, or add the image they belong to"
-            )
+        volume_targets = None
+        if masks and not images and has_video:  # 3-D masks of the first video
+            if return_labels:
+                volume_targets = self._video_targets(sample, loaded[0], masks, frames)
+            masks = []
         mask_hw = (self.mask_size, self.mask_size)
         binary = [load_mask(mask) for mask in masks]
         if images:
@@ -382,7 +412,25 @@ class CitrusVProcessor:
             "sam_pixel_values": self.sam_pixel_values(images[0]) if images and sam_input else None,
             "gt_masks": targets,
             "objective_targets": aims,
+            "sam_video_pixel_values": None if volume_targets is None else volume_targets.sam_pixel_values,
+            "gt_video_masks": None if volume_targets is None else volume_targets.masks,
+            "gt_video_present": None if volume_targets is None else volume_targets.present,
+            "sam_video_frames": None if volume_targets is None else volume_targets.frames,
         }
+
+    def _video_targets(
+        self, sample: Sample, loaded: LoadedVideo, masks: Sequence[Any], frames: tuple[int, int] | None
+    ) -> VideoTargets:
+        """SAM 2's training frames and the 3-D mask targets of a row whose masks belong to its first video."""
+        count, seed = frames if frames is not None else (self.sam_train_frames, 0)
+        source = sample["videos"][0]
+        rng = frame_rng(seed, int(sample.get("frame_draw") or 0), source)
+        mask_hw = (self.mask_size, self.mask_size)
+        try:
+            return video_targets(source, loaded, masks, count, rng, self.sam_pixel_values, mask_hw)
+        except VideoMaskError as err:
+            message = f"{len(masks)} mask(s) but no image, so they are 3-D masks of videos[0]: {err}"
+            raise ProcessorError(message) from err
 
     def _encode_videos(self, videos: Sequence[VideoInput]) -> dict[str, Any]:
         """The pixels, grids and seconds per temporal patch of a sample's videos, and the ``<|video_pad|>``
@@ -391,7 +439,7 @@ class CitrusVProcessor:
             raise ProcessorError(f'"videos" must be a list (one entry per <video>); got {type(videos).__name__}')
         merge = int(self.image_processor.merge_size) ** 2
         temporal = int(self.image_processor.temporal_patch_size)
-        pixels, grids, seconds = [], [], []
+        pixels, grids, seconds, loaded_videos = [], [], [], []
         for index, item in enumerate(videos):
             try:
                 loaded = self.load_video(item)
@@ -401,11 +449,13 @@ class CitrusVProcessor:
             pixels.append(values)
             grids.append(grid)
             seconds.append(loaded.second_per_grid(temporal))
+            loaded_videos.append(loaded)
         return {
             "pixel_values_videos": torch.cat(pixels) if pixels else None,
             "video_grid_thw": torch.cat(grids) if grids else None,
             "second_per_grid_ts": torch.tensor(seconds, dtype=torch.float32) if seconds else None,
             "video_tokens": [int(t * h * w) // merge for grid in grids for t, h, w in grid.tolist()],
+            "loaded": loaded_videos,
         }
 
     def sam_pixel_values(self, image: Image.Image) -> torch.Tensor:
@@ -493,6 +543,14 @@ def _collate_videos(rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         key: torch.cat([row[key] for row in with_videos])
         for key in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
     }
+
+
+def _collate_video_targets(rows: Sequence[dict[str, Any]]) -> dict[str, list[torch.Tensor | None]]:
+    """Per sample, SAM 2's training frames and 3-D mask targets (None for a sample without them); nothing when
+    no sample of the batch has them, so that a batch of 2-D rows is what it always was."""
+    if all(row.get("gt_video_masks") is None for row in rows):
+        return {}
+    return {key: [row.get(key) for row in rows] for key in VIDEO_TARGET_KEYS}
 
 
 def _upstream_settings(directory: Path, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:

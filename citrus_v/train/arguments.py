@@ -113,6 +113,17 @@ class SftArguments:
         default=None,
         metadata={"help": "share of training masks that also get a positive point inside the target (0-1)"},
     )
+    presence_loss_weight: float | None = _flag(
+        None, "weight of SAM 2's presence loss (object score vs. whether the target is on the image or frame; "
+        "0 turns it off; default: the model config's)"
+    )
+    sam_train_frames: int = _flag(
+        4, "frames of a volume or clip SAM 2 trains on per row with 3-D masks (frames with and without the target)"
+    )
+    train_propagation: str | None = _flag(
+        None, "how a volume's [SEG] meets its training frames: per_frame, or memory (SAM 2's memory modules, which "
+        "train in stage 4; needs a model with them); default: the model config's"
+    )
 
     @property
     def dtype(self) -> torch.dtype:
@@ -173,6 +184,10 @@ def parse_namespace(namespace: argparse.Namespace) -> SftArguments:
         raise ValueError(f"--freeze_parameters_ratio must be within 0 and 1, got {args.freeze_parameters_ratio}")
     if args.dataset_num_proc < 1:
         raise ValueError(f"--dataset_num_proc must be at least 1, got {args.dataset_num_proc}")
+    if args.sam_train_frames < 1:
+        raise ValueError(f"--sam_train_frames must be at least 1, got {args.sam_train_frames}")
+    if args.train_propagation not in (None, "per_frame", "memory"):
+        raise ValueError(f"--train_propagation must be per_frame or memory, got {args.train_propagation!r}")
     if args.save_strategy not in ("steps", "epoch", "no"):
         raise ValueError(f"--save_strategy must be steps, epoch or no, got {args.save_strategy!r}")
     return args

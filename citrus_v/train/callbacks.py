@@ -14,7 +14,10 @@ from transformers import TrainerCallback
 
 from .. import objectives
 
-LOSS_KEYS = ("loss", "lm_loss", "mask_bce", "mask_dice", "mask_iou", *objectives.log_names())
+LOSS_KEYS = (
+    "loss", "lm_loss", "mask_bce", "mask_dice", "mask_iou", "video_mask_bce", "video_mask_dice", "video_mask_iou",
+    "presence", *objectives.log_names(),
+)  # fmt: skip
 
 
 class JsonlLoggerCallback(TrainerCallback):

@@ -88,11 +88,17 @@ class TrainCollator:
                 )
             result = {k: v for k, v in self._fallback.items()}
             result["labels"] = result["labels"].clone().fill_(IGNORE_INDEX)
+            # no [SEG] either, so that the blanked mask targets below fit the tokens
+            seg = result["input_ids"] == self.inner.processor.seg_token_id
+            result["input_ids"] = result["input_ids"].masked_fill(seg, self.inner.processor.tokenizer.pad_token_id)
             result["gt_masks"] = [m[:0] for m in result["gt_masks"]]
             if "objective_targets" in result:
                 result["objective_targets"] = objectives.blank(result["objective_targets"])
             if "seg_image_index" in result:
                 result["seg_image_index"] = [i[:0] for i in result["seg_image_index"]]
+            for key in ("gt_video_masks", "gt_video_present", "seg_video_index"):
+                if key in result:
+                    result[key] = [None if value is None else value[:0] for value in result[key]]
             result["sample_ids"] = []
             result["num_samples"] = 0
             result["num_real_tokens"] = 0
@@ -127,8 +133,11 @@ def _sample_rows(dataset: RowDataset, limits: dict[Path, int], seed: int) -> Non
         dataset.lengths = [dataset.lengths[i] for i in keep]
 
 
-def build_train_dataset(args, processor: CitrusVProcessor) -> tuple[Any, TrainCollator, str]:
-    """The training dataset, its collator, and a summary of what was read and skipped."""
+def build_train_dataset(
+    args, processor: CitrusVProcessor, tokens_per_second: int | None = None
+) -> tuple[Any, TrainCollator, str]:
+    """The training dataset, its collator, and a summary of what was read and skipped (``tokens_per_second``:
+    the model's ``vision_config.tokens_per_second``, which packing a video row needs)."""
     files = dataset_files(list(args.dataset))
     skips = SkipCounter(strict=args.strict)
     inner = CitrusVCollator(
@@ -137,6 +146,9 @@ def build_train_dataset(args, processor: CitrusVProcessor) -> tuple[Any, TrainCo
         max_length=args.max_length,
         max_seg_samples=MAX_SEG_SAMPLES_PER_ROW if args.packing else 1,
         skips=skips,
+        sam_train_frames=args.sam_train_frames,
+        seed=args.seed,
+        tokens_per_second=tokens_per_second,
     )
     options = ValidationOptions.for_processor(processor)
     if args.streaming:

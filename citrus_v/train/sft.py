@@ -158,7 +158,29 @@ def load_model(args: SftArguments) -> tuple[CitrusV, CitrusVProcessor]:
         if not 0.0 <= args.point_prompt_probability <= 1.0:
             raise ValueError(f"--point_prompt_probability must be within 0 and 1, got {args.point_prompt_probability}")
         model.config.point_prompt_probability = args.point_prompt_probability
+    if args.presence_loss_weight is not None:
+        if args.presence_loss_weight < 0:
+            raise ValueError(f"--presence_loss_weight must be 0 or more, got {args.presence_loss_weight}")
+        model.config.presence_loss_weight = args.presence_loss_weight
+    if args.train_propagation is not None:
+        model.config.train_propagation = args.train_propagation
     return model, processor
+
+
+def check_propagation(model: CitrusV) -> None:
+    """``memory`` training needs SAM 2's memory modules, in the model and trainable (stage 4)."""
+    if model.config.train_propagation != "memory":
+        return
+    if model.propagator is None:
+        raise SftError(
+            "--train_propagation memory needs SAM 2's memory modules, and this model has none (config.json has no "
+            "sam2_memory_config). Fix: --train_propagation per_frame, or a model with the memory modules"
+        )
+    if not any(p.requires_grad for p in model.propagator.parameters()):
+        raise SftError(
+            "--train_propagation memory trains SAM 2's memory modules, which this run freezes (stage 4 alone trains "
+            "them). Fix: --stage 4, --trainable_parameters propagator, or --train_propagation per_frame"
+        )
 
 
 def enable_checkpointing(model: torch.nn.Module) -> None:
@@ -208,6 +230,7 @@ def run_sft(args: SftArguments) -> Path:
 
     model, processor = load_model(args)
     freeze_plan(args).apply(model)
+    check_propagation(model)
     if args.hook_grad_factor is not None:
         model.config.hook_grad_factor = args.hook_grad_factor
     if args.train_type == "lora":
@@ -217,7 +240,9 @@ def run_sft(args: SftArguments) -> Path:
     _say(parameter_table(model))
     _say(f"HookGrad factor: {model.config.hook_grad_factor}")
 
-    dataset, collator, summary = build_train_dataset(args, processor)
+    dataset, collator, summary = build_train_dataset(
+        args, processor, tokens_per_second=model.config.vision_config.tokens_per_second
+    )
     _say(summary)
 
     trainer = CitrusVTrainer(

@@ -1,11 +1,18 @@
 """Training stages as freeze presets, ms-swift's freeze flags and name lists on top, and a table of what trains.
 
-| stage | trains                                   | frozen                |
-|-------|------------------------------------------|-----------------------|
-| 1     | vision encoder + aligner                 | LLM, seg modules      |
-| 2     | whole MLLM                               | seg projector, SAM 2  |
-| 3     | everything (HookGrad 0.001)              | —                     |
-| 4     | seg projector + all of SAM 2             | MLLM                  |
+| stage | trains                                          | frozen                    |
+|-------|-------------------------------------------------|---------------------------|
+| 1     | vision encoder + aligner                        | LLM, seg modules          |
+| 2     | whole MLLM                                      | seg projector, SAM 2      |
+| 3     | everything but SAM 2's memory (HookGrad 0.001)  | SAM 2's memory modules    |
+| 4     | seg projector + all of SAM 2, memory included   | MLLM                      |
+
+SAM 2's memory modules (``propagator.*``: memory attention, memory encoder, object pointers; only in a model
+with ``sam2_memory_config``) carry a mask through a volume's frames. They train in stage 4 alone, on volume and
+clip rows with ``--train_propagation memory``, and are frozen in every other stage and without a stage preset
+(``--trainable_parameters propagator`` trains them anyway). SAM 2's object-score head
+(``grounding_encoder.mask_decoder.pred_obj_score_head``, with its ``obj_score_token``), which says on which
+frames the target is, is part of the mask decoder and trains with it.
 """
 
 from __future__ import annotations
@@ -27,14 +34,17 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "sam image encoder": ("grounding_encoder.vision_encoder", "grounding_encoder.mask_decoder.conv_s"),
     "sam prompt encoder": ("grounding_encoder.prompt_encoder", "grounding_encoder.shared_image_embedding"),
     "sam mask decoder": ("grounding_encoder.mask_decoder", "grounding_encoder.no_memory_embedding"),
+    "sam memory": ("propagator.",),
 }
+# SAM 2's memory modules: trained by stage 4 alone (see the module docstring)
+MEMORY_COMPONENT = "sam memory"
 
 # Which components each stage trains; HookGrad factor per stage.
 STAGES: dict[int, tuple[set[str], float]] = {
     1: ({"vision encoder", "aligner"}, 1.0),
     2: ({"vision encoder", "aligner", "llm"}, 1.0),
-    3: (set(COMPONENTS), 0.001),
-    4: ({"seg projector", "sam image encoder", "sam prompt encoder", "sam mask decoder"}, 1.0),
+    3: (set(COMPONENTS) - {MEMORY_COMPONENT}, 0.001),
+    4: ({"seg projector", "sam image encoder", "sam prompt encoder", "sam mask decoder", MEMORY_COMPONENT}, 1.0),
 }
 
 
@@ -63,9 +73,11 @@ FREEZE_FLAGS: dict[str, str] = {"freeze_vit": "vision encoder", "freeze_aligner"
 
 
 def describe_components(trained: set[str]) -> str:
-    """``everything`` or the trained components in table order, for one printed line."""
+    """``everything``, ``everything but sam memory`` or the trained components in table order, for one line."""
     if trained >= set(COMPONENTS):
         return "everything"
+    if trained >= set(COMPONENTS) - {MEMORY_COMPONENT}:
+        return f"everything but {MEMORY_COMPONENT}"
     return ", ".join(c for c in COMPONENTS if c in trained) or "nothing"
 
 
@@ -90,7 +102,8 @@ class FreezePlan:
     def trainable_components(self) -> set[str]:
         if self.stage is not None and self.stage not in STAGES:
             raise StageError(f"--stage must be 1, 2, 3 or 4; got {self.stage}")
-        trained = set(STAGES[self.stage][0]) if self.stage is not None else set(COMPONENTS)
+        # without a preset everything trains that the flags leave, but SAM 2's memory (stage 4's alone)
+        trained = set(STAGES[self.stage][0]) if self.stage is not None else set(COMPONENTS) - {MEMORY_COMPONENT}
         for flag, component in FREEZE_FLAGS.items():
             value = getattr(self, flag)
             if value is True:

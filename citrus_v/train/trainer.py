@@ -49,6 +49,10 @@ CORE_LOSSES = (
     ("mask_bce_loss", "mask_bce"),
     ("mask_dice_loss", "mask_dice"),
     ("mask_iou_loss", "mask_iou"),
+    ("video_mask_bce_loss", "video_mask_bce"),
+    ("video_mask_dice_loss", "video_mask_dice"),
+    ("video_mask_iou_loss", "video_mask_iou"),
+    ("presence_loss", "presence"),
 )
 COMPONENT_NAMES = (*(name for _, name in CORE_LOSSES), *objectives.log_names())
 
@@ -63,6 +67,7 @@ class CitrusVTrainer(Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._num_masks_in_batch: int | torch.Tensor | None = None
+        self._num_video_masks_in_batch: int | torch.Tensor | None = None
         self._running: dict[str, float] = {}
         self._last_log_time = time.perf_counter()
         self.skipped_rows: list[str] = []  # "file:line reason" of rows dropped while training
@@ -97,10 +102,13 @@ class CitrusVTrainer(Trainer):
             if self.streaming and batch.get("stream_positions"):
                 self.train_dataset.advance(batch["stream_positions"])
         masks = sum(int(m.shape[0]) for batch in batch_samples for m in batch.get("gt_masks", []))
-        count = torch.tensor(masks, device=device, dtype=torch.float32)
+        # 3-D masks (volume and clip rows) are averaged over their own count
+        videos = sum(int(m.shape[0]) for batch in batch_samples for m in batch.get("gt_video_masks") or []
+                     if m is not None)  # fmt: skip
+        count = torch.tensor([masks, videos], device=device, dtype=torch.float32)
         if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
-            count = self.accelerator.gather(count).sum()
-        self._num_masks_in_batch = count
+            count = self.accelerator.gather(count[None]).sum(dim=0)
+        self._num_masks_in_batch, self._num_video_masks_in_batch = count[0], count[1]
         if batch_samples:  # one optimizer step (an epoch's last one may hold fewer micro-batches)
             self._running["_steps"] = self._running.get("_steps", 0.0) + 1
         return batch_samples, num_items
@@ -110,6 +118,8 @@ class CitrusVTrainer(Trainer):
         sample_ids = extras["sample_ids"]
         if self._num_masks_in_batch is not None:
             inputs["num_masks_in_batch"] = self._num_masks_in_batch
+        if self._num_video_masks_in_batch is not None and inputs.get("gt_video_masks") is not None:
+            inputs["num_video_masks_in_batch"] = self._num_video_masks_in_batch
         if model.training and inputs.get("labels") is not None:
             # training needs logits only where a label is (evaluation keeps the full logits for its metrics)
             inputs["label_logits_only"] = True
