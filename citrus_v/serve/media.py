@@ -19,12 +19,13 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
 
 from PIL import Image, UnidentifiedImageError
 
 from ..media.errors import DEFAULT_MAX_DECODED_BYTES
 from ..media.nifti import is_nifti
+from .media_urls import NotLocal, bare_base64, data_url_parts, file_url_path, mime_of
 
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 
@@ -38,6 +39,11 @@ class MediaError(Exception):
         self.code = code
         self.status = status
         self.param = param
+
+    def rename(self, private: str, shown: str) -> None:
+        """Name the image as the client did (``shown``), not by the server's own path to it (``private``)."""
+        self.message = self.message.replace(private, shown)
+        self.args = (self.message,)
 
 
 @dataclass(frozen=True)
@@ -113,17 +119,17 @@ def _refusal(err: Exception, param: str | None) -> MediaError:
 
 
 def _from_data_url(url: str, policy: MediaPolicy, param: str | None) -> Image.Image:
-    header, comma, payload = url[len("data:") :].partition(",")
-    if not comma or not header.endswith(";base64"):
+    parts = data_url_parts(url)
+    if parts is None:
         raise MediaError(
             "a data: URL image must be base64 encoded: data:image/png;base64,<data>", "invalid_image_url", 400, param
         )
+    media_type, payload = parts
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as err:
         raise MediaError(f"the data: URL is not valid base64 ({err})", "invalid_image", 400, param) from err
-    mime = header[: -len(";base64")].split(";")[0].strip().lower()
-    return _from_bytes(data, mime, policy, param)
+    return _from_bytes(data, mime_of(media_type), policy, param)
 
 
 def _from_bytes(data: bytes, mime: str, policy: MediaPolicy, param: str | None) -> Image.Image:
@@ -133,9 +139,8 @@ def _from_bytes(data: bytes, mime: str, policy: MediaPolicy, param: str | None) 
             handle.flush()
             try:
                 return _read_medical(Path(handle.name), policy, param)
-            except MediaError as err:  # name the image as the client knows it, not by the server's file
-                err.message = err.message.replace(handle.name, "the request's image")
-                err.args = (err.message,)
+            except MediaError as err:
+                err.rename(handle.name, "the request's image")
                 raise
     if is_nifti(data):
         return _read_nifti_data(data, policy, param)
@@ -192,8 +197,8 @@ def _from_local(text: str, policy: MediaPolicy, param: str | None) -> Image.Imag
                 image = volume.picture(opened.slice, axis, opened.window)
             except MedicalImageError as err:
                 raise _refusal(err, param) from err
-            except MediaError as err:  # name the file as the client did, not by its private path
-                err.message = err.message.replace(str(private), text)
+            except MediaError as err:
+                err.rename(str(private), text)
                 raise
             _check_size(*image.size, policy, param)
             return image
@@ -215,12 +220,10 @@ def load_image_url(url: str, policy: MediaPolicy, param: str | None = None) -> I
             param,
         )
     if scheme == "file":
-        parsed = urlparse(url)
-        if parsed.netloc not in ("", "localhost"):
-            raise MediaError(
-                f"file URL with a host {parsed.netloc!r} is not local", "local_media_not_allowed", 400, param
-            )
-        path = unquote(parsed.path) + (f"#{parsed.fragment}" if parsed.fragment else "")
+        try:
+            path = file_url_path(url)
+        except NotLocal as err:
+            raise MediaError(str(err), "local_media_not_allowed", 400, param) from err
         return _from_local(path, policy, param)
     if scheme and len(scheme) > 1:  # a Windows drive letter is not a scheme
         raise MediaError(f"unsupported image URL scheme {scheme!r}", "invalid_image_url", 400, param)
@@ -230,17 +233,6 @@ def load_image_url(url: str, policy: MediaPolicy, param: str | None = None) -> I
 # The first bytes of the image files a bare base64 string may hold (PNG, JPEG, GIF, BMP, TIFF, WebP); DICOM
 # is recognised by its "DICM" marker after the 128-byte preamble.
 _SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
-
-
-def _base64_bytes(value: str) -> bytes | None:
-    """``value`` decoded as base64, or ``None`` when it is not base64."""
-    compact = "".join(value.split())
-    if len(compact) < 16 or len(compact) % 4:
-        return None
-    try:
-        return base64.b64decode(compact, validate=True)
-    except (binascii.Error, ValueError):
-        return None
 
 
 def _is_image_file(data: bytes) -> bool:
@@ -257,7 +249,7 @@ def load_image_value(value: str, policy: MediaPolicy, param: str | None = None) 
     file's bytes as bare base64 (PNG, JPEG, GIF, BMP, TIFF, WebP or DICOM); raise :class:`MediaError` if neither."""
     if value.startswith("data:") or urlparse(value).scheme.lower() in ("http", "https", "ftp", "file"):
         return load_image_url(value, policy, param)
-    data = _base64_bytes(value)
+    data = bare_base64(value)
     if data is not None and _is_image_file(data):
         return _from_bytes(data, "", policy, param)
     if data is not None and len(value) > _LONGEST_NAME:

@@ -27,7 +27,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
 
 from PIL import Image, UnidentifiedImageError
 
@@ -35,6 +35,7 @@ from ..media import MedicalImageError, parse_ref
 from ..media.nifti import is_nifti
 from .errors import ApiError
 from .media import MediaError, MediaPolicy
+from .media_urls import NotLocal, bare_base64, data_url_parts, file_url_path, mime_of
 
 if TYPE_CHECKING:
     from .messages import ImageSource
@@ -257,15 +258,15 @@ def _bytes_header(data: bytes, mime: str, param: str) -> ImageHeader:
 
 
 def _data_url_header(url: str, param: str) -> ImageHeader:
-    header, comma, payload = url[len("data:") :].partition(",")
-    if not comma or not header.endswith(";base64"):
+    parts = data_url_parts(url)
+    if parts is None:
         raise _Unmeasured  # the decoder says how a data: URL must look
+    media_type, payload = parts
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as err:
         raise _refused(f"the data: URL is not valid base64 ({err})", param) from err
-    mime = header[: -len(";base64")].split(";")[0].strip().lower()
-    return _bytes_header(data, mime, param)
+    return _bytes_header(data, mime_of(media_type), param)
 
 
 def _local_reference(text: str, policy: MediaPolicy) -> Any:
@@ -273,11 +274,11 @@ def _local_reference(text: str, policy: MediaPolicy) -> Any:
     remote host, a reference that does not parse: the decoder refuses those with their own codes)."""
     if policy.allowed_local_media_path is None:
         raise _Unmeasured
-    parsed = urlparse(text)
-    if parsed.scheme.lower() == "file":
-        if parsed.netloc not in ("", "localhost"):
-            raise _Unmeasured
-        text = unquote(parsed.path) + (f"#{parsed.fragment}" if parsed.fragment else "")
+    if urlparse(text).scheme.lower() == "file":
+        try:
+            text = file_url_path(text)
+        except NotLocal as err:
+            raise _Unmeasured from err
     try:
         return parse_ref(text)
     except (MedicalImageError, OSError, ValueError, RuntimeError) as err:
@@ -318,12 +319,8 @@ def _url_header(url: str, policy: MediaPolicy, param: str) -> ImageHeader:
 
 def _base64_image(value: str) -> bytes | None:
     """``value`` as the bytes of an image file sent as bare base64, else ``None``."""
-    compact = "".join(value.split())
-    if len(compact) < 16 or len(compact) % 4:
-        return None
-    try:
-        data = base64.b64decode(compact, validate=True)
-    except (binascii.Error, ValueError):
+    data = bare_base64(value)
+    if data is None:
         return None
     if data[128:132] == b"DICM" or is_nifti(data):
         return data

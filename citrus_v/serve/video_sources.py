@@ -36,6 +36,7 @@ from ..media.volume import VolumeHeader
 from ..media.volumes import parse_volume_ref, probe_volume_bytes, read_volume_bytes
 from ..media.windowing import Window
 from .media import MediaError
+from .media_urls import NotLocal, bare_base64, data_url_parts, file_url_path
 
 if TYPE_CHECKING:
     from .messages import VideoSource
@@ -98,20 +99,21 @@ def _unreadable(err: Exception, param: str) -> MediaError:
 
 # --- fetching the bytes ---------------------------------------------------------------------------------------
 def _from_data_url(url: str, param: str) -> VideoData:
-    header, comma, payload = url[len("data:") :].partition(",")
-    if not comma or not header.endswith(";base64"):
+    parts = data_url_parts(url)
+    if parts is None:
         raise MediaError(
             "a data: URL video must be base64 encoded: data:application/gzip;base64,<data>",
             "invalid_image_url",
             400,
             param,
         )
+    media_type, payload = parts
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as err:
         raise MediaError(f"the data: URL is not valid base64 ({err})", "invalid_video", 400, param) from err
     name = f"the video at {param}"
-    options = _data_url_options(header[: -len(";base64")], param)
+    options = _data_url_options(media_type, param)
     if not options:
         return VideoData(data, name)
     try:
@@ -150,12 +152,12 @@ def _data_url_options(media_type: str, param: str) -> list[tuple[str, str]]:
 
 def _local_path_text(text: str, param: str) -> str:
     """A ``file://`` URL's path (with its fragment), or ``text`` itself."""
-    parsed = urlparse(text)
-    if parsed.scheme.lower() != "file":
+    if urlparse(text).scheme.lower() != "file":
         return text
-    if parsed.netloc not in ("", "localhost"):
-        raise MediaError(f"file URL with a host {parsed.netloc!r} is not local", "local_media_not_allowed", 400, param)
-    return unquote(parsed.path) + (f"#{parsed.fragment}" if parsed.fragment else "")
+    try:
+        return file_url_path(text)
+    except NotLocal as err:
+        raise MediaError(str(err), "local_media_not_allowed", 400, param) from err
 
 
 def _from_local(text: str, policy: VideoPolicy, param: str) -> VideoData:
@@ -231,16 +233,6 @@ def _known_file(data: bytes) -> bool:
     )
 
 
-def _base64_bytes(value: str) -> bytes | None:
-    compact = "".join(value.split())
-    if len(compact) < 16 or len(compact) % 4:
-        return None
-    try:
-        return base64.b64decode(compact, validate=True)
-    except (binascii.Error, ValueError):
-        return None
-
-
 def fetch(source: VideoSource, policy: VideoPolicy) -> VideoData:
     """The bytes of one video part (see the module docstring), nothing decoded; raises :class:`MediaError`."""
     reference, param = source.reference, source.param
@@ -256,7 +248,7 @@ def fetch(source: VideoSource, policy: VideoPolicy) -> VideoData:
             param,
         )
     if source.swift_value and scheme != "file":
-        data = _base64_bytes(reference)
+        data = bare_base64(reference)
         if data is not None and (_known_file(data) or len(reference) > _LONGEST_NAME):
             return VideoData(data, f"the video at {param}")
     if scheme and scheme != "file" and len(scheme) > 1:  # a Windows drive letter is not a scheme
