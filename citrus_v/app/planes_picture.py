@@ -9,22 +9,15 @@ Every target keeps its position, so mask ``k`` has the colour its chip, legend r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from ..infer.overlay import colour, label_font
-from ..infer.volume_pictures import STRIP_COLUMNS, Panel, plane_panels, strip_frames, strip_panels
+from ..infer.overlay import colour
+from ..infer.volume_pictures import STRIP_COLUMNS, Panel, compose, plane_panels, strip_frames, strip_panels
 from ..media import Volume
 from ..media.windowing import Window
 from .volume_answer import VolumeAnswer, VolumeTarget
 from .volume_legend import NOT_PRESENT, ml_text
-
-BACKGROUND = (24, 24, 24)
-TEXT = (235, 235, 235)
-GAP = 8
-FONT_SIZE = 13
 
 
 def answer_picture(volume: Volume, answer: VolumeAnswer, window: str | Window | None = None) -> Image.Image | None:
@@ -71,27 +64,3 @@ def _line(position: int, target: VolumeTarget, clip: bool) -> tuple[str, tuple[i
     return f"{name}: {ml_text(target.volume_ml, clip)}, {noun} {numbers[0] + 1}-{numbers[-1] + 1}", colour(position)
 
 
-def compose(rows: Sequence[Sequence[Panel]], lines: Sequence[tuple[str, tuple[int, int, int] | None]]) -> Image.Image:
-    """Panels in rows, each under its caption, and the legend lines below (a swatch where a colour is given)."""
-    font = label_font(FONT_SIZE)
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    line = probe.textbbox((0, 0), "Ag", font=font)[3] + 6
-    widths = [sum(p.image.width for p in row) + GAP * (len(row) + 1) for row in rows]
-    heights = [max(p.image.height for p in row) + line + GAP for row in rows]
-    text_width = max((int(probe.textlength(text, font=font)) + line + 2 * GAP for text, _ in lines), default=0)
-    canvas = Image.new("RGB", (max([*widths, text_width]), sum(heights) + GAP + line * len(lines)), BACKGROUND)
-    draw = ImageDraw.Draw(canvas)
-    top = 0
-    for row, height in zip(rows, heights, strict=True):
-        left = GAP
-        for panel in row:
-            draw.text((left, top + GAP // 2), panel.caption, fill=TEXT, font=font)
-            canvas.paste(panel.image, (left, top + line + GAP // 2))
-            left += panel.image.width + GAP
-        top += height
-    for k, (text, fill) in enumerate(lines):
-        y = top + GAP + k * line
-        if fill is not None:
-            draw.rectangle([GAP, y + 2, GAP + line - 6, y + line - 4], fill=fill)
-        draw.text((GAP + line, y + 1), text, fill=TEXT, font=font)
-    return canvas

@@ -70,7 +70,7 @@ def three_planes(
     one row through the volume's centre when no mask holds any."""
     stacks = mask_stacks(masks, volume.values.shape)
     rows = [plane_panels(volume, stacks, centre, window, side) for centre in _centres(volume, stacks)]
-    return _compose(rows, _legend_lines(volume, stacks, labels))
+    return compose(rows, [(text, colour(k)) for k, text in enumerate(_legend_lines(volume, stacks, labels))])
 
 
 def _centres(volume: Volume, stacks: list[np.ndarray]) -> list[tuple[int, int, int]]:
@@ -191,7 +191,7 @@ def clip_strip(
     stacks = mask_stacks(masks, volume.values.shape)
     panels = strip_panels(volume, stacks, strip_frames(stacks, volume.num_frames, max_frames), window)
     rows = [panels[k : k + columns] for k in range(0, len(panels), max(1, columns))]
-    return _compose(rows, _legend_lines(volume, stacks, labels))
+    return compose(rows, [(text, colour(k)) for k, text in enumerate(_legend_lines(volume, stacks, labels))])
 
 
 def strip_frames(stacks: list[np.ndarray], count: int, max_frames: int = STRIP_FRAMES) -> list[int]:
@@ -241,15 +241,15 @@ def _legend_lines(volume: Volume, stacks: list[np.ndarray], labels: Sequence[str
     return lines
 
 
-def _compose(rows: list[list[Panel]], legend: list[str]) -> Image.Image:
-    """Panels in rows, each under its caption, and a legend (a swatch in each mask's colour) below."""
+def compose(rows: Sequence[Sequence[Panel]], lines: Sequence[tuple[str, tuple[int, int, int] | None]]) -> Image.Image:
+    """Panels in rows, each under its caption, and the legend lines below (a swatch where a colour is given)."""
     font = label_font(13)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line = probe.textbbox((0, 0), "Ag", font=font)[3] + 6
     widths = [sum(p.image.width for p in row) + _GAP * (len(row) + 1) for row in rows]
     heights = [max(p.image.height for p in row) + line + _GAP for row in rows]
-    text_width = max((int(probe.textlength(text, font=font)) + line + 2 * _GAP for text in legend), default=0)
-    canvas = Image.new("RGB", (max([*widths, text_width]), sum(heights) + _GAP + line * len(legend)), _BACKGROUND)
+    text_width = max((int(probe.textlength(text, font=font)) + line + 2 * _GAP for text, _ in lines), default=0)
+    canvas = Image.new("RGB", (max([*widths, text_width]), sum(heights) + _GAP + line * len(lines)), _BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     top = 0
     for row, height in zip(rows, heights, strict=True):
@@ -259,8 +259,9 @@ def _compose(rows: list[list[Panel]], legend: list[str]) -> Image.Image:
             canvas.paste(panel.image, (left, top + line + _GAP // 2))
             left += panel.image.width + _GAP
         top += height
-    for k, text in enumerate(legend):
+    for k, (text, fill) in enumerate(lines):
         y = top + _GAP + k * line
-        draw.rectangle([_GAP, y + 2, _GAP + line - 6, y + line - 4], fill=colour(k))
+        if fill is not None:
+            draw.rectangle([_GAP, y + 2, _GAP + line - 6, y + line - 4], fill=fill)
         draw.text((_GAP + line, y + 1), text, fill=_TEXT, font=font)
     return canvas
