@@ -146,21 +146,33 @@ def write_dicom_seg(
     return out_path
 
 
-def _check_seg_inputs(
-    path: Path, dataset: Any, masks: Sequence[np.ndarray], labels: Sequence[str | None], frame: int | None
-) -> int:
-    """The 0-based frame index, once the source can be referenced and every mask fits its frame."""
-    uids = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-    missing = [k for k in uids if k not in dataset]
+SOURCE_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+def check_referenceable(name: str, dataset: Any) -> None:
+    """A source instance a Segmentation can reference: it names its instance, study and series."""
+    missing = [k for k in SOURCE_UIDS if k not in dataset]
     if missing:
         raise ValueError(
-            f"{path} has no {', '.join(missing)}: a Segmentation must name the instance, study and series it "
+            f"{name} has no {', '.join(missing)}: a Segmentation must name the instance, study and series it "
             "segments; give the file those UIDs first"
         )
+
+
+def check_masks_and_labels(masks: Sequence[Any], labels: Sequence[str | None]) -> None:
+    """At least one mask, and one label (or None) per mask."""
     if not masks:
         raise ValueError("a DICOM Segmentation needs at least one mask")
     if len(labels) != len(masks):
         raise ValueError(f"{len(masks)} masks but {len(labels)} labels: give one label (or None) per mask")
+
+
+def _check_seg_inputs(
+    path: Path, dataset: Any, masks: Sequence[np.ndarray], labels: Sequence[str | None], frame: int | None
+) -> int:
+    """The 0-based frame index, once the source can be referenced and every mask fits its frame."""
+    check_referenceable(str(path), dataset)
+    check_masks_and_labels(masks, labels)
     frames = int(dataset.get("NumberOfFrames", 1) or 1)
     index = 0 if frame is None else int(frame)
     if not 0 <= index < frames:

@@ -32,6 +32,8 @@ import numpy as np
 
 from ..media.volume import Volume
 from .mask_files import (
+    check_masks_and_labels,
+    check_referenceable,
     enhanced_geometry,
     fill_patient_and_study,
     nifti_like,
@@ -43,7 +45,6 @@ from .mask_files import (
 
 # DICOM patient coordinates (LPS) to NIfTI's (RAS): the first two axes change sign
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-_SOURCE_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 _SEG_SUFFIX = ".seg.dcm"
 
 MaskInput = np.ndarray | Sequence[np.ndarray]
@@ -201,17 +202,9 @@ def _check_seg_source(volume: Volume, stacks: list[np.ndarray], labels: list[str
             f"{volume.source}: not a DICOM source, so there is no instance for a DICOM Segmentation to reference; "
             "the NIfTI masks stand"
         )
-    if not stacks:
-        raise ValueError("a DICOM Segmentation needs at least one mask")
-    if len(labels) != len(stacks):
-        raise ValueError(f"{len(stacks)} masks but {len(labels)} labels: give one label (or None) per mask")
+    check_masks_and_labels(stacks, labels)
     for ds in volume.datasets:
-        missing = [k for k in _SOURCE_UIDS if k not in ds]
-        if missing:
-            raise ValueError(
-                f"{_name(ds, volume)} has no {', '.join(missing)}: a Segmentation must name the instance, study "
-                "and series it segments; give the file those UIDs first"
-            )
+        check_referenceable(_name(ds, volume), ds)
     multiframe = len(volume.datasets) == 1 and _is_multiframe(volume.datasets[0])
     if not multiframe and len(volume.datasets) != volume.num_frames:
         raise ValueError(
