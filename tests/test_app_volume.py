@@ -316,23 +316,6 @@ def test_a_volume_answer_stays_while_the_slices_change_and_goes_with_the_mode_or
 
 
 # --- against citrus-v deploy's own server ----------------------------------------------------------------------------
-class ObjectScores:
-    """Every object score SAM 2 gives is ``value`` while this is open: the target is found (> 0) or not (< 0)."""
-
-    def __init__(self, model, value: float) -> None:
-        self.head = model.grounding_encoder.mask_decoder.pred_obj_score_head
-        self.value = value
-
-    def __enter__(self) -> ObjectScores:
-        import torch
-
-        self.handle = self.head.register_forward_hook(lambda m, a, out: torch.full_like(out, self.value))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.handle.remove()
-
-
 def test_the_real_server_answers_a_volume_and_the_page_draws_it(tiny_dir, tmp_path):
     """``citrus-v deploy``'s server (the tiny model, its answer forced to two [SEG]) reads the NIfTI the page sends;
     with SAM 2's object score forced positive both targets come back on frames the page draws and measures, and
@@ -346,6 +329,7 @@ def test_the_real_server_answers_a_volume_and_the_page_draws_it(tiny_dir, tmp_pa
     from citrus_v.processing import CitrusVProcessor
     from citrus_v.serve.server import ServerSettings, create_app
 
+    from .forcing import ObjectScores
     from .test_serve_support import ScriptedPredictor, running_server
 
     processor = CitrusVProcessor.from_pretrained(tiny_dir)

@@ -34,6 +34,7 @@ from .test_serve_support import running_server
 openai = pytest.importorskip("openai")
 pydicom = pytest.importorskip("pydicom")
 
+from .forcing import ObjectScores  # noqa: E402
 from .test_volume_outputs import ct_series  # noqa: E402
 
 SPACING_XYZ = (0.7, 0.9, 2.5)
@@ -70,20 +71,6 @@ class ForcedPredictor(CitrusVPredictor):
     def predict_batch(self, requests, logits_processor=None, **generation):
         force = _Force([self.answer_ids(r.prompt) for r in requests])
         return super().predict_batch(requests, logits_processor=LogitsProcessorList([force]), **generation)
-
-
-class ObjectScores:
-    """Every object score SAM 2's head gives is ``value`` while this is open (every frame counts as present)."""
-
-    def __init__(self, model, value: float) -> None:
-        head = model.grounding_encoder.mask_decoder.pred_obj_score_head
-        self.handle = head.register_forward_hook(lambda module, args, output: torch.full_like(output, value))
-
-    def __enter__(self) -> ObjectScores:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.handle.remove()
 
 
 def _nifti(path: Path, data: np.ndarray) -> Path:

@@ -6,26 +6,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList
 
 from citrus_v.infer import CitrusVPredictor, Request
 from citrus_v.infer.results import Prediction, seg_labels
 
 from .conftest import phantom
-
-
-class ForceAnswer(LogitsProcessor):
-    """Makes generation emit a fixed answer, so the [SEG] path runs through real decoding steps."""
-
-    def __init__(self, token_ids: list[int], prompt_length: int) -> None:
-        self.token_ids = token_ids
-        self.prompt_length = prompt_length
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        step = min(input_ids.shape[1] - self.prompt_length, len(self.token_ids) - 1)
-        forced = torch.full_like(scores, float("-inf"))
-        forced[:, self.token_ids[step]] = 0.0
-        return forced
+from .forcing import ForceAnswer
 
 
 def _forced(predictor: CitrusVPredictor, requests: list[Request], answer: str) -> LogitsProcessorList:

@@ -21,7 +21,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 from nibabel.testing import data_path as NIBABEL_DATA
 from pycocotools import mask as mask_utils
 
@@ -39,6 +38,7 @@ nib = pytest.importorskip("nibabel")
 av = pytest.importorskip("av")
 pytest.importorskip("pydicom")
 
+from .forcing import ObjectScores  # noqa: E402
 from .test_volume_outputs import ct_series  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -48,21 +48,6 @@ ANATOMICAL = os.path.join(NIBABEL_DATA, "anatomical.nii")  # 25 axial frames of 
 SMALL_FRAMES = {"fps_max_frames": 8, "video_min_pixels": 4 * 784, "video_max_pixels": 64 * 784}
 MAX_VIDEO_FRAMES = 200
 CLIP_FRAMES, CLIP_SIZE = 6, (48, 64)  # frames, (height, width)
-
-
-class ObjectScores:
-    """Every object score SAM 2 gives is ``value`` while this is open: the target is found (> 0) or not."""
-
-    def __init__(self, model, value: float) -> None:
-        self.head = model.grounding_encoder.mask_decoder.pred_obj_score_head
-        self.value = value
-
-    def __enter__(self) -> ObjectScores:
-        self.handle = self.head.register_forward_hook(lambda m, a, out: torch.full_like(out, self.value))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.handle.remove()
 
 
 def _b64(data: bytes) -> str:

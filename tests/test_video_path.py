@@ -15,7 +15,7 @@ import torch
 import transformers.models.qwen2_vl as qwen2_vl
 from nibabel.testing import data_path as NIBABEL_DATA
 from PIL import Image
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList
 
 from citrus_v.infer import CitrusVPredictor, Prediction, Request
 from citrus_v.infer.predictor import VideoPrediction
@@ -26,6 +26,7 @@ from citrus_v.processing.videos import FRAME_LIST_FPS, video_pixel_values
 from citrus_v.tokens import ENDOFTEXT, IM_END, IM_START, IMAGE_PAD, VISION_END, VISION_START
 
 from .conftest import phantom
+from .forcing import ForceAnswer
 
 ANATOMICAL = os.path.join(NIBABEL_DATA, "anatomical.nii")  # 25 axial slices of 41 x 33
 SMALL_FRAMES = {"video_min_pixels": 4 * 784, "video_max_pixels": 64 * 784}  # a few tokens per frame: fast
@@ -153,19 +154,6 @@ def test_a_clip_written_with_pyav_is_sampled_at_fps_with_its_time_per_temporal_p
     lefts = [np.nonzero(np.asarray(f)[:, :, 0].max(axis=0) > 128)[0].min() for f in loaded.frames]
     expected = [4 * k % 80 * plan.width / 96 for k in plan.indices]  # where the square is in each chosen frame
     assert lefts == pytest.approx(expected, abs=2)
-
-
-class ForceAnswer(LogitsProcessor):
-    """Makes generation emit fixed tokens, so the [SEG] path runs through real decoding steps."""
-
-    def __init__(self, token_ids: list[int], prompt_length: int) -> None:
-        self.token_ids, self.prompt_length = token_ids, prompt_length
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        step = min(input_ids.shape[1] - self.prompt_length, len(self.token_ids) - 1)
-        forced = torch.full_like(scores, float("-inf"))
-        forced[:, self.token_ids[step]] = 0.0
-        return forced
 
 
 def _reference_seg_state(predictor: CitrusVPredictor, row: dict, answer_ids: list[int], seconds: torch.Tensor):

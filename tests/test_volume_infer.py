@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from nibabel.testing import data_path as NIBABEL_DATA
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList
 
 from citrus_v.cli import main
 from citrus_v.infer import CitrusVPredictor, Request
@@ -36,6 +36,7 @@ hd = pytest.importorskip("highdicom")
 
 from pydicom.data import get_testdata_file  # noqa: E402
 
+from .forcing import ForceAnswer, ObjectScores  # noqa: E402
 from .test_volume_outputs import ct_series  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # highdicom warns about the test files' values
@@ -43,33 +44,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # highdicom warn
 ANATOMICAL = os.path.join(NIBABEL_DATA, "anatomical.nii")  # 33 x 41 x 25, 2 mm: 25 axial frames of 41 x 33
 ANSWER = "Sure, the brain [SEG]."
 SMALL_FRAMES = {"fps_max_frames": 8, "video_min_pixels": 4 * 784, "video_max_pixels": 64 * 784}
-
-
-class ForceAnswer(LogitsProcessor):
-    """Makes generation emit fixed tokens, so the [SEG] path runs through real decoding steps."""
-
-    def __init__(self, token_ids: list[int], prompt_length: int) -> None:
-        self.token_ids, self.prompt_length = token_ids, prompt_length
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        step = min(input_ids.shape[1] - self.prompt_length, len(self.token_ids) - 1)
-        forced = torch.full_like(scores, float("-inf"))
-        forced[:, self.token_ids[step]] = 0.0
-        return forced
-
-
-class ObjectScores:
-    """Every object score SAM 2's head gives is ``value`` while this is open."""
-
-    def __init__(self, model: CitrusV, value: float) -> None:
-        head = model.grounding_encoder.mask_decoder.pred_obj_score_head
-        self.handle = head.register_forward_hook(lambda module, args, output: torch.full_like(output, value))
-
-    def __enter__(self) -> ObjectScores:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.handle.remove()
 
 
 @pytest.fixture(scope="module")
