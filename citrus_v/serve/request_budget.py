@@ -482,9 +482,9 @@ def check_context(
 
 
 # --- memory -------------------------------------------------------------------------------------------------
-# Measured with `citrus-v deploy --model tiny-base` on CPU (float32): the peak resident memory a request adds.
-# 4096x4096 and 2048x2048 PNGs: 23.6 and 22.9 bytes per pixel (the picture, its RGB copy, the processor's and
-# SAM 2's inputs made from it, masks brought back to its size).
+# The constants below are fitted to the peak resident memory a request adds to `citrus-v deploy` (README, "Serve
+# and app", gives the fit). Per image pixel: the picture, its RGB copy, the processor's and SAM 2's inputs made
+# from it, masks brought back to its size.
 PER_PIXEL_BYTES = 24
 # the parsed request and its answer, whatever its images
 PER_REQUEST_BYTES = 8 * 1024 * 1024
@@ -493,16 +493,14 @@ PER_IMAGE_BYTES = 256 * 1024
 # the body's image text is held as received and as parsed strings while the request is read
 BODY_COPIES = 2
 # per prompt token: copies of the widest activations (the vision tower's merged patches and the language model's
-# MLP), fitted to the tiny checkpoint's 16 and 60 small images (about 52 KB per token there)
+# MLP)
 ACTIVATION_COPIES = 9
 _PIXEL_VALUE_BYTES = 4  # the processor's pixel_values are float32
 _CHANNELS = 3
-# Videos, measured the same way (tiny-base on CPU, float32, per-frame SAM 2, NIfTI volumes of 4 and 8 M voxels in
-# int16, float32 and float64, answers with two [SEG] and none): beyond the body and the file's bytes, a grey voxel
-# took 19, 30 and 50 bytes, i.e. 5 copies of its value (the file's array, its RAS+ reorientation, the stacked
-# frames, the readers' intermediate copies) and 8 bytes more (the float64 stack the display window is taken
-# from); a colour clip (mp4, 256 frames of 256 x 256) held 2 copies of its RGB values. Each frame pixel also holds
-# one boolean per [SEG] (two counted) in the mask stacks.
+# Videos, fitted the same way: beyond the body and the file's bytes, a grey voxel holds 5 copies of its value (the
+# file's array, its RAS+ reorientation, the stacked frames, the readers' intermediate copies) and 8 bytes more (the
+# float64 stack the display window is taken from); a colour clip holds 2 copies of its RGB values. Each frame
+# pixel also holds one boolean per [SEG] (two counted) in the mask stacks.
 PER_VIDEO_BYTES = 2 * 1024 * 1024
 GREY_VALUE_COPIES = 5
 GREY_WINDOW_BYTES = 8
