@@ -205,6 +205,7 @@ class CitrusVPredictor:
             raise ProcessorError(str(err)) from err
         return EncodedRequest(images=images, row=row, videos=videos, sources=list(request.videos))
 
+    @torch.inference_mode()
     def predict_batch(
         self,
         requests: Sequence[Request],
