@@ -5,6 +5,7 @@ transformers lays out, the frames ms-swift's variables choose, the rotary time p
 from __future__ import annotations
 
 import ast
+import json
 import os
 from pathlib import Path
 
@@ -139,6 +140,27 @@ def test_frames_follow_fps_max_frames_from_the_environment_or_the_processor_and_
     monkeypatch.setenv("FPS_MAX_FRAMES", "many")
     with pytest.raises(ProcessorError, match="FPS_MAX_FRAMES='many'"):
         CitrusVProcessor.from_pretrained(tiny_dir)
+
+
+def test_video_settings_travel_with_the_folder_and_the_environment_still_wins(tiny_dir, tmp_path, monkeypatch):
+    for name in ("FPS_MAX_FRAMES", "VIDEO_MIN_PIXELS", "VIDEO_MAX_PIXELS"):
+        monkeypatch.delenv(name, raising=False)
+    processor = CitrusVProcessor.from_pretrained(tiny_dir)
+    processor.set_video_sampling(fps_max_frames=10, video_max_pixels=32 * 784)
+    processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "citrus_v_processor.json").read_text())["video_sampling"]
+    assert saved["fps_max_frames"] == 10 and saved["video_max_pixels"] == 32 * 784
+    again = CitrusVProcessor.from_pretrained(tmp_path)
+    assert again.video_sampling == processor.video_sampling
+    assert len(again.load_video(ANATOMICAL).frames) == 10
+    monkeypatch.setenv("FPS_MAX_FRAMES", "4")
+    overridden = CitrusVProcessor.from_pretrained(tmp_path)
+    assert overridden.video_sampling.fps_max_frames == 4 and overridden.video_sampling.video_max_pixels == 32 * 784
+    settings = json.loads((tmp_path / "citrus_v_processor.json").read_text())
+    settings["video_sampling"]["frames"] = 3
+    (tmp_path / "citrus_v_processor.json").write_text(json.dumps(settings))
+    with pytest.raises(ProcessorError, match="unknown video_sampling setting.*frames"):
+        CitrusVProcessor.from_pretrained(tmp_path)
 
 
 def test_a_clip_written_with_pyav_is_sampled_at_fps_with_its_time_per_temporal_patch(predictor, tmp_path):

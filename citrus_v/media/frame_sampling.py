@@ -54,9 +54,12 @@ class VideoSampling:
     image_factor: int = IMAGE_FACTOR
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str], **overrides: float | int | None) -> VideoSampling:
-        """Values from ``environ`` (e.g. ``os.environ``) under the upper-case names, as ms-swift reads them;
-        ``overrides`` that are not ``None`` win (e.g. ``fps_max_frames`` from ``--max_frames``)."""
+    def from_env(
+        cls, environ: Mapping[str, str], base: VideoSampling | None = None, **overrides: float | int | None
+    ) -> VideoSampling:
+        """Values from ``environ`` (e.g. ``os.environ``) under the upper-case names, as ms-swift reads them,
+        over ``base`` (default: qwen_vl_utils' values); ``overrides`` that are not ``None`` win (e.g.
+        ``fps_max_frames`` from ``--max_frames``)."""
         values: dict[str, float | int] = {}
         for spec in fields(cls):
             text = environ.get(spec.name.upper())
@@ -69,7 +72,7 @@ class VideoSampling:
                         f"{spec.name.upper()}={text!r} is not a number", "bad_reference"
                     ) from err
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return replace(cls(), **values)
+        return replace(base if base is not None else cls(), **values)
 
 
 @dataclass(frozen=True)

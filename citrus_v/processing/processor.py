@@ -81,10 +81,17 @@ def _pixels_from_env(name: str) -> int | None:
         raise ProcessorError(f"environment variable {name}={value!r} is not an integer number of pixels") from err
 
 
-def _video_sampling_from_env() -> VideoSampling:
-    """ms-swift's video variables (``FPS``, ``FPS_MAX_FRAMES``, ``VIDEO_MAX_PIXELS``, ...) as they are set now."""
+def _video_sampling_from_env(saved: dict[str, Any] | None = None) -> VideoSampling:
+    """ms-swift's video variables (``FPS``, ``FPS_MAX_FRAMES``, ``VIDEO_MAX_PIXELS``, ...) as they are set now,
+    over ``saved`` (a folder's own settings, lower-case names), over qwen_vl_utils' defaults."""
+    known = {spec.name for spec in fields(VideoSampling)}
+    unknown = sorted(set(saved or {}) - known)
+    if unknown:
+        raise ProcessorError(
+            f"{PROCESSOR_FILE}: unknown video_sampling setting(s) {', '.join(unknown)}; use {', '.join(sorted(known))}"
+        )
     try:
-        return VideoSampling.from_env(os.environ)
+        return VideoSampling.from_env(os.environ, base=VideoSampling(**(saved or {})))
     except MedicalImageError as err:
         raise ProcessorError(f"environment variable {err}. Fix: set it to a number or unset it") from err
 
@@ -104,7 +111,8 @@ class CitrusVProcessor:
             :data:`SAM_INPUTS`); a released upstream folder gets ``"smart_resized"``, as upstream does.
         video_sampling: how videos are sampled and sized; default ms-swift's environment variables
             (``FPS_MAX_FRAMES``, ``VIDEO_MAX_PIXELS``, ...) at construction, else qwen_vl_utils' defaults.
-            Change it later with :meth:`set_video_sampling`.
+            Change it later with :meth:`set_video_sampling`. Settings that differ from qwen_vl_utils' defaults
+            are saved with the folder and loaded again under any environment variables set then.
         sam_train_frames: frames of a volume or clip SAM 2 trains on per sample, for a row with 3-D masks (see
             :mod:`~citrus_v.processing.video_masks`); a training setting, not saved with the processor.
     """
@@ -203,6 +211,15 @@ class CitrusVProcessor:
             "default_system": self.default_system,
             "sam_input": self.sam_input,
         }
+        # the video knobs that differ from qwen_vl_utils' defaults travel with the folder (the environment
+        # variables still win when it is loaded)
+        changed = {
+            spec.name: getattr(self.video_sampling, spec.name)
+            for spec in fields(VideoSampling)
+            if getattr(self.video_sampling, spec.name) != getattr(VideoSampling(), spec.name)
+        }
+        if changed:
+            settings["video_sampling"] = changed
         (directory / PROCESSOR_FILE).write_text(json.dumps(settings, indent=2) + "\n")
 
     @classmethod
@@ -240,7 +257,10 @@ class CitrusVProcessor:
             except json.JSONDecodeError as err:
                 raise ProcessorError(f"{settings_file} line {err.lineno}: invalid JSON ({err.msg})") from err
         settings.pop("processor_class", None)
+        saved_video = settings.pop("video_sampling", None)
         settings.update(overrides)
+        if settings.get("video_sampling") is None:
+            settings["video_sampling"] = _video_sampling_from_env(saved_video)
         if (directory / "preprocessor_config.json").is_file():
             image_processor = Qwen2VLImageProcessorPil.from_pretrained(directory)
         else:
