@@ -92,7 +92,8 @@ def _synth(args: argparse.Namespace) -> int:
 
     options = CorpusOptions(
         n=args.n, seed=args.seed, size=args.size, test_images=args.test_images, absent_share=args.absent_share,
-        absent_detection=args.absent_detection, volumes=args.volumes, test_volumes=args.test_volumes,
+        volume_absent_share=args.volume_absent_share, absent_detection=args.absent_detection, volumes=args.volumes,
+        test_volumes=args.test_volumes,
         volume_slices=tuple(args.volume_slices), volume_size=tuple(args.volume_size), clips=args.clips,
         clip_frames=tuple(args.clip_frames), clip_size=args.clip_size,
     )
@@ -160,6 +161,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     synth.add_argument("--absent_share", type=float, default=0.15,
                        help="share of absent-target rows (the answer says the target is not there, no [SEG], no "
                        "box) among the segmentation and detection rows, in each split")
+    synth.add_argument("--volume_absent_share", type=float, default=None,
+                       help="the same share for the volumes' and clips' rows (default: --absent_share)")
     synth.add_argument("--absent_detection", action="store_true",
                        help="also ask detection questions about absent targets (answers without a box)")
     synth.add_argument("--volumes", type=int, default=0,

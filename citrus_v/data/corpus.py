@@ -77,6 +77,7 @@ class CorpusOptions:
             an 896 x 224 slip (256 image tokens).
         absent_share: the share of absent-target rows among the segmentation and detection rows, in each split,
             2-D and 3-D apart (lesion-free scans asked for "the lesion" count towards it; 0 adds none).
+        volume_absent_share: the same share for the volumes' and clips' rows; None: ``absent_share``.
         absent_detection: also ask detection questions about absent targets (answers without a box); off until
             every consumer of detection rows takes a row without ``objects``.
         volumes: CT/MR volume cases (NIfTI with a NIfTI label volume), split 80/10/10 by volume;
@@ -97,6 +98,7 @@ class CorpusOptions:
     document_cell: int = 28
     test_images: int = 0
     absent_share: float = 0.15
+    volume_absent_share: float | None = None
     absent_detection: bool = False
     volumes: int = 0
     test_volumes: int = 0
@@ -514,12 +516,13 @@ def write_corpus(out: str | Path, options: CorpusOptions | None = None) -> Corpu
     out.mkdir(parents=True, exist_ok=True)
     summary = CorpusSummary(out)
     balance = AbsentBalance(options.absent_share)
+    volume_share = options.absent_share if options.volume_absent_share is None else options.volume_absent_share
     handles = {split: open(out / f"{split}.jsonl", "w", encoding="utf-8") for split in SPLITS}
     try:
         # images first, then volumes and clips: each kind draws from its own streams, so adding volumes or
         # clips leaves the image rows as they were
         for split, fmt, rows in itertools.chain(_image_cases(out, options, balance),
-                                                _stack_cases(out, options, balance)):
+                                                _stack_cases(out, options, AbsentBalance(volume_share))):
             for row in rows:
                 row["meta"]["split"] = split
                 handles[split].write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -540,8 +543,10 @@ def _check_options(options: CorpusOptions) -> None:
     for name in ("test_images", "volumes", "test_volumes", "clips"):
         if getattr(options, name) < 0:
             raise ValueError(f"--{name} must be 0 or more, got {getattr(options, name)}")
-    if not 0.0 <= options.absent_share < 1.0:
-        raise ValueError(f"--absent_share must be at least 0 and below 1, got {options.absent_share}")
+    for name in ("absent_share", "volume_absent_share"):
+        share = getattr(options, name)
+        if share is not None and not 0.0 <= share < 1.0:
+            raise ValueError(f"--{name} must be at least 0 and below 1, got {share}")
     for name, least in (("volume_slices", 4), ("volume_size", 32), ("clip_frames", 2)):
         low, high = getattr(options, name)
         if not least <= low <= high:
