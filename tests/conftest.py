@@ -41,10 +41,12 @@ def no_network():
 
 @pytest.fixture(scope="session")
 def tiny():
-    """A random-init tiny model and its processor (built once; tests must not change the weights)."""
+    """A random-init tiny model and its processor (built once; tests must not change the weights): the preset
+    without SAM 2's memory modules and with qwen_vl_utils' video settings, which the tests of those features
+    set themselves (``tests/test_tiny_preset.py`` checks the preset with them)."""
     from citrus_v.recipes.presets import build_tiny
 
-    model, processor = build_tiny(seed=0)
+    model, processor = build_tiny(seed=0, video=False)
     return model, processor
 
 

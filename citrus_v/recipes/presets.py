@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerBase, Qwen2_5_VLConfig, Sam2Config
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from .. import objectives
+from ..media.frame_sampling import VideoSampling
 from ..modeling.configuration_citrus_v import CitrusVConfig
 from ..modeling.grounding import reinit_fan_in
 from ..modeling.modeling_citrus_v import CitrusV
@@ -27,6 +28,11 @@ PRESETS = ("tiny",)
 TINY_PIXELS = 224 * 224
 # lab reports are 896 x 224 slips, one character per merged token (citrus_v.data.documents): 4x a scan
 TINY_MAX_PIXELS = 4 * TINY_PIXELS
+# SAM 2's memory modules at the tiny image encoder's width, two memory-attention layers (SAM 2 has four)
+TINY_MEMORY: dict[str, int] = {"memory_attention_num_layers": 2}
+# what the tiny language model sees of a volume or clip (ms-swift's video knobs, lower case): up to 16 frames of
+# 112 x 112 pixels, 16 merged tokens per pair of frames, so a whole volume costs 128 tokens (a scan costs 64)
+TINY_VIDEO: dict[str, int] = {"video_min_pixels": 112 * 112, "video_max_pixels": 112 * 112, "fps_max_frames": 16}
 
 
 def tiny_sam2_config() -> Sam2Config:
@@ -122,8 +128,10 @@ def tiny_image_processor(patch_size: int = 14, merge_size: int = 2) -> Qwen2VLIm
     )
 
 
-def build_tiny(seed: int = 0) -> tuple[CitrusV, CitrusVProcessor]:
-    """A random-init tiny CitrusV and its processor (offline tokenizer, 224-pixel images, SAM at 256)."""
+def build_tiny(seed: int = 0, video: bool = True) -> tuple[CitrusV, CitrusVProcessor]:
+    """A random-init tiny CitrusV and its processor (offline tokenizer, 224-pixel images, SAM at 256), with SAM
+    2's memory modules and the tiny video settings (:data:`TINY_MEMORY`, :data:`TINY_VIDEO`); ``video=False``
+    leaves both out (no memory modules, qwen_vl_utils' video settings), as a model without them is built."""
     # the seed draws the weights; the caller's random state is left as it was (no process-wide reseeding)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -145,10 +153,14 @@ def build_tiny(seed: int = 0) -> tuple[CitrusV, CitrusVProcessor]:
             # and citrus_v.modeling.point_head)
             point_prompt_probability=0.5,
             seg_point_head=True,
+            # SAM 2's memory modules, so that a [SEG] about a volume or clip propagates through its frames
+            sam2_memory_config=dict(TINY_MEMORY) if video else None,
         )
         model = CitrusV(config)
         sam = model.grounding_encoder
         reinit_fan_in(sam)  # random-init SAM needs fan-in init, or masks never learn
+        if model.propagator is not None:
+            reinit_fan_in(model.propagator)
         # SAM 2 has one random positional matrix shared by the prompt and image encodings (Meta stores it once);
         # transformers draws two, so tie them as the original model does (also keeps the preset exportable)
         with torch.no_grad():
@@ -159,8 +171,26 @@ def build_tiny(seed: int = 0) -> tuple[CitrusV, CitrusVProcessor]:
         tiny_image_processor(),
         sam_image_size=sam2_config.prompt_encoder_config.image_size,
         mask_size=model.mask_size[0],
+        video_sampling=VideoSampling(**TINY_VIDEO) if video else VideoSampling(),
     )
     return model, processor
+
+
+def add_memory_modules(source: str | Path, out: str | Path, seed: int = 0) -> Path:
+    """Copy the checkpoint ``source`` to ``out`` with the tiny preset's SAM 2 memory modules (random, fan-in
+    initialised) and video settings added, every other weight as it was: how a base trained before the
+    preset had them gains them."""
+    config = CitrusVConfig.from_pretrained(source)
+    config.sam2_memory_config = dict(TINY_MEMORY)
+    model = CitrusV.from_pretrained(source, config=config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        reinit_fan_in(model.propagator)
+    processor = CitrusVProcessor.from_pretrained(source, video_sampling=VideoSampling(**TINY_VIDEO))
+    out = Path(out)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
 
 
 def build_preset(name: str, out: str | Path, seed: int = 0) -> Path:
