@@ -152,6 +152,30 @@ def test_one_step_on_image_volume_and_absent_rows_trains_the_projector_from_the_
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
 
 
+def test_the_point_head_learns_where_a_volumes_target_is_on_its_largest_training_frame(rows, tiny):
+    """Inference gives SAM 2 a volume [SEG]'s one point on every frame: the point loss trains it towards the
+    target's innermost pixel on the training frame where the target is largest."""
+    from citrus_v.objectives.base import ObjectiveInputs
+    from citrus_v.objectives.point_loss import PointLoss
+
+    model, processor = copy.deepcopy(tiny[0]), tiny[1]
+    masks = torch.zeros(1, 3, 16, 16)
+    masks[0, 0, 2:4, 2:4] = 1  # small, top left
+    masks[0, 1, 9:14, 5:10] = 1  # largest: 5 x 5 around (7, 11)
+    predicted = torch.tensor([[0.0, 0.0]], requires_grad=True)  # SAM input pixels
+    inputs = ObjectiveInputs(model, None, video_seg_points=[predicted], video_masks=[masks], num_video_masks=1)
+    size = model.grounding_encoder.image_size
+    expected = ((0.5 / size - 7.5 / 16) + (0.5 / size - 11.5 / 16)) / 2  # L1 in side fractions, x and y averaged
+    assert PointLoss().loss(inputs).item() == pytest.approx(-expected, abs=1e-6)
+    # end to end: a volume row alone sends the point loss into the point head
+    batch = CitrusVCollator(processor, sam_train_frames=4)(_items(rows)[1:2])
+    model.train()
+    out = model(**dict(batch))
+    assert out.aux_losses["point"] > 0
+    out.aux_losses["point"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.seg_point_head.parameters())
+
+
 def test_presence_is_the_only_new_term_of_a_batch_of_images(tiny):
     """On 2-D rows the losses are those of the image path: with the presence weight 0 the loss is exactly theirs,
     and the presence term (every [SEG] present) is what a weight of 1 adds."""

@@ -569,8 +569,12 @@ class CitrusV(CitrusVPreTrainedModel):
         decoded, videos = self._decode_segs(self.seg_states(input_ids, hidden_states), images, labels, video)
         losses = self._seg_losses(decoded, videos, gt_masks, num_masks_in_batch, video)
         image_tokens = self._image_tokens(seen, pixel_values, kwargs.get("pixel_values_videos"))
-        shared = ObjectiveInputs(self, None, {}, image_tokens, image_grid_thw, decoded.predicted_points, gt_masks,
-                                 num_masks_in_batch)
+        shared = ObjectiveInputs(
+            self, None, {}, image_tokens, image_grid_thw, decoded.predicted_points, gt_masks, num_masks_in_batch,
+            video_seg_points=[None if v is None else v.points for v in videos] if videos else None,
+            video_masks=None if video is None else list(video.masks),
+            num_video_masks=None if video is None else video.num_masks,
+        )
         aux = self._objective_losses(active, seen, targets, shared)
         return CitrusVOutput(
             loss=self._total_loss(logits, lm_loss, losses, active, aux),
@@ -675,16 +679,17 @@ class CitrusV(CitrusVPreTrainedModel):
             if frames is None or prompts.shape[0] == 0:
                 videos.append(None)
                 continue
-            # the point head's guess, as inference gives every frame (real points are drawn on 2-D targets)
+            # the point head's guess, as inference gives every frame (real points are drawn on 2-D targets); it
+            # learns from its own loss (the point objective), not through SAM 2
             points = None
             if predicted is not None:
-                points = torch.cat([value[chosen] for value, chosen in zip(predicted, mine, strict=True)]).detach()
-            videos.append(
-                decode_video_segs(
-                    self.grounding_encoder, self.propagator, frames, prompts, points, self.config.multimask_output,
-                    self.config.train_propagation,
-                )  # fmt: skip
+                points = torch.cat([value[chosen] for value, chosen in zip(predicted, mine, strict=True)])
+            decoding = decode_video_segs(
+                self.grounding_encoder, self.propagator, frames, prompts, None if points is None else points.detach(),
+                self.config.multimask_output, self.config.train_propagation,
             )
+            decoding.points = points
+            videos.append(decoding)
         return decoded, videos
 
     def _mask_loss_settings(self) -> MaskLossSettings:

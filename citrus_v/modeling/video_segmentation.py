@@ -51,7 +51,8 @@ class VideoSegDecoding:
     ``logits`` ``[K, F, h, w]``: the kept low-res mask logits (with ``"memory"``, SAM 2's no-object fill on the
     frames its object score calls absent, which carry no gradient); ``object_scores`` ``[K, F]``;
     ``candidates`` ``[K, F, C, h, w]`` and ``candidate_iou`` ``[K, F, C]`` with ``"per_frame"`` (None with
-    ``"memory"``, which keeps one mask per frame); ``tracked``: decoded with memory.
+    ``"memory"``, which keeps one mask per frame); ``tracked``: decoded with memory; ``points``: the point
+    head's ``[K, 2]`` guesses, with their gradient (SAM 2 got them detached), None without a point head.
     """
 
     logits: torch.Tensor
@@ -59,6 +60,7 @@ class VideoSegDecoding:
     candidates: torch.Tensor | None
     candidate_iou: torch.Tensor | None
     tracked: bool
+    points: torch.Tensor | None = None
 
 
 def route_video_segs(

@@ -57,6 +57,11 @@ class ObjectiveInputs:
     seg_points: list[torch.Tensor] | None = None  # per sample, the point head's (x, y) of each [SEG]
     gt_masks: list[torch.Tensor] | None = None  # per sample, the [SEG] mask targets [K_i, h, w]
     num_masks_in_batch: int | torch.Tensor | None = None
+    # per volume or clip sample (None without [SEG]): the point head's (x, y) of each of its [SEG] [K_v, 2], and
+    # their targets on the sample's training frames [K_v, F, h, w]; and the 3-D masks of the accumulated batch
+    video_seg_points: list[torch.Tensor | None] | None = None
+    video_masks: list[torch.Tensor | None] | None = None
+    num_video_masks: int | torch.Tensor | None = None
 
     def head(self, objective: Objective) -> nn.Module:
         return getattr(self.model, objective.head_attribute)

@@ -4,8 +4,9 @@ The point head itself (:mod:`citrus_v.modeling.point_head`) is part of the groun
 gives SAM 2 a positive point next to the projected ``[SEG]`` embedding. This objective is only how it learns
 in training: the L1 distance between its guess and the target mask's innermost pixel
 (:func:`interior_points`), both as fractions of the side, summed over masks and divided by the masks of the
-accumulated batch, as the mask losses are. Config key ``point_loss_weight`` (on whenever the model has a
-point head and the batch has masks).
+accumulated batch, as the mask losses are. A ``[SEG]`` about a volume or clip is trained towards its target's
+innermost pixel on the training frame where the target is largest (its one point goes to every frame).
+Config key ``point_loss_weight`` (on whenever the model has a point head and the batch has masks).
 """
 
 from __future__ import annotations
@@ -69,6 +70,12 @@ class PointLoss(Objective):
         return True  # its targets are the [SEG] masks themselves
 
     def loss(self, inputs: ObjectiveInputs) -> torch.Tensor | None:
+        parts = [part for part in (self._images(inputs), self._videos(inputs)) if part is not None]
+        return sum(parts[1:], parts[0]) if parts else None
+
+    @staticmethod
+    def _images(inputs: ObjectiveInputs) -> torch.Tensor | None:
+        """The 2-D ``[SEG]`` tokens against their masks."""
         if inputs.seg_points is None or inputs.gt_masks is None:
             return None
         points = torch.cat(inputs.seg_points)
@@ -82,3 +89,25 @@ class PointLoss(Objective):
             target = (interior_points(masks) + 0.5) / masks.shape[-1]
         count = inputs.num_masks_in_batch if inputs.num_masks_in_batch is not None else points.shape[0]
         return point_loss((points + 0.5) / size, target, count)
+
+    @staticmethod
+    def _videos(inputs: ObjectiveInputs) -> torch.Tensor | None:
+        """The ``[SEG]`` tokens of volumes and clips: inference gives SAM 2 their one point on every frame, so it
+        is trained towards the target's innermost pixel on the training frame where the target is largest."""
+        if not inputs.video_seg_points or inputs.video_masks is None:
+            return None
+        predicted, targets = [], []
+        for points, masks in zip(inputs.video_seg_points, inputs.video_masks, strict=True):
+            if points is None or masks is None or points.shape[0] == 0:
+                continue
+            masks = masks.to(points.device)
+            largest = masks.flatten(2).sum(dim=-1).argmax(dim=1)  # [K]: each target's largest training frame
+            chosen = masks[torch.arange(masks.shape[0], device=masks.device), largest]
+            with torch.no_grad():
+                targets.append((interior_points(chosen) + 0.5) / chosen.shape[-1])
+            predicted.append(points)
+        if not predicted:
+            return None
+        points = torch.cat(predicted)
+        count = inputs.num_video_masks if inputs.num_video_masks is not None else points.shape[0]
+        return point_loss((points + 0.5) / inputs.model.grounding_encoder.image_size, torch.cat(targets), count)
