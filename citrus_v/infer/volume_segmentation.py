@@ -37,7 +37,11 @@ Postprocess = Callable[[torch.Tensor, tuple[int, int]], tuple[np.ndarray, np.nda
 
 
 def default_propagation(model: CitrusV) -> str:
-    """``"memory"`` when the model has SAM 2's memory modules, else ``"per_frame"``."""
+    """The mode the checkpoint records (``config.propagation``), else ``"memory"`` when the model has SAM 2's
+    memory modules, else ``"per_frame"``."""
+    recorded = getattr(model.config, "propagation", None)
+    if recorded is not None:
+        return recorded
     return "memory" if model.propagator is not None else "per_frame"
 
 

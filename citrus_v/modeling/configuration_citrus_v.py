@@ -67,6 +67,9 @@ class CitrusVConfig(Qwen2_5_VLConfig):
             default) builds none; a dict builds them, its keys any memory fields of transformers'
             ``Sam2VideoConfig`` (``{}``: SAM 2's memory architecture at the image encoder's width). A released
             upstream checkpoint gets the settings of the memory tensors it carries.
+        propagation: how inference meets a volume's or clip's frames unless asked otherwise, ``"per_frame"`` or
+            ``"memory"``; ``None`` (the default): memory when the model has the memory modules. A checkpoint
+            whose own measurements favour one mode records it here (the tiny base: per frame).
         presence_loss_weight: weight of SAM 2's presence loss in training: the sigmoid BCE of its object-score
             logit (``pred_obj_score_head``, which decides on which frames of a volume a target is) against the
             truth, for every 2-D ``[SEG]`` (present) and every frame of a volume's or clip's ``[SEG]``; 0 (the
@@ -96,6 +99,7 @@ class CitrusVConfig(Qwen2_5_VLConfig):
     seg_point_head: bool = False
     mask_postprocess: str = DEFAULT_MASK_POSTPROCESS
     sam2_memory_config: dict | None = None
+    propagation: str | None = None
     presence_loss_weight: float = DEFAULT_PRESENCE_LOSS_WEIGHT
     train_propagation: str = "per_frame"
 
