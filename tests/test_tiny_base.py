@@ -13,6 +13,15 @@ from citrus_v.recipes.demo import shipped_base
 from citrus_v.recipes.tiny_base import BaseRecipe, make_base
 from citrus_v.train.stages import component_of
 
+# every part at a few steps, on a corpus with two volumes and one clip
+SMALL_RECIPE = dict(
+    images=30, stage2_steps=3, reading_steps=3, refresh_steps=2, stage4_point_steps=2, stage4_steps=2,
+    save_steps=1000, batch_size=2, reading_learning_rate=4e-4, refresh_learning_rate=3e-4, closed_steps=2,
+    volumes=2, clips=1, volume_steps=2, memory_steps=2,
+)
+FIRST_PARTS = ["stage2", "stage2_reading", "stage2_refresh", "stage4_points", "stage4", "stage2_closed"]
+PARTS = [*FIRST_PARTS, "stage3_volumes", "stage4_memory"]
+
 
 @pytest.fixture(scope="module")
 def fresh_rows(tmp_path_factory):
@@ -55,16 +64,11 @@ def test_the_shipped_base_answers_in_every_task_format(fresh_rows):
 
 def test_make_base_runs_the_recipe_end_to_end(tmp_path):
     """The command that made the shipped base, at a few steps: every stage runs and the folder is complete."""
-    recipe = BaseRecipe(
-        images=30, stage2_steps=3, reading_steps=3, refresh_steps=2, stage4_point_steps=2, stage4_steps=2,
-        save_steps=1000, batch_size=2, reading_learning_rate=4e-4, refresh_learning_rate=3e-4, closed_steps=2,
-    )
+    recipe = BaseRecipe(**SMALL_RECIPE)
     out = make_base(tmp_path / "base", tmp_path / "work", recipe)
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     notes = json.loads((out / "recipe" / "recipe.json").read_text())
-    assert notes["recipe"]["stage2_steps"] == 3 and set(notes["timings_s"]) >= {
-        "stage2", "stage2_reading", "stage2_refresh", "stage4", "stage2_closed",
-    }
+    assert notes["recipe"]["stage2_steps"] == 3 and notes["parts"] == PARTS and set(notes["timings_s"]) >= set(PARTS)
     logged = (out / "recipe" / "stage2_logging.jsonl").read_text()
     assert '"lesion_map"' in logged and '"lesion_count"' in logged  # the auxiliary losses ran
     # stage 2 in three parts: the scans alone, then the lab reports join and the reading losses run, then the
@@ -101,15 +105,19 @@ def test_make_base_runs_the_recipe_end_to_end(tmp_path):
     assert closed_args["freeze_vit"] is True and closed_args["stage"] == 2
     assert closed_args["learning_rate"] == recipe.closed_learning_rate
     assert (out / "recipe" / "stage2_closed_logging.jsonl").is_file()
-    shipped = load_file(out / "model.safetensors")
+    closed = load_file(tmp_path / "work" / "stage2-closed" / "model.safetensors")
     before = load_file(tmp_path / "work" / "stage4" / "model.safetensors")
-    assert shipped.keys() == before.keys()
+    assert closed.keys() == before.keys()
     frozen = {"vision encoder", "seg projector", "sam image encoder", "sam prompt encoder", "sam mask decoder"}
-    kept = [k for k in shipped if component_of(k) in frozen]
+    kept = [k for k in closed if component_of(k) in frozen]
     assert {component_of(k) for k in kept} == frozen
-    assert all(torch.equal(shipped[k], before[k]) for k in kept)
-    trained = [k for k in shipped if component_of(k) == "llm"]
-    assert trained and any(not torch.equal(shipped[k], before[k]) for k in trained)
+    assert all(torch.equal(closed[k], before[k]) for k in kept)
+    trained = [k for k in closed if component_of(k) == "llm"]
+    assert trained and any(not torch.equal(closed[k], before[k]) for k in trained)
+    # then the volumes: the shipped weights are the memory part's, SAM 2's memory modules among them
+    shipped = load_file(out / "model.safetensors")
+    assert any(component_of(k) == "sam memory" for k in shipped)
+    assert json.loads((out / "config.json").read_text())["propagation"] == recipe.propagation
 
 
 def test_with_documents_gives_the_reports_their_share_and_rejects_a_share_outside_0_1():
@@ -120,3 +128,46 @@ def test_with_documents_gives_the_reports_their_share_and_rejects_a_share_outsid
     assert mix["detection"] / mix["vqa-closed"] == pytest.approx(SCAN_MIX["detection"] / SCAN_MIX["vqa-closed"])
     with pytest.raises(ValueError, match=r"documents' share must be in \[0, 1\), got 1"):
         with_documents(SCAN_MIX, 1)
+
+
+def _earlier_base(folder, tiny_dir, parts: list[str] | None):
+    """A base folder as the recipe wrote it before it had the volume parts: the tiny model (no memory modules)
+    with a log per part in ``recipe/`` and, when ``parts`` is given, the parts listed in ``recipe.json``."""
+    import shutil
+
+    shutil.copytree(tiny_dir, folder)
+    (folder / "recipe").mkdir()
+    for part in FIRST_PARTS:
+        (folder / "recipe" / f"{part}_logging.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    record = {"recipe": {}, "timings_s": {part: 1.0 for part in FIRST_PARTS}}
+    if parts is not None:
+        record["parts"] = parts
+    (folder / "recipe" / "recipe.json").write_text(json.dumps(record))
+    return folder
+
+
+def test_make_base_continues_a_base_that_went_through_the_first_parts(tmp_path, tiny_dir):
+    """--base_from: only the parts the earlier base did not go through run, from it, memory modules added."""
+    earlier = _earlier_base(tmp_path / "earlier", tiny_dir, parts=None)  # parts read from its logs
+    out = make_base(tmp_path / "base", tmp_path / "work", BaseRecipe(**SMALL_RECIPE), base_from=earlier)
+    ran = sorted(p.name for p in (tmp_path / "work").iterdir() if (p / "sft_args.json").is_file())
+    assert ran == ["stage3-volumes", "stage4-memory"]
+    volumes_args = json.loads((tmp_path / "work" / "stage3-volumes" / "sft_args.json").read_text())
+    assert volumes_args["model"] == str(tmp_path / "work" / "with-memory") and volumes_args["stage"] == 3
+    assert any("train.segmentation-3d.jsonl" in entry for entry in volumes_args["dataset"])
+    memory_args = json.loads((tmp_path / "work" / "stage4-memory" / "sft_args.json").read_text())
+    assert memory_args["train_propagation"] == "memory" and memory_args["presence_loss_weight"] == 1.0
+    notes = json.loads((out / "recipe" / "recipe.json").read_text())
+    assert notes["parts"] == PARTS and notes["continued_from"]["parts"] == FIRST_PARTS
+    assert set(notes["timings_s"]) >= {"stage3_volumes", "stage4_memory"} and "stage2" not in notes["timings_s"]
+    assert (out / "recipe" / "stage2_logging.jsonl").is_file() and (out / "recipe" / "stage4_memory_logging.jsonl")
+    grown = load_file(tmp_path / "work" / "with-memory" / "model.safetensors")
+    shipped = load_file(out / "model.safetensors")
+    memory = [name for name in shipped if component_of(name) == "sam memory"]
+    assert memory and any(not torch.equal(shipped[name], grown[name]) for name in memory)  # stage 4 trained them
+    # a folder listing other parts is refused before anything trains
+    odd = _earlier_base(tmp_path / "odd", tiny_dir, parts=["stage2", "stage4"])
+    with pytest.raises(ValueError, match="not the first parts of this recipe"):
+        make_base(tmp_path / "b2", tmp_path / "w2", BaseRecipe(**SMALL_RECIPE), base_from=odd)
+    with pytest.raises(ValueError, match="recipe.json is missing"):
+        make_base(tmp_path / "b3", tmp_path / "w3", BaseRecipe(**SMALL_RECIPE), base_from=tiny_dir)

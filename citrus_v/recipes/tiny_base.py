@@ -27,9 +27,19 @@ new to it), builds the tiny preset and runs ``citrus-v sft`` stages on it, in th
    modules are frozen in stage 2 anyway), so that only the language model and the aligner learn. In the
    mixed parts the counting questions are a few percent of the samples, and the language model read the
    count less often than its image tokens hold it; this part closes most of that gap. It comes after
-   stage 4 because it does not touch the tower or SAM 2.
+   stage 4 because it does not touch the tower or SAM 2;
+4. volumes and clips (:func:`volume_parts`; the corpus gains CT/MR volumes and ultrasound clips, a share of
+   their questions about targets that are not there): stage 3 on them beside the 2-D tasks (the language
+   model learns to answer about a video, SAM 2 to take a ``[SEG]`` about one on each frame, with its presence
+   loss), then stage 4 on the 2-D and 3-D segmentation rows with SAM 2's memory carrying each mask through the
+   training frames, so that the memory modules (in the tiny preset since these parts) learn to propagate.
 
-Each stage's ``logging.jsonl`` and loss curves stay next to the checkpoint (``recipe/``).
+Each stage's ``logging.jsonl`` and loss curves stay next to the checkpoint (``recipe/``), and
+``recipe/recipe.json`` lists the parts the base went through. ``--base_from DIR`` continues a base made before the
+recipe had its later parts: the parts it lists are not run again (the 2-D images of the corpus are the same), it
+gains the memory modules, and the rest run from it::
+
+    citrus-v demo --make_base citrus_v/weights/tiny-base-new --base_from tiny-base
 """
 
 from __future__ import annotations
@@ -37,14 +47,19 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from ..checkpoint_layout import SHIPPED_MODELS
+from ..checkpoint_layout import SHIPPED_MODELS, CheckpointError, resolve_model
+
+if TYPE_CHECKING:
+    from ..data.corpus import CorpusOptions
 
 PACKAGED_BASE = SHIPPED_MODELS["tiny-base"]
 # files of a training run's folder that are not part of the checkpoint
-RUN_RECORDS = ("training_args.bin", "logging.jsonl", "loss_curves.png", "sft_args.json")
+RUN_RECORDS = ("training_args.bin", "logging.jsonl", "loss_curves.png", "sft_args.json", "checkpoint_manifest.json")
 
 # share of each task in the first part of stage 2 (corpus task names): the scans only
 SCAN_MIX: dict[str, float] = {
@@ -89,6 +104,25 @@ REFRESH_MIX: dict[str, float] = {
 }
 
 
+class BaseRecipeError(ValueError):
+    """A ``--base_from`` folder the recipe cannot continue from, with the fix in the message."""
+
+
+# the volumes' part: volume and clip rows a little over half the samples (most of them segmentation: the point
+# head learns where a volume's target is from them), the scans' tasks and a few lab reports the rest
+VOLUME_MIX: dict[str, float] = {
+    "segmentation-3d": 0.45,
+    "vqa-closed-3d": 0.10,
+    "segmentation": 0.11,
+    "detection": 0.11,
+    "vqa-closed": 0.09,
+    "report": 0.04,
+    "cot": 0.03,
+    "vqa-open": 0.03,
+    "document": 0.04,
+}
+
+
 @dataclass
 class BaseRecipe:
     """Everything that decides the tiny base checkpoint."""
@@ -121,6 +155,30 @@ class BaseRecipe:
     mix: dict[str, float] = field(default_factory=lambda: dict(SCAN_MIX))
     reading_mix: dict[str, float] = field(default_factory=lambda: dict(READING_MIX))
     refresh_mix: dict[str, float] = field(default_factory=lambda: dict(REFRESH_MIX))
+    # volumes and clips (CorpusOptions' names), and their absent targets
+    volumes: int = 160
+    clips: int = 40
+    absent_share: float = 0.15
+    # last: stage 3 on volumes and clips beside the 2-D tasks, then stage 4 with SAM 2's memory
+    volume_steps: int = 1500
+    volume_learning_rate: float = 5e-4
+    volume_mix: dict[str, float] = field(default_factory=lambda: dict(VOLUME_MIX))
+    memory_steps: int = 600
+    presence_loss_weight: float = 1.0
+    # how the base segments a volume unless asked otherwise (config.propagation): on held-out volumes each frame
+    # prompted alone scores far above the tiny memory modules' propagation (docs/experiments/)
+    propagation: str = "per_frame"
+
+    def corpus_options(self) -> CorpusOptions:
+        """The recipe's corpus: the 2-D images as the first parts had them (lesion-free scans the only absent
+        targets among them), then the volumes and clips (from their own random streams) with ``absent_share``
+        of their grounded rows about absent targets."""
+        from ..data.corpus import CorpusOptions
+
+        return CorpusOptions(
+            n=self.images, seed=self.corpus_seed, documents=self.documents, volumes=self.volumes, clips=self.clips,
+            absent_share=0.0, volume_absent_share=self.absent_share,
+        )
 
 
 def split_by_task(train: Path) -> dict[str, Path]:
@@ -161,10 +219,12 @@ def run_stage(
     hook_grad_factor: float | None = None,
     point_prompt_probability: float | None = None,
     freeze_vit: bool | None = None,
+    **flags: Any,
 ) -> Path:
     """One ``citrus-v sft --stage N`` run as the demo and the base recipe use it (cosine decay, no weight decay,
     one loader worker); checkpoints every ``save_steps`` (the last two kept), none when None; ``freeze_vit``
-    as upstream's flag (None: the stage decides)."""
+    as upstream's flag (None: the stage decides); ``flags``: more ``citrus-v sft`` flags by name (e.g.
+    ``train_propagation="memory"``)."""
     from ..train.arguments import SftArguments
     from ..train.sft import run_sft
 
@@ -193,6 +253,7 @@ def run_stage(
         report_to=["none"],
         overwrite_output_dir=True,
         seed=seed,
+        **flags,
     )
     return run_sft(args)
 
@@ -200,20 +261,28 @@ def run_stage(
 def _stage(
     model: Path, dataset: list[str], out: Path, stage: int, steps: int, lr: float, recipe: BaseRecipe,
     hook_grad_factor: float | None = None, point_prompt_probability: float | None = None,
-    freeze_vit: bool | None = None,
+    freeze_vit: bool | None = None, **flags: Any,
 ) -> Path:
     return run_stage(
         model, dataset, out, stage, steps, lr, recipe.batch_size, recipe.seed, recipe.warmup_steps, 100,
         save_steps=recipe.save_steps, hook_grad_factor=hook_grad_factor,
-        point_prompt_probability=point_prompt_probability, freeze_vit=freeze_vit,
+        point_prompt_probability=point_prompt_probability, freeze_vit=freeze_vit, **flags,
     )
 
 
 def write_base(
-    out: Path, stages: dict[str, Path], recipe: BaseRecipe, timings: dict[str, float], overwrite: bool = False
+    out: Path,
+    stages: dict[str, Path],
+    recipe: BaseRecipe,
+    timings: dict[str, float],
+    overwrite: bool = False,
+    earlier: Path | None = None,
+    earlier_parts: Sequence[str] = (),
 ) -> None:
     """Write the base folder ``out``: the model and processor files of the last of ``stages`` (name -> run
-    folder, in order), and in ``out/recipe`` each stage's log and loss curves, the recipe and the timings.
+    folder, in order), and in ``out/recipe`` each stage's log and loss curves, the recipe, the parts and the
+    timings; ``earlier``: the base these stages continued from (after its ``earlier_parts``), whose records are
+    kept beside them.
     ``out`` must be absent or empty unless ``overwrite`` is set, which replaces it."""
     import torch
 
@@ -226,14 +295,27 @@ def write_base(
         # the model and processor files; the run's own records go to recipe/
         if item.is_file() and item.name not in RUN_RECORDS:
             shutil.copy2(item, out / item.name)
+    config = json.loads((out / "config.json").read_text())
+    config["propagation"] = recipe.propagation
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     notes = out / "recipe"
     notes.mkdir()
+    record: dict = {"recipe": asdict(recipe), "parts": list(stages), "timings_s": timings}
+    if earlier is not None:
+        before = json.loads((earlier / "recipe" / "recipe.json").read_text())
+        for item in (earlier / "recipe").iterdir():
+            if item.is_file() and item.name != "recipe.json":
+                shutil.copy2(item, notes / item.name)
+        record.update(
+            parts=[*earlier_parts, *stages],
+            continued_from={"parts": list(earlier_parts), "timings_s": before.get("timings_s", {})},
+        )
     for stage, folder in stages.items():
         log = folder / "logging.jsonl"
         if log.is_file():
             shutil.copy2(log, notes / f"{stage}_logging.jsonl")
             plot_loss_curves(log, notes / f"loss_{stage}.png")
-    record = {"recipe": asdict(recipe), "timings_s": timings, "torch_threads": torch.get_num_threads()}
+    record["torch_threads"] = torch.get_num_threads()
     (notes / "recipe.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
@@ -259,66 +341,165 @@ def stage2_parts(recipe: BaseRecipe) -> list[tuple[str, str, dict[str, float], i
     ]
 
 
+@dataclass
+class Part:
+    """One training run of the recipe: ``name`` (its folder and its record in ``recipe/``), what it teaches, and
+    how it runs from the checkpoint before it (``run(model) -> trained folder``)."""
+
+    name: str
+    what: str
+    run: Callable[[Path], Path]
+
+
+def recipe_parts(recipe: BaseRecipe, files: dict[str, Path], work: Path) -> list[Part]:
+    """Every part of the recipe, in order, each from the checkpoint the one before it wrote."""
+
+    def stage2(name: str, mix: dict[str, float], steps: int, lr: float) -> Callable[[Path], Path]:
+        return lambda model: _stage(
+            model, mixed_dataset(files, mix, steps * recipe.batch_size), work / name.replace("_", "-"), 2, steps,
+            lr, recipe, hook_grad_factor=recipe.stage2_hook_grad_factor,
+        )
+
+    seg = [str(files["segmentation"])]
+    parts = [Part(name, what, stage2(name, mix, steps, lr)) for name, what, mix, steps, lr in stage2_parts(recipe)]
+    parts += [
+        Part(
+            "stage4_points", f"stage 4: seg projector + SAM 2 with a point on every mask, {recipe.stage4_point_steps} "
+            "steps",
+            lambda model: _stage(
+                model, seg, work / "stage4-points", 4, recipe.stage4_point_steps, recipe.stage4_learning_rate,
+                recipe, point_prompt_probability=1.0,
+            ),
+        ),
+        Part(
+            "stage4", f"stage 4: seg projector + SAM 2 with predicted points, {recipe.stage4_steps} steps",
+            lambda model: _stage(
+                model, seg, work / "stage4", 4, recipe.stage4_steps, recipe.stage4_learning_rate, recipe,
+                point_prompt_probability=recipe.stage4_point_prompt_probability,
+            ),
+        ),
+        # no [SEG] in these rows, so no HookGrad either: the stage's own factor (1.0) is what the base keeps
+        Part(
+            "stage2_closed", f"stage 2: the closed questions alone with the vision tower frozen, {recipe.closed_steps} "
+            "steps",
+            lambda model: _stage(
+                model, [str(files["vqa-closed"])], work / "stage2-closed", 2, recipe.closed_steps,
+                recipe.closed_learning_rate, recipe, freeze_vit=True,
+            ),
+        ),
+    ]
+    return parts + volume_parts(recipe, files, work)
+
+
+def volume_parts(recipe: BaseRecipe, files: dict[str, Path], work: Path) -> list[Part]:
+    """The parts on volumes and clips: stage 3 on a mix of volume, clip and 2-D rows (the language model learns
+    to answer about a video, SAM 2 to take a [SEG] about one, the presence loss on), then stage 4 on the 2-D and
+    3-D segmentation rows with SAM 2's memory carrying each mask through the training frames, so the memory
+    modules train."""
+    presence = {"presence_loss_weight": recipe.presence_loss_weight}
+    seg = [str(files["segmentation"]), str(files["segmentation-3d"])] if "segmentation-3d" in files else []
+    return [
+        Part(
+            "stage3_volumes", f"stage 3: volumes and clips beside the 2-D tasks, {recipe.volume_steps} steps",
+            lambda model: _stage(
+                model, mixed_dataset(files, recipe.volume_mix, recipe.volume_steps * recipe.batch_size),
+                work / "stage3-volumes", 3, recipe.volume_steps, recipe.volume_learning_rate, recipe,
+                hook_grad_factor=recipe.stage2_hook_grad_factor, train_propagation="per_frame", **presence,
+            ),
+        ),
+        Part(
+            "stage4_memory", f"stage 4: seg projector, SAM 2 and its memory modules, {recipe.memory_steps} steps",
+            lambda model: _stage(
+                model, seg, work / "stage4-memory", 4, recipe.memory_steps, recipe.stage4_learning_rate, recipe,
+                point_prompt_probability=recipe.stage4_point_prompt_probability, train_propagation="memory",
+                **presence,
+            ),
+        ),
+    ]
+
+
+def parts_done(base: Path, names: list[str]) -> list[str]:
+    """The parts of the recipe (``names``, in order) a base folder written by :func:`write_base` went through:
+    its ``recipe/recipe.json`` lists them; a base written before it did has a log of each in ``recipe/``."""
+    record = base / "recipe" / "recipe.json"
+    if not record.is_file():
+        raise BaseRecipeError(f"{record} is missing: --base_from takes a folder written by citrus-v demo --make_base")
+    listed = json.loads(record.read_text()).get("parts")
+    if listed is not None:
+        return list(listed)
+    return [name for name in names if (base / "recipe" / f"{name}_logging.jsonl").is_file()]
+
+
 def make_base(
-    out: str | Path, work: str | Path | None = None, recipe: BaseRecipe | None = None, overwrite: bool = False
+    out: str | Path,
+    work: str | Path | None = None,
+    recipe: BaseRecipe | None = None,
+    overwrite: bool = False,
+    base_from: str | Path | None = None,
 ) -> Path:
     """Run the recipe and write the tiny base checkpoint to ``out`` (with its curves in ``out/recipe``), its
     runs in ``work`` (default: ``OUT-work`` next to ``out``). Either folder must be absent or empty unless
-    ``overwrite`` is set, which replaces them; both are checked before anything runs."""
-    from ..data.corpus import CorpusOptions, write_corpus
+    ``overwrite`` is set, which replaces them; both are checked before anything runs.
+
+    ``base_from``: a base this recipe wrote before it had its later parts; the parts it went through (its
+    ``recipe/recipe.json``, which must be the first parts of this recipe) are not run again, the others run
+    from it, and its records are kept beside theirs. A base without SAM 2's memory modules gains them first
+    (:func:`~citrus_v.recipes.presets.add_memory_modules`)."""
+    from ..data.corpus import write_corpus
     from .output import check_output_dir, prepare_output_dir
-    from .presets import build_preset
+    from .presets import add_memory_modules, build_preset
 
     recipe = recipe or BaseRecipe()
     out = Path(out)
     work = Path(work) if work is not None else out.parent / f"{out.name}-work"
+    if base_from is not None:
+        try:
+            base_from = resolve_model(base_from)
+        except CheckpointError as err:
+            raise BaseRecipeError(f"--base_from: {err}") from err
+    if base_from is not None and not (Path(base_from) / "recipe" / "recipe.json").is_file():
+        raise BaseRecipeError(
+            f"{Path(base_from) / 'recipe' / 'recipe.json'} is missing: --base_from takes a folder written by "
+            "citrus-v demo --make_base"
+        )
     check_output_dir(out, overwrite, "--make-base folder")
     prepare_output_dir(work, overwrite, "--make-base folder")
     timings: dict[str, float] = {}
     started = time.monotonic()
-    print(f"[1/7] synthesising {recipe.images} images (seed {recipe.corpus_seed})", flush=True)
-    write_corpus(work / "data", CorpusOptions(n=recipe.images, seed=recipe.corpus_seed, documents=recipe.documents))
+    _say(f"synthesising {recipe.images} images, {recipe.volumes} volumes, {recipe.clips} clips (seed "
+         f"{recipe.corpus_seed})")
+    write_corpus(work / "data", recipe.corpus_options())
     files = split_by_task(work / "data" / "train.jsonl")
     timings["data"] = round(time.monotonic() - started, 1)
-    print("[2/7] building the tiny preset", flush=True)
-    base = build_preset("tiny", work / "preset", seed=recipe.seed)
-    parts: dict[str, Path] = {}
-    stage2 = base
-    for number, (name, what, mix, steps, lr) in enumerate(stage2_parts(recipe), start=3):
-        t = time.monotonic()
-        print(f"[{number}/7] stage 2, {what}, {steps} steps", flush=True)
-        dataset = mixed_dataset(files, mix, steps * recipe.batch_size)
-        stage2 = _stage(
-            stage2, dataset, work / name.replace("_", "-"), 2, steps, lr, recipe,
-            hook_grad_factor=recipe.stage2_hook_grad_factor,
+    parts = recipe_parts(recipe, files, work)
+    names = [part.name for part in parts]
+    done = parts_done(Path(base_from), names) if base_from is not None else []
+    if done != names[: len(done)]:
+        raise BaseRecipeError(
+            f"{base_from} went through the parts {done}, which are not the first parts of this recipe ({names}): "
+            "make the base from scratch instead"
         )
-        parts[name] = stage2
-        timings[name] = round(time.monotonic() - t, 1)
-    t = time.monotonic()
-    steps = recipe.stage4_point_steps + recipe.stage4_steps
-    print(f"[6/7] stage 4: seg projector + SAM 2, {steps} steps ({recipe.stage4_point_steps} with points)", flush=True)
-    seg = [str(files["segmentation"])]
-    points = _stage(
-        stage2, seg, work / "stage4-points", 4, recipe.stage4_point_steps, recipe.stage4_learning_rate, recipe,
-        point_prompt_probability=1.0,
-    )
-    stage4 = _stage(
-        points, seg, work / "stage4", 4, recipe.stage4_steps, recipe.stage4_learning_rate, recipe,
-        point_prompt_probability=recipe.stage4_point_prompt_probability,
-    )
-    timings["stage4"] = round(time.monotonic() - t, 1)
-    parts.update(stage4_points=points, stage4=stage4)
-    t = time.monotonic()
-    print(f"[7/7] stage 2, the closed questions alone with the vision tower frozen, {recipe.closed_steps} steps",
-          flush=True)
-    # no [SEG] in these rows, so no HookGrad either: the stage's own factor (1.0) is what the base keeps
-    parts["stage2_closed"] = _stage(
-        stage4, [str(files["vqa-closed"])], work / "stage2-closed", 2, recipe.closed_steps,
-        recipe.closed_learning_rate, recipe, freeze_vit=True,
-    )
-    timings["stage2_closed"] = round(time.monotonic() - t, 1)
-
+    if base_from is not None:
+        _say(f"continuing from {base_from}, which went through {', '.join(done)}")
+        model = add_memory_modules(base_from, work / "with-memory", seed=recipe.seed)
+    else:
+        _say("building the tiny preset")
+        model = build_preset("tiny", work / "preset", seed=recipe.seed)
+    runs: dict[str, Path] = {}
+    todo = parts[len(done) :]
+    if not todo:
+        raise BaseRecipeError(f"{base_from} already went through every part of this recipe: nothing to run")
+    for number, part in enumerate(todo, start=1):
+        t = time.monotonic()
+        _say(f"[{number}/{len(todo)}] {part.name}: {part.what}")
+        model = runs[part.name] = part.run(model)
+        timings[part.name] = round(time.monotonic() - t, 1)
     timings["total"] = round(time.monotonic() - started, 1)
-    write_base(out, parts, recipe, timings, overwrite=overwrite)
-    print(f"wrote the tiny base checkpoint to {out} in {timings['total']:.0f} s", flush=True)
+    write_base(out, runs, recipe, timings, overwrite=overwrite, earlier=Path(base_from) if base_from else None,
+               earlier_parts=done)
+    _say(f"wrote the tiny base checkpoint to {out} in {timings['total']:.0f} s")
     return out
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
