@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from citrus_v.recipes.bars import status
+
 
 def machine() -> str:
     """CPU model, cores, memory, torch version: where the numbers come from."""
@@ -60,7 +62,7 @@ def main() -> int:
     met_all = True
     for name, (op, bar) in metrics["targets"].items():
         value = metrics["headline"].get(name)
-        met = value is not None and value >= bar
+        met = status(value, (op, bar)) == "met"
         met_all &= met
         shown = "n/a" if value is None else f"{value:.3f}"
         print(f"| {name} | {shown} | {op} {bar} | {'met' if met else 'not met'} |")

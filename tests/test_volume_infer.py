@@ -139,6 +139,13 @@ def test_memory_propagation_is_the_default_with_the_memory_modules(tiny, tiny_di
     assert alone.mode == "per_frame" and alone.mask.shape == mask.mask.shape
     # the prompted key frame is the same in both modes; the tracked frames come from SAM 2's memory
     np.testing.assert_array_equal(mask.mask[mask.key_frame], alone.mask[mask.key_frame])
+    # a checkpoint that records its mode (config.propagation, as the tiny base does) gets it unless asked otherwise
+    model.config.propagation = "per_frame"
+    assert CitrusVPredictor(model, processor).propagation == "per_frame"
+    assert CitrusVPredictor(model, processor, propagation="memory").propagation == "memory"
+    model.config.propagation = "sideways"
+    with pytest.raises(ValueError, match="propagation 'sideways' is not one of per_frame, memory"):
+        CitrusVPredictor(model, processor)
 
 
 # ------------------------------------------------------------------------------------------- citrus-v infer

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .bars import bar_rows
+
 TARGETS = {  # the demo's quality bar, on the held-out split
     "seg mean Dice": (">=", 0.80),
     "control Dice drop": (">=", 0.20),
@@ -60,10 +62,20 @@ class DemoPlan:
     # of its reading (chosen on the base corpus's own validation rows; docs/experiments/ has the runs)
     stage3_documents: float = 0.35
     eval_limit: int | None = None  # per task; None = the whole test split
+    # CT/MR volumes (split 80/10/10), more held-out ones, and ultrasound clips (split 80/10/10)
+    volumes: int = 40
+    test_volumes: int = 12
+    clips: int = 12
+    # share of the volumes' and clips' grounded rows about a target that is not there (the 2-D rows keep only
+    # their lesion-free scans, as the 2-D bars were set on)
+    volume_absent_share: float = 0.15
+    # share of volume and clip rows among stage 3's scan samples (the lab reports keep their share) and stage 4's
+    volume_share: float = 0.08
 
     @classmethod
     def fast(cls) -> DemoPlan:
-        return cls(images=60, stage3_steps=80, stage4_steps=40, eval_limit=6, test_images=0)
+        return cls(images=60, stage3_steps=80, stage4_steps=40, eval_limit=6, test_images=0, volumes=4,
+                   test_volumes=1, clips=3)
 
 
 def _say(message: str) -> None:
@@ -71,11 +83,14 @@ def _say(message: str) -> None:
 
 
 def _sft(
-    model: Path, dataset: list[str], out: Path, stage: int, steps: int, plan: DemoPlan, seed: int, lr: float
+    model: Path, dataset: list[str], out: Path, stage: int, steps: int, plan: DemoPlan, seed: int, lr: float,
+    **flags: Any,
 ) -> Path:
     from .tiny_base import run_stage
 
-    return run_stage(model, dataset, out, stage, steps, lr, plan.batch_size, seed, warmup_steps=20, log_every=30)
+    return run_stage(
+        model, dataset, out, stage, steps, lr, plan.batch_size, seed, warmup_steps=20, log_every=30, **flags
+    )
 
 
 _TARGET_RE = re.compile(r"segment (?:the |all |every )?(.+?)(?: in this image| in the image)?[.?]", re.I)
@@ -256,16 +271,28 @@ def headline_numbers(tasks: dict[str, Any], control: dict[str, Any] | None, pred
     targets = [r for r in seg if (r.get("reference") or {}).get("num_masks", 0) > 0]
     dice = overall("seg", "dice")
     control_dice = (control or {}).get("dice")
+    # the 2-D bar is about the scans' closed questions; those about volumes and clips are reported beside theirs
+    closed = closed_correct(records, videos=False)
     return {
         "seg mean Dice": dice,
         "control Dice drop": None if dice is None or control_dice is None else dice - control_dice,
         "[SEG] emitted": float(np.mean(["[SEG]" in (r.get("output") or "") for r in targets])) if targets else None,
         "box JSON parsable": float(np.mean([r["status"] == "ok" for r in det])) if det else None,
         "det Acc@IoU0.5": overall("det", "acc_iou50"),
-        "closed VQA accuracy": overall("vqa", "closed_accuracy"),
+        "closed VQA accuracy": float(np.mean(closed)) if closed else None,
         "report ROUGE-L": overall("report", "rouge_l"),
         "doc field exact match": overall("doc", "field_em"),
     }
+
+
+def closed_correct(records: list[dict], videos: bool) -> list[float]:
+    """Per closed question scored (of the scans, or with ``videos`` of volumes and clips): 1.0 right, 0.0 not."""
+    return [
+        float(r["scores"]["correct"])
+        for r in records
+        if r.get("task") == "vqa" and (r.get("reference") or {}).get("answer_type") == "closed"
+        and bool(r.get("videos")) == videos and (r.get("scores") or {}).get("correct") is not None
+    ]
 
 
 def shipped_base() -> Path | None:
@@ -320,9 +347,9 @@ def run_demo(
     seg_lr = plan.seg_learning_rate if shipped is not None else lr
     checkpoint = _stage4(files, stage3, out, plan, seed, seg_lr)
     clock.lap("stage4")
-    result, control = _evaluate(checkpoint, out, plan, seed)
+    evaluation = _evaluate(checkpoint, out, plan, seed)
     clock.lap("eval")
-    numbers = _write_results(result, control, clock, out, plan, base)
+    numbers = _write_results(evaluation, clock, out, plan, base)
     _say(f"\nreport: {out / 'report.md'}")
     _say(f"serve it:  citrus-v deploy --model {checkpoint} --port 8000 --served_model_name citrus-v-tiny")
     _say("open app:  citrus-v app --api http://127.0.0.1:8000/v1 --port 7860")
@@ -334,10 +361,13 @@ def _synthesise(out: Path, plan: DemoPlan, seed: int) -> None:
     from ..data.corpus import CorpusOptions, write_corpus
 
     extra = f" and {plan.test_images} more held-out ones" if plan.test_images else ""
-    _say(f"[1/6] synthesising {plan.images} phantom images{extra}, and their rows")
+    _say(f"[1/6] synthesising {plan.images} phantom images{extra}, {plan.volumes + plan.test_volumes} volumes and "
+         f"{plan.clips} clips, and their rows")
     # the demo's bars were set on this mix: lesion-free scans only, no top-up of other absent-target rows
     options = CorpusOptions(
-        n=plan.images, seed=seed, documents=plan.documents, test_images=plan.test_images, absent_share=0.0
+        n=plan.images, seed=seed, documents=plan.documents, test_images=plan.test_images, absent_share=0.0,
+        volumes=plan.volumes, test_volumes=plan.test_volumes, clips=plan.clips,
+        volume_absent_share=plan.volume_absent_share,
     )
     summary = write_corpus(out / "data", options)
     _say(f"      rows: {summary.rows}")
@@ -360,21 +390,63 @@ def _stage3(files: dict[str, Path], base: Path, out: Path, plan: DemoPlan, seed:
     from .tiny_base import SCAN_MIX, mixed_dataset, with_documents
 
     _say(f"[3/6] stage 3: everything trains (HookGrad 0.001), {plan.stage3_steps} steps")
-    mix = {task: share for task, share in with_documents(SCAN_MIX, plan.stage3_documents).items() if task in files}
+    mix = with_documents(with_volumes(SCAN_MIX, STAGE3_VOLUME_MIX, plan.volume_share), plan.stage3_documents)
+    mix = {task: share for task, share in mix.items() if task in files}
     dataset = mixed_dataset(files, mix, plan.stage3_steps * plan.batch_size)
-    return _sft(base, dataset, out / "stage3", 3, plan.stage3_steps, plan, seed, lr)
+    return _sft(base, dataset, out / "stage3", 3, plan.stage3_steps, plan, seed, lr, presence_loss_weight=1.0,
+                train_propagation="per_frame")
 
 
 def _stage4(files: dict[str, Path], stage3: Path, out: Path, plan: DemoPlan, seed: int, lr: float) -> Path:
     """Step 4: the seg projector and SAM 2 on the segmentation rows, into ``out/checkpoint``."""
-    _say(f"[4/6] stage 4: seg projector + SAM 2 only, {plan.stage4_steps} steps")
-    seg_rows = [str(files["segmentation"])]
-    return _sft(stage3, seg_rows, out / "checkpoint", 4, plan.stage4_steps, plan, seed, lr)
+    from .tiny_base import mixed_dataset
+
+    _say(f"[4/6] stage 4: seg projector + SAM 2 (and its memory modules), {plan.stage4_steps} steps")
+    mix = with_volumes({"segmentation": 1.0}, {"segmentation-3d": 1.0}, plan.volume_share)
+    dataset = mixed_dataset(files, {task: share for task, share in mix.items() if task in files},
+                            plan.stage4_steps * plan.batch_size)
+    return _sft(stage3, dataset, out / "checkpoint", 4, plan.stage4_steps, plan, seed, lr, **_volume_flags(stage3))
 
 
-def _evaluate(checkpoint: Path, out: Path, plan: DemoPlan, seed: int) -> tuple[Any, dict | None]:
-    """Step 5: every task on the held-out split into ``out/eval``, then the mean-``[SEG]`` control into
-    ``out/eval_control``; returns the eval result and the control's numbers (None when it could not run)."""
+# the volumes' and clips' part of stage 3: their segmentation and their closed questions
+STAGE3_VOLUME_MIX = {"segmentation-3d": 0.75, "vqa-closed-3d": 0.25}
+
+
+def with_volumes(mix: dict[str, float], volumes: dict[str, float], share: float) -> dict[str, float]:
+    """``mix`` scaled to ``1 - share`` and ``volumes`` (the volume and clip tasks) to ``share``."""
+    if not 0 <= share < 1:
+        raise ValueError(f"the volumes' share must be in [0, 1), got {share}")
+    scale, total = sum(mix.values()), sum(volumes.values())
+    return {
+        **{task: value / scale * (1 - share) for task, value in mix.items()},
+        **{task: value / total * share for task, value in volumes.items()},
+    }
+
+
+def _volume_flags(model: Path) -> dict[str, Any]:
+    """Stage 4's flags for volume and clip rows: SAM 2's presence loss on, and each ``[SEG]`` meeting the frames
+    as the checkpoint segments volumes (its ``config.propagation``; else by SAM 2's memory when ``model`` has the
+    memory modules, each frame alone otherwise). Stage 3 prompts each frame alone, as the memory modules train in
+    stage 4 only."""
+    config = json.loads((Path(model) / "config.json").read_text())
+    memory = "memory" if config.get("sam2_memory_config") is not None else "per_frame"
+    return {"presence_loss_weight": 1.0, "train_propagation": config.get("propagation") or memory}
+
+
+@dataclass
+class Evaluation:
+    """Step 5's results: every task's summary, the control's numbers (None when it could not run), the volumes'
+    propagation comparison and their pictures."""
+
+    tasks: dict[str, Any]
+    control: dict | None
+    propagation: list[dict[str, Any]]
+    pictures: list[Path]
+
+
+def _evaluate(checkpoint: Path, out: Path, plan: DemoPlan, seed: int) -> Evaluation:
+    """Step 5: the 2-D tasks on the held-out split into ``out/eval``, the mean-``[SEG]`` control into
+    ``out/eval_control``, then the volumes and clips (:func:`_evaluate_volumes`)."""
     from ..eval.backends import InProcessBackend
     from ..eval.runner import EvalConfig, run_eval
     from ..infer.predictor import CitrusVPredictor
@@ -410,12 +482,42 @@ def _evaluate(checkpoint: Path, out: Path, plan: DemoPlan, seed: int) -> tuple[A
         _say(f"      control skipped: {err}")
     finally:
         control_hook.remove()
-    return result, control
+    volume_tasks, propagation, pictures = _evaluate_volumes(predictor, out, plan, seed)
+    return Evaluation({**result.tasks, **volume_tasks}, control, propagation, pictures)
 
 
-def _write_results(result: Any, control: dict | None, clock: _Clock, out: Path, plan: DemoPlan, base: Path) -> dict:
+def _evaluate_volumes(predictor: Any, out: Path, plan: DemoPlan, seed: int) -> tuple[dict, list[dict], list[Path]]:
+    """The held-out volumes and clips (``seg3d``) and absent targets (``absent``) into ``out/eval_volumes``, with
+    the checkpoint's propagation; with SAM 2's memory modules, ``seg3d`` again the other way into
+    ``out/eval_volumes_{mode}``; then pictures of a volume and a clip. Returns the task summaries, the comparison
+    rows and the pictures."""
+    from ..eval.backends import InProcessBackend
+    from ..eval.runner import EvalConfig, run_eval
+    from ..infer.predictor import CitrusVPredictor
+    from .demo_volumes import propagation_row, volume_pictures, write_propagation
+
+    if plan.volumes + plan.test_volumes + plan.clips == 0:
+        return {}, [], []
+    test = str(out / "data" / "test.jsonl")
+    backend = InProcessBackend(predictor, batch_size=8, name="checkpoint")
+    config = EvalConfig(tasks=["seg3d", "absent"], data=[test], out=out / "eval_volumes", limit=plan.eval_limit,
+                        seed=seed)
+    result = run_eval(config, backend)
+    rows = [propagation_row(result.tasks, predictor.propagation)]
+    if predictor.model.propagator is not None:
+        other = "per_frame" if predictor.propagation == "memory" else "memory"
+        again = CitrusVPredictor(predictor.model, predictor.processor, propagation=other)
+        config = EvalConfig(tasks=["seg3d"], data=[test], out=out / f"eval_volumes_{other}", limit=plan.eval_limit,
+                            seed=seed)
+        rows.append(propagation_row(run_eval(config, InProcessBackend(again, batch_size=8)).tasks, other))
+    write_propagation(rows, out / "propagation.json")
+    return result.tasks, rows, volume_pictures(backend, Path(test), out / "overlays")
+
+
+def _write_results(evaluation: Evaluation, clock: _Clock, out: Path, plan: DemoPlan, base: Path) -> dict:
     """Step 6: loss curves, overlays, ``out/metrics.json`` and ``out/report.md``; returns the headline numbers."""
     from ..train.callbacks import plot_loss_curves
+    from .demo_volumes import VOLUME_CLOSED, VOLUME_TARGETS, volume_numbers, volume_section
 
     _say("[6/6] writing the report and pictures")
     curves = {}
@@ -425,7 +527,16 @@ def _write_results(result: Any, control: dict | None, clock: _Clock, out: Path, 
             curves[stage] = plot_loss_curves(log, out / f"loss_{stage}.png")
     overlays = write_overlays(out / "eval", out / "overlays")
     write_montage([p for p in overlays if p.stem.startswith(("seg_", "det_"))], out / "overlays.png")
-    numbers = headline_numbers(result.tasks, control, out / "eval" / "predictions.jsonl")
+    control = evaluation.control
+    numbers = {
+        **headline_numbers(evaluation.tasks, control, out / "eval" / "predictions.jsonl"),
+        **volume_numbers(evaluation.tasks),
+    }
+    volume_closed = closed_correct(
+        [json.loads(line) for line in (out / "eval" / "predictions.jsonl").read_text().splitlines() if line.strip()],
+        videos=True,
+    )
+    numbers[VOLUME_CLOSED] = float(np.mean(volume_closed)) if volume_closed else None
     per_target = dice_per_target(out / "eval" / "predictions.jsonl")
     clock.lap("report")
     clock.total()
@@ -433,22 +544,18 @@ def _write_results(result: Any, control: dict | None, clock: _Clock, out: Path, 
         "plan": plan.__dict__,
         "base": str(base),
         "headline": numbers,
-        "targets": TARGETS,
+        "targets": {**TARGETS, **VOLUME_TARGETS},
         "dice_per_target": per_target,
         "control": control,
         "timings_s": clock.timings,
-        "tasks": result.tasks,
+        "propagation": evaluation.propagation,
+        "tasks": evaluation.tasks,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     report = _report(numbers, per_target, control, clock.timings, overlays, curves, plan, out, base)
+    report += volume_section(numbers, evaluation.propagation, evaluation.pictures, out)
     (out / "report.md").write_text(report)
     return numbers
-
-
-def _status(value: float | None, rule: tuple[str, float]) -> str:
-    if value is None:
-        return "n/a"
-    return "met" if value >= rule[1] else "not met"
 
 
 def _report(numbers, per_target, control, timings, overlays, curves, plan, out: Path, base: Path) -> str:
@@ -466,10 +573,7 @@ def _report(numbers, per_target, control, timings, overlays, curves, plan, out: 
         "| measure | value | target | status |",
         "|---|---|---|---|",
     ]
-    for name, rule in TARGETS.items():
-        value = numbers.get(name)
-        shown = "n/a" if value is None else f"{value:.3f}"
-        lines.append(f"| {name} | {shown} | {rule[0]} {rule[1]} | {_status(value, rule)} |")
+    lines += bar_rows(numbers, TARGETS)
     lines += ["", "## Dice per target", "", "| target | n | Dice | Dice with mean [SEG] (control) |"]
     lines.append("|---|---|---|---|")
     control_targets = (control or {}).get("per_target", {})
