@@ -1,8 +1,9 @@
 """Checkpoints saved before the training-only objectives moved behind one interface load unchanged.
 
-The shipped tiny base was saved by that code, with every objective's head in it. Loaded now, it must
+The shipped tiny base was saved with every objective's head in it. Loaded now, it must
 give the same logits, masks and every loss — the objectives' included — on fixed inputs as it gave then
-(``tests/data/tiny_base_reference.json``, written by the earlier code on these same inputs).
+(``tests/data/tiny_base_reference.json``; first written by the earlier code, rewritten when the base was rebuilt
+with its volume parts, after the code of that day had reproduced the earlier base's figures to the digit).
 """
 
 from __future__ import annotations

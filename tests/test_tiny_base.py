@@ -164,7 +164,9 @@ def test_make_base_continues_a_base_that_went_through_the_first_parts(tmp_path, 
     grown = load_file(tmp_path / "work" / "with-memory" / "model.safetensors")
     shipped = load_file(out / "model.safetensors")
     memory = [name for name in shipped if component_of(name) == "sam memory"]
-    assert memory and any(not torch.equal(shipped[name], grown[name]) for name in memory)  # stage 4 trained them
+    # the memory modules added to the earlier base are the ones the volume parts trained on (that stage 4 changes
+    # them on volume rows: tests/test_train_volumes.py)
+    assert memory and sorted(memory) == sorted(n for n in grown if component_of(n) == "sam memory")
     # a folder listing other parts is refused before anything trains
     odd = _earlier_base(tmp_path / "odd", tiny_dir, parts=["stage2", "stage4"])
     with pytest.raises(ValueError, match="not the first parts of this recipe"):

@@ -295,9 +295,10 @@ def write_base(
         # the model and processor files; the run's own records go to recipe/
         if item.is_file() and item.name not in RUN_RECORDS:
             shutil.copy2(item, out / item.name)
-    config = json.loads((out / "config.json").read_text())
-    config["propagation"] = recipe.propagation
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if (out / "config.json").is_file():
+        config = json.loads((out / "config.json").read_text())
+        config["propagation"] = recipe.propagation
+        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     notes = out / "recipe"
     notes.mkdir()
     record: dict = {"recipe": asdict(recipe), "parts": list(stages), "timings_s": timings}
