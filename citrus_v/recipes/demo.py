@@ -105,11 +105,15 @@ def target_of(prompt: str) -> str:
     return "every lesion" if re.search(r"\b(every|all)\b", prompt, re.I) and "lesion" in target else target
 
 
-def dice_per_target(predictions: Path) -> dict[str, dict[str, float]]:
-    """Mean Dice and count per named target, from an eval run's ``predictions.jsonl``."""
+def read_predictions(path: Path) -> list[dict]:
+    """The records of an eval run's ``predictions.jsonl``."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def dice_per_target(records: list[dict]) -> dict[str, dict[str, float]]:
+    """Mean Dice and count per named target, from an eval run's records (:func:`read_predictions`)."""
     groups: dict[str, list[float]] = defaultdict(list)
-    for line in predictions.read_text().splitlines():
-        record = json.loads(line)
+    for record in records:
         if record.get("task") == "seg" and record.get("scores"):
             groups[target_of(record.get("prompt", ""))].append(float(record["scores"]["dice"]))
     return {t: {"dice": float(np.mean(v)), "n": len(v)} for t, v in sorted(groups.items())}
@@ -257,14 +261,14 @@ def write_montage(pictures: list[Path], out: Path, columns: int = 4, cell: int =
     return out
 
 
-def headline_numbers(tasks: dict[str, Any], control: dict[str, Any] | None, predictions: Path) -> dict:
-    """The numbers the quality bar is about, from the eval summaries and ``predictions.jsonl``."""
+def headline_numbers(tasks: dict[str, Any], control: dict[str, Any] | None, records: list[dict]) -> dict:
+    """The numbers the quality bar is about, from the eval summaries and the run's records
+    (:func:`read_predictions`)."""
 
     def overall(task: str, key: str) -> float | None:
         value = tasks.get(task, {}).get("overall", {}).get(key)
         return float(value) if isinstance(value, (int, float)) else None
 
-    records = [json.loads(line) for line in predictions.read_text().splitlines() if line.strip()]
     seg = [r for r in records if r.get("task") == "seg" and r.get("status") != "failed"]
     det = [r for r in records if r.get("task") == "det" and r.get("status") != "failed"]
     # prompts with something to segment ("segment the lesion" on a clear image rightly gets no [SEG])
@@ -476,7 +480,7 @@ def _evaluate(checkpoint: Path, out: Path, plan: DemoPlan, seed: int) -> Evaluat
         control = {
             "dice": control_result.tasks["seg"]["overall"]["dice"],
             "embeddings": count,
-            "per_target": dice_per_target(out / "eval_control" / "predictions.jsonl"),
+            "per_target": dice_per_target(read_predictions(out / "eval_control" / "predictions.jsonl")),
         }
     except RuntimeError as err:
         _say(f"      control skipped: {err}")
@@ -528,16 +532,11 @@ def _write_results(evaluation: Evaluation, clock: _Clock, out: Path, plan: DemoP
     overlays = write_overlays(out / "eval", out / "overlays")
     write_montage([p for p in overlays if p.stem.startswith(("seg_", "det_"))], out / "overlays.png")
     control = evaluation.control
-    numbers = {
-        **headline_numbers(evaluation.tasks, control, out / "eval" / "predictions.jsonl"),
-        **volume_numbers(evaluation.tasks),
-    }
-    volume_closed = closed_correct(
-        [json.loads(line) for line in (out / "eval" / "predictions.jsonl").read_text().splitlines() if line.strip()],
-        videos=True,
-    )
+    records = read_predictions(out / "eval" / "predictions.jsonl")
+    numbers = {**headline_numbers(evaluation.tasks, control, records), **volume_numbers(evaluation.tasks)}
+    volume_closed = closed_correct(records, videos=True)
     numbers[VOLUME_CLOSED] = float(np.mean(volume_closed)) if volume_closed else None
-    per_target = dice_per_target(out / "eval" / "predictions.jsonl")
+    per_target = dice_per_target(records)
     clock.lap("report")
     clock.total()
     metrics = {
