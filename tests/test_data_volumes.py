@@ -146,8 +146,11 @@ def test_the_absent_share_is_honoured_in_each_split(tmp_path):
     extras = [balance.extra("train", present) for _ in range(100)]
     assert sum(extras) / (sum(extras) + 300) == pytest.approx(0.2, abs=0.01)
     assert balance.extra("test", present) == 0  # 0.75 owed in the test split: not yet a row
-    with pytest.raises(ValueError, match="absent_share"):
+    with pytest.raises(ValueError, match="^--absent_share must be at least 0 and below 1, got 1.0"):
         write_corpus(tmp_path / "bad", CorpusOptions(n=3, absent_share=1.0))
+    with pytest.raises(ValueError, match="^--volume_absent_share must be at least 0 and below 1, got -0.1"):
+        write_corpus(tmp_path / "bad", CorpusOptions(n=3, volume_absent_share=-0.1))
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
 
 
 def test_image_rows_stay_as_they_were_when_volumes_are_added(corpus, tmp_path):
