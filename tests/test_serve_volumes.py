@@ -380,3 +380,12 @@ def test_a_data_url_carries_the_reference_options_and_refuses_unknown_ones(clien
     response = _post(server, _ask(_video_part(unknown)))
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_image_url"
     assert "slice" in response.json()["error"]["message"]
+
+
+def test_the_budgets_frame_counts_are_the_segmenters_own():
+    # repeated in request_budget so that the flag parser does not load torch: kept equal here
+    from citrus_v.infer.mask_frames import DEFAULT_MAX_FRAMES
+    from citrus_v.infer.volume_segmentation import FRAMES_PER_CHUNK
+    from citrus_v.serve.request_budget import SAM_FRAMES_PER_CHUNK, SAM_MAX_FRAMES
+
+    assert (SAM_FRAMES_PER_CHUNK, SAM_MAX_FRAMES) == (FRAMES_PER_CHUNK, DEFAULT_MAX_FRAMES)

@@ -506,7 +506,9 @@ GREY_VALUE_COPIES = 5
 GREY_WINDOW_BYTES = 8
 COLOUR_VALUE_COPIES = 2
 PER_FRAME_PIXEL_BYTES = 2
-# SAM 2 frames held at once in per-frame mode (the segmenter's chunk); memory mode holds every frame it segments
+# SAM 2 frames held at once in per-frame mode (the segmenter's chunk); memory mode holds every frame it segments,
+# at most the predictor's max_frames. Both are the values of citrus_v.infer's defaults, repeated here because
+# importing citrus_v.infer loads torch and the flag parser reads this module (a test keeps them equal)
 SAM_FRAMES_PER_CHUNK = 8
 SAM_MAX_FRAMES = 512
 
