@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from transformers import LogitsProcessorList
 
 from citrus_v.infer import CitrusVPredictor, Request
@@ -151,7 +152,7 @@ def test_sam_input_is_made_only_for_an_answer_with_a_seg_token(predictor, monkey
 
 
 def test_the_lm_head_is_column_major_in_float32_on_cpu_with_the_same_values(tiny):
-    from citrus_v.infer.predictor import column_major_lm_head
+    from citrus_v.infer.inference_layout import column_major_lm_head
     from citrus_v.recipes.presets import build_tiny
 
     model, _ = build_tiny(seed=0)
@@ -162,3 +163,23 @@ def test_the_lm_head_is_column_major_in_float32_on_cpu_with_the_same_values(tiny
     assert torch.equal(after, before)
     hidden = torch.randn(3, before.shape[1])
     assert torch.allclose(model.mllm.lm_head(hidden), hidden @ before.t(), atol=1e-5)
+
+
+def test_the_patch_embedding_runs_as_one_matrix_product_with_the_same_features_and_names():
+    from citrus_v.infer.inference_layout import LinearPatchEmbed, linear_patch_embed
+    from citrus_v.recipes.presets import build_tiny
+
+    model, processor = build_tiny(seed=0, video=False)
+    visual = model.mllm.model.visual
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (224, 168, 3), dtype=np.uint8))
+    inputs = processor.image_processor(images=[image], return_tensors="pt")
+    names = sorted(model.state_dict())
+    with torch.no_grad():
+        before = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output
+        linear_patch_embed(model)
+        assert isinstance(visual.patch_embed, LinearPatchEmbed)
+        after = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output
+    assert torch.allclose(after, before, atol=1e-5)
+    assert sorted(model.state_dict()) == names
+    linear_patch_embed(model)  # applied twice: still one wrapper
+    assert isinstance(visual.patch_embed.proj, torch.nn.Conv3d)

@@ -36,6 +36,7 @@ from ..processing.processor import CitrusVProcessor, ProcessorError
 from ..processing.template import TemplateError
 from ..processing.videos import LoadedVideo, VideoInput
 from ..tokens import ENDOFTEXT, IM_END, SEG_TOKEN
+from .inference_layout import column_major_lm_head, linear_patch_embed
 from .mask_frames import DEFAULT_MAX_FRAMES, mask_frames
 from .results import MaskResult, Prediction, VolumeMask, cut_at_stop, seg_labels
 from .sampling import SeededSampling, seeded_generator
@@ -141,6 +142,7 @@ class CitrusVPredictor:
                 f"model config seg_token_idx={model.config.seg_token_idx} but the tokenizer's [SEG] is "
                 f"{self.seg_token_id}: model and processor come from different folders"
             )
+        linear_patch_embed(self.model)
         if self.device.type == "cpu" and self.dtype == torch.float32:
             column_major_lm_head(self.model)
 
@@ -444,18 +446,6 @@ class CitrusVPredictor:
 
 # what generate takes besides the ids: the images' and the videos' pixels and grids
 _VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
-
-
-def column_major_lm_head(model: CitrusV) -> None:
-    """Store the language-model head's weight column-major (the same values, no second copy): on CPU, in
-    float32, the matrix product of one decoding step runs faster that way (bfloat16 runs faster row-major, so
-    it is left as it is; see BENCHMARKS.md, "Side by side with ms-swift"). A head tied to the input embedding
-    is left alone (the embedding lookup wants rows)."""
-    head = model.mllm.get_output_embeddings()
-    if head is None or head.weight is model.mllm.get_input_embeddings().weight:
-        return
-    with torch.no_grad():
-        head.weight.data = head.weight.data.t().contiguous().t()
 
 
 def masks_to_array(prediction: Prediction) -> np.ndarray:
