@@ -165,7 +165,7 @@ def test_the_lm_head_is_column_major_in_float32_on_cpu_with_the_same_values(tiny
     assert torch.allclose(model.mllm.lm_head(hidden), hidden @ before.t(), atol=1e-5)
 
 
-def test_the_patch_embedding_runs_as_one_matrix_product_with_the_same_features_and_names():
+def test_the_patch_embedding_runs_as_one_matrix_product_with_the_same_features_and_names(tiny, tiny_dir):
     from citrus_v.infer.inference_layout import LinearPatchEmbed, linear_patch_embed
     from citrus_v.recipes.presets import build_tiny
 
@@ -183,3 +183,8 @@ def test_the_patch_embedding_runs_as_one_matrix_product_with_the_same_features_a
     assert sorted(model.state_dict()) == names
     linear_patch_embed(model)  # applied twice: still one wrapper
     assert isinstance(visual.patch_embed.proj, torch.nn.Conv3d)
+    # a predictor does it to a model it loads, and leaves a model it is handed computing as it did
+    loaded = CitrusVPredictor.from_pretrained(tiny_dir)
+    assert isinstance(loaded.model.mllm.model.visual.patch_embed, LinearPatchEmbed)
+    handed = CitrusVPredictor(*tiny)
+    assert not isinstance(handed.model.mllm.model.visual.patch_embed, LinearPatchEmbed)

@@ -1,6 +1,6 @@
 """Weight layouts that make inference faster, the values unchanged and no second copy kept.
 
-Both are applied by :class:`~citrus_v.infer.predictor.CitrusVPredictor` when it takes a model; a checkpoint saved
+The predictor applies both (the patch embedding only to a model it loads itself); a checkpoint saved
 afterwards has the same tensors under the same names.
 """
 

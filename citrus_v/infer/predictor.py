@@ -142,7 +142,6 @@ class CitrusVPredictor:
                 f"model config seg_token_idx={model.config.seg_token_idx} but the tokenizer's [SEG] is "
                 f"{self.seg_token_id}: model and processor come from different folders"
             )
-        linear_patch_embed(self.model)
         if self.device.type == "cpu" and self.dtype == torch.float32:
             column_major_lm_head(self.model)
 
@@ -155,10 +154,13 @@ class CitrusVPredictor:
         **settings: Any,
     ) -> CitrusVPredictor:
         """Load model and processor from one folder (written by ``citrus-v build`` or training); ``settings``
-        are the constructor's (``propagation``, ``max_frames``, ``mask_threshold``)."""
+        are the constructor's (``propagation``, ``max_frames``, ``mask_threshold``). The model is the
+        predictor's own, so its patch embedding runs as one matrix product (:func:`linear_patch_embed`, the same
+        features to float rounding); a model handed to the constructor is left computing as it did."""
         model = CitrusV.from_pretrained(directory, dtype=dtype)
         if device is not None:
             model = model.to(device)
+        linear_patch_embed(model)
         return cls(model, CitrusVProcessor.from_pretrained(directory), **settings)
 
     @property
