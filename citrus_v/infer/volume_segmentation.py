@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..media import Volume
+from ..modeling.configuration_citrus_v import CitrusVConfig
 from ..modeling.modeling_citrus_v import CitrusV
 from ..modeling.propagation import PROPAGATION_MODES, PropagatedMasks, encode_frames, prompt_frames
 from ..processing.processor import CitrusVProcessor
@@ -36,13 +37,12 @@ FRAMES_PER_CHUNK = 8
 Postprocess = Callable[[torch.Tensor, tuple[int, int]], tuple[np.ndarray, np.ndarray]]
 
 
-def default_propagation(model: CitrusV) -> str:
-    """The mode the checkpoint records (``config.propagation``), else ``"memory"`` when the model has SAM 2's
-    memory modules, else ``"per_frame"``."""
-    recorded = getattr(model.config, "propagation", None)
-    if recorded is not None:
-        return recorded
-    return "memory" if model.propagator is not None else "per_frame"
+def default_propagation(config: CitrusVConfig) -> str:
+    """The mode a checkpoint's config records (``propagation``), else ``"memory"`` when it has SAM 2's memory
+    modules (``sam2_memory_config``), else ``"per_frame"``."""
+    if config.propagation is not None:
+        return config.propagation
+    return "memory" if config.sam2_memory_config is not None else "per_frame"
 
 
 def check_propagation(model: CitrusV, propagation: str) -> str:
@@ -71,7 +71,7 @@ class VolumeSegmenter:
         self.model = model
         self.processor = processor
         self.postprocess = postprocess
-        self.propagation = check_propagation(model, propagation or default_propagation(model))
+        self.propagation = check_propagation(model, propagation or default_propagation(model.config))
         self.frames_per_chunk = max(int(frames_per_chunk), 1)
 
     def segment(self, states: Sequence[torch.Tensor], volume: Volume, labels: Sequence[str | None]) -> list[VolumeMask]:

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 Rule = tuple[str, float]  # (">=", bar) or ("<=", bar)
+
+
+def summary_value(tasks: dict[str, Any], task: str, key: str) -> float | None:
+    """``key`` of ``task``'s overall summary in an eval run's ``tasks``, None when absent or not a number."""
+    value = tasks.get(task, {}).get("overall", {}).get(key)
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def status(value: float | None, rule: Rule) -> str:

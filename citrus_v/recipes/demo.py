@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .bars import bar_rows
+from .bars import bar_rows, summary_value
 
 TARGETS = {  # the demo's quality bar, on the held-out split
     "seg mean Dice": (">=", 0.80),
@@ -265,15 +265,11 @@ def headline_numbers(tasks: dict[str, Any], control: dict[str, Any] | None, reco
     """The numbers the quality bar is about, from the eval summaries and the run's records
     (:func:`read_predictions`)."""
 
-    def overall(task: str, key: str) -> float | None:
-        value = tasks.get(task, {}).get("overall", {}).get(key)
-        return float(value) if isinstance(value, (int, float)) else None
-
     seg = [r for r in records if r.get("task") == "seg" and r.get("status") != "failed"]
     det = [r for r in records if r.get("task") == "det" and r.get("status") != "failed"]
     # prompts with something to segment ("segment the lesion" on a clear image rightly gets no [SEG])
     targets = [r for r in seg if (r.get("reference") or {}).get("num_masks", 0) > 0]
-    dice = overall("seg", "dice")
+    dice = summary_value(tasks, "seg", "dice")
     control_dice = (control or {}).get("dice")
     # the 2-D bar is about the scans' closed questions; those about volumes and clips are reported beside theirs
     closed = closed_correct(records, videos=False)
@@ -282,10 +278,10 @@ def headline_numbers(tasks: dict[str, Any], control: dict[str, Any] | None, reco
         "control Dice drop": None if dice is None or control_dice is None else dice - control_dice,
         "[SEG] emitted": float(np.mean(["[SEG]" in (r.get("output") or "") for r in targets])) if targets else None,
         "box JSON parsable": float(np.mean([r["status"] == "ok" for r in det])) if det else None,
-        "det Acc@IoU0.5": overall("det", "acc_iou50"),
+        "det Acc@IoU0.5": summary_value(tasks, "det", "acc_iou50"),
         "closed VQA accuracy": float(np.mean(closed)) if closed else None,
-        "report ROUGE-L": overall("report", "rouge_l"),
-        "doc field exact match": overall("doc", "field_em"),
+        "report ROUGE-L": summary_value(tasks, "report", "rouge_l"),
+        "doc field exact match": summary_value(tasks, "doc", "field_em"),
     }
 
 
@@ -429,12 +425,12 @@ def with_volumes(mix: dict[str, float], volumes: dict[str, float], share: float)
 
 def _volume_flags(model: Path) -> dict[str, Any]:
     """Stage 4's flags for volume and clip rows: SAM 2's presence loss on, and each ``[SEG]`` meeting the frames
-    as the checkpoint segments volumes (its ``config.propagation``; else by SAM 2's memory when ``model`` has the
-    memory modules, each frame alone otherwise). Stage 3 prompts each frame alone, as the memory modules train in
-    stage 4 only."""
-    config = json.loads((Path(model) / "config.json").read_text())
-    memory = "memory" if config.get("sam2_memory_config") is not None else "per_frame"
-    return {"presence_loss_weight": 1.0, "train_propagation": config.get("propagation") or memory}
+    as the checkpoint segments volumes at inference (:func:`~citrus_v.infer.volume_segmentation.default_propagation`).
+    Stage 3 prompts each frame alone, as the memory modules train in stage 4 only."""
+    from ..infer.volume_segmentation import default_propagation
+    from ..modeling.configuration_citrus_v import CitrusVConfig
+
+    return {"presence_loss_weight": 1.0, "train_propagation": default_propagation(CitrusVConfig.from_pretrained(model))}
 
 
 @dataclass

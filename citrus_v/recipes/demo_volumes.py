@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .bars import bar_rows
+from .bars import bar_rows, summary_value
 
 VOLUME_TARGETS: dict[str, tuple[str, float]] = {
     "3-D mean Dice": (">=", 0.75),
@@ -33,16 +33,12 @@ VOLUME_CLOSED = "closed VQA accuracy, volumes and clips"
 def volume_numbers(tasks: dict[str, Any]) -> dict[str, float | None]:
     """The numbers :data:`VOLUME_TARGETS` are about, from the eval summaries."""
 
-    def overall(task: str, key: str) -> float | None:
-        value = tasks.get(task, {}).get("overall", {}).get(key)
-        return float(value) if isinstance(value, (int, float)) else None
-
     return {
-        "3-D mean Dice": overall("seg3d", "dice"),
-        "median volume error": overall("seg3d", "volume_error_median"),
-        "false-mask rate, absent targets": overall("absent", "false_mask_rate"),
-        "[SEG] emitted, present targets": overall("absent", "seg_emitted_present"),
-        "multi-lesion det AP50": overall("det", "ap50"),
+        "3-D mean Dice": summary_value(tasks, "seg3d", "dice"),
+        "median volume error": summary_value(tasks, "seg3d", "volume_error_median"),
+        "false-mask rate, absent targets": summary_value(tasks, "absent", "false_mask_rate"),
+        "[SEG] emitted, present targets": summary_value(tasks, "absent", "seg_emitted_present"),
+        "multi-lesion det AP50": summary_value(tasks, "det", "ap50"),
     }
 
 

@@ -420,13 +420,18 @@ def volume_parts(recipe: BaseRecipe, files: dict[str, Path], work: Path) -> list
     ]
 
 
-def parts_done(base: Path, names: list[str]) -> list[str]:
-    """The parts of the recipe (``names``, in order) a base folder written by :func:`write_base` went through:
-    its ``recipe/recipe.json`` lists them; a base written before it did has a log of each in ``recipe/``."""
+def _recipe_record(base: Path) -> Path:
+    """``base``'s ``recipe/recipe.json``; a clear error when the folder has none."""
     record = base / "recipe" / "recipe.json"
     if not record.is_file():
         raise BaseRecipeError(f"{record} is missing: --base_from takes a folder written by citrus-v demo --make_base")
-    listed = json.loads(record.read_text()).get("parts")
+    return record
+
+
+def parts_done(base: Path, names: list[str]) -> list[str]:
+    """The parts of the recipe (``names``, in order) a base folder written by :func:`write_base` went through:
+    its ``recipe/recipe.json`` lists them; a base written before it did has a log of each in ``recipe/``."""
+    listed = json.loads(_recipe_record(base).read_text()).get("parts")
     if listed is not None:
         return list(listed)
     return [name for name in names if (base / "recipe" / f"{name}_logging.jsonl").is_file()]
@@ -459,11 +464,7 @@ def make_base(
             base_from = resolve_model(base_from)
         except CheckpointError as err:
             raise BaseRecipeError(f"--base_from: {err}") from err
-    if base_from is not None and not (Path(base_from) / "recipe" / "recipe.json").is_file():
-        raise BaseRecipeError(
-            f"{Path(base_from) / 'recipe' / 'recipe.json'} is missing: --base_from takes a folder written by "
-            "citrus-v demo --make_base"
-        )
+        _recipe_record(Path(base_from))  # before any folder is touched
     check_output_dir(out, overwrite, "--make-base folder")
     prepare_output_dir(work, overwrite, "--make-base folder")
     timings: dict[str, float] = {}
