@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
+import pytest
 import torch
 from nibabel.testing import data_path as NIBABEL_DATA
 from safetensors.torch import load_file
@@ -13,6 +15,7 @@ from safetensors.torch import load_file
 from citrus_v import CitrusV
 from citrus_v.media.frame_sampling import VideoSampling
 from citrus_v.processing import CitrusVProcessor
+from citrus_v.processing.processor import PROCESSOR_FILE, ProcessorError
 from citrus_v.recipes.presets import TINY_MEMORY, TINY_VIDEO, add_memory_modules, build_preset
 
 ANATOMICAL = f"{NIBABEL_DATA}/anatomical.nii"  # 25 axial slices of 41 x 33
@@ -54,3 +57,18 @@ def test_a_base_without_the_memory_modules_gains_them_with_every_other_weight_ke
     assert CitrusVProcessor.from_pretrained(out).video_sampling == VideoSampling(**TINY_VIDEO)
     again = load_file(add_memory_modules(tiny_dir, tmp_path / "again", seed=3) / "model.safetensors")
     assert all(torch.equal(after[name], again[name]) for name in added)  # the seed decides the new weights
+
+
+def test_a_saved_video_setting_with_an_unknown_name_is_refused_naming_it(tiny_dir, tmp_path, monkeypatch):
+    folder = shutil.copytree(tiny_dir, tmp_path / "folder")
+    settings = json.loads((folder / PROCESSOR_FILE).read_text())
+    settings["video_sampling"] = {"fps_max_frames": 8, "video_max_pixel": 4096}
+    (folder / PROCESSOR_FILE).write_text(json.dumps(settings))
+    with pytest.raises(ProcessorError, match="unknown video_sampling setting.*video_max_pixel;.*video_max_pixels"):
+        CitrusVProcessor.from_pretrained(folder)
+    # a known one is read, and ms-swift's environment variable still wins over it
+    settings["video_sampling"] = {"fps_max_frames": 8, "video_max_pixels": 4096}
+    (folder / PROCESSOR_FILE).write_text(json.dumps(settings))
+    monkeypatch.setenv("FPS_MAX_FRAMES", "6")
+    sampling = CitrusVProcessor.from_pretrained(folder).video_sampling
+    assert (sampling.fps_max_frames, sampling.video_max_pixels) == (6, 4096)
