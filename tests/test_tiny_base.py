@@ -173,3 +173,36 @@ def test_make_base_continues_a_base_that_went_through_the_first_parts(tmp_path, 
         make_base(tmp_path / "b2", tmp_path / "w2", BaseRecipe(**SMALL_RECIPE), base_from=odd)
     with pytest.raises(ValueError, match="recipe.json is missing"):
         make_base(tmp_path / "b3", tmp_path / "w3", BaseRecipe(**SMALL_RECIPE), base_from=tiny_dir)
+
+
+def test_a_continued_base_keeps_the_memory_modules_it_has_and_gains_them_only_without(tmp_path, tiny_dir):
+    """A base that went through a volume part continues with the memory modules it trained; one from before the
+    volume parts gains the preset's, its other weights unchanged."""
+    from citrus_v.recipes.presets import build_preset, has_memory_modules
+    from citrus_v.recipes.tiny_base import continuation_start
+
+    with_memory = build_preset("tiny", tmp_path / "with", seed=3)
+    assert continuation_start(with_memory, tmp_path / "w1", seed=0) == with_memory
+    assert not (tmp_path / "w1").exists()  # nothing copied, nothing re-drawn
+
+    assert not has_memory_modules(tiny_dir)
+    grown = continuation_start(tiny_dir, tmp_path / "w2", seed=0)
+    assert grown == tmp_path / "w2" and has_memory_modules(grown)
+    before, after = load_file(tiny_dir / "model.safetensors"), load_file(grown / "model.safetensors")
+    assert any(component_of(name) == "sam memory" for name in after)
+    assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
+
+
+def test_write_base_writes_a_tokenizer_that_loads_offline(tmp_path, tiny_dir):
+    """The tokenizer saves the local_files_only it was loaded with; the written base always says true."""
+    import shutil
+
+    from citrus_v.recipes.tiny_base import write_base
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_dir, run)
+    tokenizer = json.loads((run / "tokenizer_config.json").read_text())
+    (run / "tokenizer_config.json").write_text(json.dumps({**tokenizer, "local_files_only": False}))
+    write_base(tmp_path / "base", {"stage2": run}, BaseRecipe(), {"total": 1.0})
+    written = json.loads((tmp_path / "base" / "tokenizer_config.json").read_text())
+    assert written == {**tokenizer, "local_files_only": True}

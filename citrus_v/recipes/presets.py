@@ -176,6 +176,11 @@ def build_tiny(seed: int = 0, video: bool = True) -> tuple[CitrusV, CitrusVProce
     return model, processor
 
 
+def has_memory_modules(checkpoint: str | Path) -> bool:
+    """Whether the CitrusV checkpoint folder ``checkpoint`` has SAM 2's memory modules (its config says so)."""
+    return CitrusVConfig.from_pretrained(checkpoint).sam2_memory_config is not None
+
+
 def add_memory_modules(source: str | Path, out: str | Path, seed: int = 0) -> Path:
     """Copy the checkpoint ``source`` to ``out`` with the tiny preset's SAM 2 memory modules (random, fan-in
     initialised) and video settings added, every other weight as it was: how a base trained before the

@@ -300,6 +300,7 @@ def write_base(
         config = json.loads((out / "config.json").read_text())
         config["propagation"] = recipe.propagation
         (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    _offline_tokenizer(out / "tokenizer_config.json")
     notes = out / "recipe"
     notes.mkdir()
     record: dict = {"recipe": asdict(recipe), "parts": list(stages), "timings_s": timings}
@@ -319,6 +320,15 @@ def write_base(
             plot_loss_curves(log, notes / f"loss_{stage}.png")
     record["torch_threads"] = torch.get_num_threads()
     (notes / "recipe.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _offline_tokenizer(path: Path) -> None:
+    """The base's tokenizer loads from its own folder only: the tokenizer saves the ``local_files_only`` it was
+    loaded with, which is false when the recipe ran without ``HF_HUB_OFFLINE``."""
+    if path.is_file():
+        config = json.loads(path.read_text())
+        config["local_files_only"] = True
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def stage2_parts(recipe: BaseRecipe) -> list[tuple[str, str, dict[str, float], int, float]]:
@@ -437,6 +447,17 @@ def parts_done(base: Path, names: list[str]) -> list[str]:
     return [name for name in names if (base / "recipe" / f"{name}_logging.jsonl").is_file()]
 
 
+def continuation_start(base_from: Path, work: Path, seed: int) -> Path:
+    """The model the remaining parts start from: ``base_from`` itself when it has SAM 2's memory modules (a base
+    that went through a volume part keeps the ones it trained), else a copy of it in ``work`` that gains the
+    tiny preset's (:func:`~citrus_v.recipes.presets.add_memory_modules`)."""
+    from .presets import add_memory_modules, has_memory_modules
+
+    if has_memory_modules(base_from):
+        return base_from
+    return add_memory_modules(base_from, work, seed=seed)
+
+
 def make_base(
     out: str | Path,
     work: str | Path | None = None,
@@ -451,10 +472,10 @@ def make_base(
     ``base_from``: a base this recipe wrote before it had its later parts; the parts it went through (its
     ``recipe/recipe.json``, which must be the first parts of this recipe) are not run again, the others run
     from it, and its records are kept beside theirs. A base without SAM 2's memory modules gains them first
-    (:func:`~citrus_v.recipes.presets.add_memory_modules`)."""
+    (:func:`continuation_start`)."""
     from ..data.corpus import write_corpus
     from .output import check_output_dir, prepare_output_dir
-    from .presets import add_memory_modules, build_preset
+    from .presets import build_preset
 
     recipe = recipe or BaseRecipe()
     out = Path(out)
@@ -484,7 +505,7 @@ def make_base(
         )
     if base_from is not None:
         _say(f"continuing from {base_from}, which went through {', '.join(done)}")
-        model = add_memory_modules(base_from, work / "with-memory", seed=recipe.seed)
+        model = continuation_start(Path(base_from), work / "with-memory", recipe.seed)
     else:
         _say("building the tiny preset")
         model = build_preset("tiny", work / "preset", seed=recipe.seed)
