@@ -1,4 +1,5 @@
-"""The scale benchmarks run end to end at a tiny size: ``bench/real_scale.py`` and ``bench/gpu_step.py``.
+"""The scale benchmarks run end to end at a tiny size: ``bench/real_scale.py``, ``bench/gpu_step.py`` and
+``bench/train_profile.py``.
 
 Their real figures come from a quiet machine (7B dimensions) and a GPU; here each script runs as a user runs
 it, in a subprocess, at the tiny preset's dimensions, and every figure it prints must be there and finite.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -126,3 +128,31 @@ def test_gpu_step_fits_the_layers_to_the_memory(bench_modules):
     assert gpu_step.peak_for_name("NVIDIA H100 80GB HBM3") == 989.0
     assert gpu_step.peak_for_name("NVIDIA L40S") == 362.0
     assert gpu_step.peak_for_name("Tesla T4") is None
+
+
+def test_train_profile_splits_a_step_by_kind_of_work(tmp_path, tiny_dir):
+    """``bench/train_profile.py`` on the tiny preset and phantom rows: every kind of work has its time, the shares
+    add up, and the LM head's matrix products are measured against the machine's own product."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        from test_train import _write_dataset
+    finally:
+        sys.path.remove(str(ROOT / "tests"))
+    dataset = _write_dataset(tmp_path / "data", 6)
+    stdout = run_script("train_profile.py", "--model", str(tiny_dir), "--dataset", str(dataset), "--steps", "2",
+                        "--batch", "2", "--packing", "false")
+    rows = table(stdout)
+    assert {"LM head matrix products", "LM loss (log-softmax, forward and backward)", "attention",
+            "optimizer and zero_grad"} <= set(rows)
+    assert sum(int(row[1].rstrip("%")) for row in rows.values() if row[1].endswith("%")) in range(97, 104)
+    measured = next(line for line in stdout.splitlines() if line.startswith("LM head matrix products:"))
+    achieved, peak = (float(value) for value in re.findall(r"([\d.]+) GFLOP/s", measured))
+    assert 0 < achieved and 0 < peak
+
+
+def test_train_profile_names_the_missing_model_and_the_fix(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(BENCH / "train_profile.py"), "--model", str(tmp_path / "none")],
+                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert result.returncode != 0 and f"{tmp_path / 'none'} does not exist" in result.stderr
+    assert "bench/peer_swift.py" in result.stderr
