@@ -34,7 +34,7 @@ lint: install
 	$(BIN)/lint-imports --no-logo
 
 test: install lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # demo_out is the demo's own output: a second run replaces it
 demo: install
