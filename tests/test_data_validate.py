@@ -94,6 +94,25 @@ def test_extra_test_images_leave_the_training_images_as_they_were(corpus, tmp_pa
         write_corpus(tmp_path / "bad", CorpusOptions(n=10, test_images=-1))
 
 
+def test_every_lesion_does_not_tell_how_many_there_are(corpus):
+    """Scans with several lesions are asked for "every lesion"; those with one or none are asked that way too, and
+    the answer then gives one [SEG] or says there is none (an absent-target row) — "every" is not "two or more"."""
+    everything = [r for s in ("train", "val", "test") for r in _rows(corpus / f"{s}.jsonl")
+                  if r["task"] == "segmentation"]
+    every = [r for r in everything if r["messages"][0]["content"] == "<image>Segment every lesion."]
+    single = [r for r in everything if r["messages"][0]["content"] == "<image>Segment the lesion."]
+    counts = {r["messages"][1]["content"].count("[SEG]") for r in every}
+    assert {0, 1} <= counts and max(counts) >= 2
+    assert all(r["messages"][1]["content"].count("[SEG]") <= 1 for r in single)
+    for row in every:
+        answer, masks = row["messages"][1]["content"], row.get("masks", [])
+        assert answer.count("[SEG]") == len(masks)
+        if not masks:
+            assert answer == "There is no lesion in this image." and row["meta"]["absent"] is True
+        elif len(masks) == 1:
+            assert answer == "There is 1 lesion: lesion 1 [SEG]."
+
+
 def test_masks_match_what_the_rows_say(corpus):
     rows = _rows(corpus / "train.jsonl")
     checked = 0

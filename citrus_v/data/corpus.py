@@ -14,6 +14,9 @@ reports with measurements, chain-of-thought answers and lab-report extraction.
 "Every lesion" means every lesion: such an answer gives one ``[SEG]`` (one mask) or one box per lesion, in a
 fixed order: left to right by the lesion's centre column in the image as shown (patient's right first), ties
 top to bottom. The answer says so ("There are 2 lesions, from left to right: lesion 1 [SEG], lesion 2 [SEG].").
+A scan with several lesions is always asked for "every lesion"; one with a single lesion or none is asked that
+way half the time too (else "the lesion"), so that the words do not tell how many there are: "There is 1 lesion:
+lesion 1 [SEG]." and "There is no lesion in this image." answer it as well.
 
 Absent-target rows (:mod:`~citrus_v.data.absent_rows`): asked for a lesion the scan does not have, an organ
 outside its field of view or a finding its modality cannot show, the answer says so in words, with no
@@ -41,7 +44,15 @@ from .absent_rows import AbsentBalance, AbsentQuestion, AbsentScene, absent_meta
 from .documents import make_lab_report
 from .phantoms import KINDS, ORGANS, Anatomy, Slice, make_anatomy
 from .synthetic_dicom import synthetic_dataset
-from .volume_rows import ABSENT_STREAM, CLIP_STREAM, VOLUME_STREAM, clip_case, volume_case, write_volume
+from .volume_rows import (
+    ABSENT_STREAM,
+    CLIP_STREAM,
+    PHRASING_STREAM,
+    VOLUME_STREAM,
+    clip_case,
+    volume_case,
+    write_volume,
+)
 
 __all__ = ["CorpusOptions", "CorpusSummary", "split_of", "write_corpus", "write_dicom", "write_volume"]
 
@@ -185,10 +196,13 @@ class _CaseWriter:
         rng: np.random.Generator,
         balance: AbsentBalance | None = None,
         absent_rng: np.random.Generator | None = None,
+        phrasing_rng: np.random.Generator | None = None,
     ) -> None:
         self.out, self.split, self.case, self.options, self.rng = out, split, case, options, rng
         # absent-target rows draw from their own stream, so the other rows are the same at any share
         self.balance, self.absent_rng = balance, absent_rng
+        # so does the choice of words for a scan's lesion question (None: "the lesion" unless there are several)
+        self.phrasing_rng = phrasing_rng
         self.image_dir = out / "images" / split
         self.mask_dir = out / "masks" / split
         self.image_dir.mkdir(parents=True, exist_ok=True)
@@ -283,7 +297,7 @@ def scan_rows(
     # one task after the other, in this order: each draws from ``rng``, so the order decides the corpus
     rows: list[dict] = []
     if "segmentation" in tasks and organs:
-        rows += _segmentation_rows(_row, rng, organs, lesions, mask_ref)
+        rows += _segmentation_rows(_row, rng, organs, lesions, mask_ref, writer.phrasing_rng)
     if "detection" in tasks:
         rows += _detection_rows(_row, rng, organs, lesions)
     if "vqa-closed" in tasks:
@@ -320,8 +334,12 @@ def _absent_top_up(
 
 
 # each takes ``row(task, question, answer, **fields)``, which makes one row of the scan image
-def _segmentation_rows(row, rng: np.random.Generator, organs: dict, lesions: list, mask_ref) -> list[dict]:
-    """Two prompts naming different targets in the same image: an organ, then the lesion(s) or none."""
+def _segmentation_rows(
+    row, rng: np.random.Generator, organs: dict, lesions: list, mask_ref, phrasing: np.random.Generator | None = None
+) -> list[dict]:
+    """Two prompts naming different targets in the same image: an organ, then the lesion(s) or none — asked for
+    as "every lesion" when there are several, and half the time (a draw from ``phrasing``) when there is one or
+    none."""
     organ_names = list(organs)
     organ = organ_names[int(rng.integers(0, len(organ_names)))]
     rows = [
@@ -329,21 +347,20 @@ def _segmentation_rows(row, rng: np.random.Generator, organs: dict, lesions: lis
         row("segmentation", f"Please segment the {organ} in this image.",
             f"Sure, here is the {organ} [SEG].", masks=[mask_ref(organ, organs[organ])])
     ]
-    if len(lesions) == 1:
-        rows.append(
-            row("segmentation", "Segment the lesion.", "Sure, here is the lesion [SEG].",
-                masks=[mask_ref("lesion_1", lesions[0][1])])
-        )
-    elif len(lesions) > 1:
-        parts = ", ".join(f"lesion {k + 1} [SEG]" for k in range(len(lesions)))
-        rows.append(
-            row("segmentation", "Segment every lesion.",
-                f"There are {len(lesions)} lesions, from left to right: {parts}.",
-                masks=[mask_ref(f"lesion_{k + 1}", m) for k, (_, m) in enumerate(lesions)])
-        )
-    else:
-        rows.append(row("segmentation", "Segment the lesion.", "There is no lesion in this image.",
+    every = len(lesions) > 1 or (phrasing is not None and phrasing.uniform() < 0.5)
+    question = "Segment every lesion." if every else "Segment the lesion."
+    if not lesions:
+        rows.append(row("segmentation", question, "There is no lesion in this image.",
                         meta_update=absent_meta("lesion", "lesion_free", "segmentation")))
+    elif not every:
+        rows.append(row("segmentation", question, "Sure, here is the lesion [SEG].",
+                        masks=[mask_ref("lesion_1", lesions[0][1])]))
+    else:
+        parts = ", ".join(f"lesion {k + 1} [SEG]" for k in range(len(lesions)))
+        answer = (f"There is 1 lesion: {parts}." if len(lesions) == 1
+                  else f"There are {len(lesions)} lesions, from left to right: {parts}.")
+        rows.append(row("segmentation", question, answer,
+                        masks=[mask_ref(f"lesion_{k + 1}", m) for k, (_, m) in enumerate(lesions)]))
     return rows
 
 
@@ -566,7 +583,8 @@ def _image_cases(out: Path, options: CorpusOptions, balance: AbsentBalance) -> I
         split = splits[index]
         rng = np.random.default_rng([options.seed, index])
         absent_rng = np.random.default_rng([options.seed, index, ABSENT_STREAM])
-        writer = _CaseWriter(out, split, f"case_{index:05d}", options, rng, balance, absent_rng)
+        phrasing_rng = np.random.default_rng([options.seed, index, PHRASING_STREAM])
+        writer = _CaseWriter(out, split, f"case_{index:05d}", options, rng, balance, absent_rng, phrasing_rng)
         if index in documents:
             yield split, "document", _document_case(writer)
             continue

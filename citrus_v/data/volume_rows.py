@@ -54,6 +54,8 @@ if TYPE_CHECKING:
 VOLUME_STREAM = 1_000_003
 CLIP_STREAM = 1_000_033
 ABSENT_STREAM = 2_000_003
+# [seed, index, PHRASING_STREAM]: a scan's choice between "the lesion" and "every lesion" when it has one or none
+PHRASING_STREAM = 2_000_029
 VOLUME_KINDS = (("CT", "abdomen"), ("CT", "chest"), ("MR", "abdomen"))
 VOLUME_WINDOWS = {("CT", "abdomen"): "ct-abdomen", ("CT", "chest"): "ct-lung"}
 FIELD_OF_VIEW_MM = {"abdomen": (340.0, 400.0), "chest": (320.0, 380.0)}
