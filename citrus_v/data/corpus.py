@@ -49,7 +49,9 @@ from .volume_rows import (
     CLIP_STREAM,
     PHRASING_STREAM,
     VOLUME_STREAM,
+    asks_every_lesion,
     clip_case,
+    every_lesion_answer,
     volume_case,
     write_volume,
 )
@@ -194,14 +196,14 @@ class _CaseWriter:
         case: str,
         options: CorpusOptions,
         rng: np.random.Generator,
+        phrasing_rng: np.random.Generator,
         balance: AbsentBalance | None = None,
         absent_rng: np.random.Generator | None = None,
-        phrasing_rng: np.random.Generator | None = None,
     ) -> None:
         self.out, self.split, self.case, self.options, self.rng = out, split, case, options, rng
         # absent-target rows draw from their own stream, so the other rows are the same at any share
         self.balance, self.absent_rng = balance, absent_rng
-        # so does the choice of words for a scan's lesion question (None: "the lesion" unless there are several)
+        # so does the choice of words for a scan's lesion question
         self.phrasing_rng = phrasing_rng
         self.image_dir = out / "images" / split
         self.mask_dir = out / "masks" / split
@@ -335,11 +337,10 @@ def _absent_top_up(
 
 # each takes ``row(task, question, answer, **fields)``, which makes one row of the scan image
 def _segmentation_rows(
-    row, rng: np.random.Generator, organs: dict, lesions: list, mask_ref, phrasing: np.random.Generator | None = None
+    row, rng: np.random.Generator, organs: dict, lesions: list, mask_ref, phrasing: np.random.Generator
 ) -> list[dict]:
-    """Two prompts naming different targets in the same image: an organ, then the lesion(s) or none — asked for
-    as "every lesion" when there are several, and half the time (a draw from ``phrasing``) when there is one or
-    none."""
+    """Two prompts naming different targets in the same image: an organ, then the lesion(s) or none — "the
+    lesion" or "every lesion" as :func:`~citrus_v.data.volume_rows.asks_every_lesion` draws from ``phrasing``."""
     organ_names = list(organs)
     organ = organ_names[int(rng.integers(0, len(organ_names)))]
     rows = [
@@ -347,7 +348,7 @@ def _segmentation_rows(
         row("segmentation", f"Please segment the {organ} in this image.",
             f"Sure, here is the {organ} [SEG].", masks=[mask_ref(organ, organs[organ])])
     ]
-    every = len(lesions) > 1 or (phrasing is not None and phrasing.uniform() < 0.5)
+    every = asks_every_lesion(len(lesions), phrasing)
     question = "Segment every lesion." if every else "Segment the lesion."
     if not lesions:
         rows.append(row("segmentation", question, "There is no lesion in this image.",
@@ -356,10 +357,7 @@ def _segmentation_rows(
         rows.append(row("segmentation", question, "Sure, here is the lesion [SEG].",
                         masks=[mask_ref("lesion_1", lesions[0][1])]))
     else:
-        parts = ", ".join(f"lesion {k + 1} [SEG]" for k in range(len(lesions)))
-        answer = (f"There is 1 lesion: {parts}." if len(lesions) == 1
-                  else f"There are {len(lesions)} lesions, from left to right: {parts}.")
-        rows.append(row("segmentation", question, answer,
+        rows.append(row("segmentation", question, every_lesion_answer(len(lesions)),
                         masks=[mask_ref(f"lesion_{k + 1}", m) for k, (_, m) in enumerate(lesions)]))
     return rows
 
@@ -584,7 +582,7 @@ def _image_cases(out: Path, options: CorpusOptions, balance: AbsentBalance) -> I
         rng = np.random.default_rng([options.seed, index])
         absent_rng = np.random.default_rng([options.seed, index, ABSENT_STREAM])
         phrasing_rng = np.random.default_rng([options.seed, index, PHRASING_STREAM])
-        writer = _CaseWriter(out, split, f"case_{index:05d}", options, rng, balance, absent_rng, phrasing_rng)
+        writer = _CaseWriter(out, split, f"case_{index:05d}", options, rng, phrasing_rng, balance, absent_rng)
         if index in documents:
             yield split, "document", _document_case(writer)
             continue

@@ -239,22 +239,32 @@ def _volume_rows(
     return rows
 
 
+def asks_every_lesion(count: int, rng: np.random.Generator) -> bool:
+    """Whether a scan or volume with ``count`` lesions is asked for "every lesion" (else "the lesion"): always
+    with several, half the time (a draw from ``rng``) with one or none, so that "every" does not tell how many
+    there are."""
+    return count > 1 or rng.uniform() < 0.5
+
+
+def every_lesion_answer(count: int) -> str:
+    """The answer to "Segment every lesion." with ``count`` (at least one) lesions: one ``[SEG]`` each, in
+    reading order."""
+    parts = ", ".join(f"lesion {k + 1} [SEG]" for k in range(count))
+    return f"There is 1 lesion: {parts}." if count == 1 else f"There are {count} lesions, from left to right: {parts}."
+
+
 def _lesion_row(stack: _Stack, rng: np.random.Generator, lesions: list[int]) -> dict[str, Any]:
-    """"The lesion" or "every lesion": several lesions are always asked for as "every lesion", one or none
-    half the time as well (so that "every" does not tell how many there are); one ``[SEG]`` per lesion in
-    reading order, or the lesion-free answer."""
-    every = len(lesions) > 1 or rng.uniform() < 0.5
+    """"The lesion" or "every lesion" (:func:`asks_every_lesion`): one ``[SEG]`` per lesion in reading order, or
+    the lesion-free answer."""
+    every = asks_every_lesion(len(lesions), rng)
     question = "Segment every lesion." if every else "Segment the lesion."
     if not lesions:
         return stack.row("segmentation-3d", question, "There is no lesion in this volume.",
                          meta_update=absent_meta("lesion", "lesion_free", "segmentation"))
     if not every:
         return stack.segment(rng, "lesion", lesions)
-    parts = ", ".join(f"lesion {k + 1} [SEG]" for k in range(len(lesions)))
-    answer = (f"There is 1 lesion: {parts}." if len(lesions) == 1
-              else f"There are {len(lesions)} lesions, from left to right: {parts}.")
     return stack.row(
-        "segmentation-3d", question, answer, [stack.mask_ref([value]) for value in lesions],
+        "segmentation-3d", question, every_lesion_answer(len(lesions)), [stack.mask_ref([value]) for value in lesions],
         {"target": "every lesion", "targets": [f"lesion {k + 1}" for k in range(len(lesions))],
          "slices": [frame_range(stack.labels == value) for value in lesions]},
     )

@@ -71,11 +71,11 @@ class DemoPlan:
     volume_absent_share: float = 0.15
     # share of volume and clip rows among stage 3's scan samples (the lab reports keep their share)
     volume_share: float = 0.08
-    # and among stage 4's: SAM 2 and the projector win back on the volumes what stage 3's language-model steps
-    # moved (3-D Dice 0.59 at 0.08, 0.74 at 0.4 from one stage 3; the 2-D masks' Dice held; docs/experiments/)
+    # and among stage 4's: with a larger share SAM 2 and the projector win back on the volumes what stage 3's
+    # language-model steps moved, the 2-D masks holding (docs/experiments/ has the runs)
     stage4_volume_share: float = 0.4
-    # frames of each volume or clip SAM 2 trains on in stage 4 (``--sam_train_frames``): two instead of four
-    # take a quarter off stage 4's time at that share for 3-D Dice within a run's spread (docs/experiments/)
+    # frames of each volume or clip SAM 2 trains on in stage 4 (``--sam_train_frames``): fewer than the default
+    # keep stage 4 at that share inside the demo's time, the volumes' Dice within a run's spread
     stage4_sam_train_frames: int = 2
 
     @classmethod
