@@ -94,6 +94,26 @@ def test_extra_test_images_leave_the_training_images_as_they_were(corpus, tmp_pa
         write_corpus(tmp_path / "bad", CorpusOptions(n=10, test_images=-1))
 
 
+def test_extra_training_reports_leave_the_held_out_images_as_they_were(corpus, tmp_path):
+    """``--train_documents`` adds lab reports to the train split alone: val and test stay byte-identical, the
+    old training rows come first, and every added row reads a new lab report."""
+    more = tmp_path / "more"
+    argv = ["data", "synth", "--out", str(more), "--n", "40", "--seed", "3", "--train_documents", "12"]
+    assert main(argv) == 0
+    for split in ("val", "test"):
+        assert (more / f"{split}.jsonl").read_bytes() == (corpus / f"{split}.jsonl").read_bytes()
+    old, new = _rows(corpus / "train.jsonl"), _rows(more / "train.jsonl")
+    assert new[: len(old)] == old and len(new) > len(old)
+    added = new[len(old) :]
+    assert {r["task"] for r in added} == {"document"}
+    assert {r["meta"]["case"] for r in added} == {f"case_{index:05d}" for index in range(40, 52)}
+    seen = {r["images"][0].split("#")[0] for s in ("train", "val", "test") for r in _rows(corpus / f"{s}.jsonl")}
+    assert not seen & {r["images"][0].split("#")[0] for r in added}
+    assert main(["data", "validate", str(more / "train.jsonl")]) == 0
+    with pytest.raises(ValueError, match="--train_documents must be 0 or more"):
+        write_corpus(tmp_path / "bad", CorpusOptions(n=10, train_documents=-1))
+
+
 def test_every_lesion_does_not_tell_how_many_there_are(corpus):
     """Scans with several lesions are asked for "every lesion"; those with one or none are asked that way too, and
     the answer then gives one [SEG] or says there is none (an absent-target row) — "every" is not "two or more"."""

@@ -91,7 +91,8 @@ def _synth(args: argparse.Namespace) -> int:
     from .corpus import CorpusOptions, write_corpus
 
     options = CorpusOptions(
-        n=args.n, seed=args.seed, size=args.size, test_images=args.test_images, absent_share=args.absent_share,
+        n=args.n, seed=args.seed, size=args.size, test_images=args.test_images,
+        train_documents=args.train_documents, absent_share=args.absent_share,
         volume_absent_share=args.volume_absent_share, absent_detection=args.absent_detection, volumes=args.volumes,
         test_volumes=args.test_volumes,
         volume_slices=tuple(args.volume_slices), volume_size=tuple(args.volume_size), clips=args.clips,
@@ -157,6 +158,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=0,
         help="extra images in the test split only (the N images keep their splits)",
+    )
+    synth.add_argument(
+        "--train_documents",
+        type=int,
+        default=0,
+        help="extra lab reports in the train split only, after the test images (every held-out image stays)",
     )
     synth.add_argument("--absent_share", type=float, default=0.15,
                        help="share of absent-target rows (the answer says the target is not there, no [SEG], no "

@@ -85,6 +85,9 @@ class CorpusOptions:
         rle_fraction: fraction of image-file masks written inline as COCO RLE instead of PNG files.
         test_images: extra images, all in the test split, after the ``n``: a larger held-out set without
             changing which images train (the ``n`` images, their content and their splits stay the same).
+        train_documents: extra lab reports, all in the train split, after the ``test_images``: more reports
+            to learn reading from, so that a short run does not learn a few by heart, with every held-out image
+            as it was.
         document_cell: pixels per printed character of a lab report (see
             :func:`~citrus_v.data.documents.make_lab_report`): 28, one merged image token of Qwen2.5-VL, gives
             an 896 x 224 slip (256 image tokens).
@@ -110,6 +113,7 @@ class CorpusOptions:
     rle_fraction: float = 0.25
     document_cell: int = 28
     test_images: int = 0
+    train_documents: int = 0
     absent_share: float = 0.15
     volume_absent_share: float | None = None
     absent_detection: bool = False
@@ -555,7 +559,7 @@ def _check_options(options: CorpusOptions) -> None:
     """Refuse options that cannot make a corpus, naming the flag and the fix."""
     if options.n < 1:
         raise ValueError("--n must be at least 1")
-    for name in ("test_images", "volumes", "test_volumes", "clips"):
+    for name in ("test_images", "train_documents", "volumes", "test_volumes", "clips"):
         if getattr(options, name) < 0:
             raise ValueError(f"--{name} must be 0 or more, got {getattr(options, name)}")
     for name in ("absent_share", "volume_absent_share"):
@@ -577,7 +581,10 @@ def _image_cases(out: Path, options: CorpusOptions, balance: AbsentBalance) -> I
     # the extra test images draw their lab reports apart, so the first n images stay as they were
     extra = _document_indices(options.test_images, options.documents, [options.seed, 130363])
     documents |= {options.n + index for index in extra}
-    for index in range(options.n + options.test_images):
+    # then the extra training reports, after every held-out image
+    documents |= set(range(len(splits), len(splits) + options.train_documents))
+    splits += ["train"] * options.train_documents
+    for index in range(len(splits)):
         split = splits[index]
         rng = np.random.default_rng([options.seed, index])
         absent_rng = np.random.default_rng([options.seed, index, ABSENT_STREAM])
