@@ -156,3 +156,17 @@ def test_train_profile_names_the_missing_model_and_the_fix(tmp_path):
                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert result.returncode != 0 and f"{tmp_path / 'none'} does not exist" in result.stderr
     assert "bench/peer_swift.py" in result.stderr
+
+
+def test_volume_segment_times_both_ways_and_finds_the_same_masks(tiny_dir):
+    """``bench/volume_segment.py`` on nibabel's NIfTI volume: both ways are timed, and a chunk per pass through
+    SAM 2's image encoder draws the masks one frame per pass draws."""
+    stdout = run_script("volume_segment.py", "--model", str(tiny_dir), "--repeats", "1", "--seg", "2")
+    seconds = {
+        name: float(re.search(rf"^{name}: ([\d.]+) s$", stdout, re.M).group(1))
+        for name in ("one frame per pass", "a chunk per pass")
+    }
+    assert all(value > 0 for value in seconds.values())
+    assert re.search(r"^speed-up: [\d.]+x$", stdout, re.M)
+    differ, total = map(int, re.search(r"masks differ in (\d+) of (\d+) voxels", stdout).groups())
+    assert total == 2 * 25 * 41 * 33 and differ <= total // 1000

@@ -3,9 +3,9 @@
 The frames are those :mod:`~citrus_v.infer.mask_frames` chooses: every frame of the source, each at its own
 resolution, up to ``max_frames`` — not only the sample the language model saw. Each frame is drawn as the
 language model's frames are (one display window for the stack), made SAM 2's input by the processor
-(``sam_pixel_values``: the original frame, or the smart-resized one in parity mode), and encoded one at a time
-(:func:`~citrus_v.modeling.propagation.encode_frames`). Every ``[SEG]`` prompt — the projected embedding (and
-point) a 2-D image gets — then gives a mask per frame:
+(``sam_pixel_values``: the original frame, or the smart-resized one in parity mode), and encoded a chunk of
+frames per pass through SAM 2's image encoder (:func:`~citrus_v.modeling.propagation.encode_frames`). Every
+``[SEG]`` prompt — the projected embedding (and point) a 2-D image gets — then gives a mask per frame:
 
 - ``"per_frame"``: the prompt on every frame on its own, exactly as on a 2-D image; frames are encoded and
   decoded a chunk at a time, so the features of the whole volume are never held at once;
@@ -67,12 +67,15 @@ class VolumeSegmenter:
         postprocess: Postprocess,
         propagation: str | None = None,
         frames_per_chunk: int = FRAMES_PER_CHUNK,
+        frames_per_pass: int | None = None,
     ) -> None:
+        """``frames_per_pass``: frames through SAM 2's image encoder at once (default: the chunk)."""
         self.model = model
         self.processor = processor
         self.postprocess = postprocess
         self.propagation = check_propagation(model, propagation or default_propagation(model.config))
         self.frames_per_chunk = max(int(frames_per_chunk), 1)
+        self.frames_per_pass = max(int(frames_per_pass or self.frames_per_chunk), 1)
 
     def segment(self, states: Sequence[torch.Tensor], volume: Volume, labels: Sequence[str | None]) -> list[VolumeMask]:
         """One :class:`VolumeMask` per ``[SEG]`` state (``[hidden]`` each), in order, on ``volume``'s frames."""
@@ -103,11 +106,11 @@ class VolumeSegmenter:
         if self.propagation == "memory":
             features = []
             for start in range(0, volume.num_frames, self.frames_per_chunk):
-                features += encode_frames(grounding, self._pixels(volume, start, window))
+                features += encode_frames(grounding, self._pixels(volume, start, window), self.frames_per_pass)
             yield 0, self.model.propagator.propagate(features, prompts, points, "memory", multimask)
             return
         for start in range(0, volume.num_frames, self.frames_per_chunk):
-            features = encode_frames(grounding, self._pixels(volume, start, window))
+            features = encode_frames(grounding, self._pixels(volume, start, window), self.frames_per_pass)
             yield start, prompt_frames(grounding, features, prompts, points, multimask)
 
     def _pixels(self, volume: Volume, start: int, window) -> torch.Tensor:
