@@ -115,8 +115,9 @@ def decode_video_segs(
                 "train_propagation 'memory' needs SAM 2's memory modules, and this model has none (config.json has "
                 "no sam2_memory_config). Fix: train with per_frame, or a model with the memory modules"
             )
-        results = propagator.propagate(encode_frames(grounding, pixel_values), prompts, points, "memory",
-                                       multimask_output)  # fmt: skip
+        # the training frames of one row in one pass, as the per-frame path below encodes them
+        frames = encode_frames(grounding, pixel_values, frames_per_pass=pixel_values.shape[0])
+        results = propagator.propagate(frames, prompts, points, "memory", multimask_output)
         return VideoSegDecoding(
             logits=torch.stack([r.masks for r in results]),
             object_scores=torch.stack([r.object_scores for r in results]),
