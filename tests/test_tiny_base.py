@@ -17,10 +17,10 @@ from citrus_v.train.stages import component_of
 SMALL_RECIPE = dict(
     images=30, stage2_steps=3, reading_steps=3, refresh_steps=2, stage4_point_steps=2, stage4_steps=2,
     save_steps=1000, batch_size=2, reading_learning_rate=4e-4, refresh_learning_rate=3e-4, closed_steps=2,
-    volumes=2, clips=1, volume_steps=2, memory_steps=2,
+    volumes=2, clips=1, volume_steps=2, memory_steps=2, point_fit_epochs=3,
 )
 FIRST_PARTS = ["stage2", "stage2_reading", "stage2_refresh", "stage4_points", "stage4", "stage2_closed"]
-PARTS = [*FIRST_PARTS, "stage3_volumes", "stage4_memory"]
+PARTS = [*FIRST_PARTS, "stage3_volumes", "stage4_memory", "point_head"]
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +114,16 @@ def test_make_base_runs_the_recipe_end_to_end(tmp_path):
     assert all(torch.equal(closed[k], before[k]) for k in kept)
     trained = [k for k in closed if component_of(k) == "llm"]
     assert trained and any(not torch.equal(closed[k], before[k]) for k in trained)
-    # then the volumes: the shipped weights are the memory part's, SAM 2's memory modules among them
+    # then the volumes, SAM 2's memory modules among the shipped weights; last the point head, fitted on the
+    # [SEG] states of the 2-D and 3-D segmentation rows: the shipped weights are the memory part's but for it
     shipped = load_file(out / "model.safetensors")
     assert any(component_of(k) == "sam memory" for k in shipped)
+    memory = load_file(tmp_path / "work" / "stage4-memory" / "model.safetensors")
+    changed = {k for k in shipped if not torch.equal(shipped[k], memory[k])}
+    assert changed and all(k.startswith("seg_point_head.mlp.") for k in changed)
+    fit = json.loads((out / "recipe" / "point_head_fit.json").read_text())
+    assert fit["states"] > 0 and fit["options"]["epochs"] == recipe.point_fit_epochs
+    assert (out / "recipe" / "loss_point_head.png").is_file() and not (out / "point_fit.json").exists()
     assert json.loads((out / "config.json").read_text())["propagation"] == recipe.propagation
 
 
@@ -149,6 +156,10 @@ def _earlier_base(folder, tiny_dir, parts: list[str] | None):
 def test_make_base_continues_a_base_that_went_through_the_first_parts(tmp_path, tiny_dir):
     """--base_from: only the parts the earlier base did not go through run, from it, memory modules added."""
     earlier = _earlier_base(tmp_path / "earlier", tiny_dir, parts=None)  # parts read from its logs
+    # the earlier base's own history stays in the record, one level down
+    record = json.loads((earlier / "recipe" / "recipe.json").read_text())
+    history = {"parts": ["stage2"], "timings_s": {"stage2": 2.0}}
+    (earlier / "recipe" / "recipe.json").write_text(json.dumps({**record, "continued_from": history}))
     out = make_base(tmp_path / "base", tmp_path / "work", BaseRecipe(**SMALL_RECIPE), base_from=earlier)
     ran = sorted(p.name for p in (tmp_path / "work").iterdir() if (p / "sft_args.json").is_file())
     assert ran == ["stage3-volumes", "stage4-memory"]
@@ -159,7 +170,9 @@ def test_make_base_continues_a_base_that_went_through_the_first_parts(tmp_path, 
     assert memory_args["train_propagation"] == "memory" and memory_args["presence_loss_weight"] == 1.0
     notes = json.loads((out / "recipe" / "recipe.json").read_text())
     assert notes["parts"] == PARTS and notes["continued_from"]["parts"] == FIRST_PARTS
-    assert set(notes["timings_s"]) >= {"stage3_volumes", "stage4_memory"} and "stage2" not in notes["timings_s"]
+    assert notes["continued_from"]["continued_from"] == history
+    assert set(notes["timings_s"]) >= {"stage3_volumes", "stage4_memory", "point_head"}
+    assert "stage2" not in notes["timings_s"]
     assert (out / "recipe" / "stage2_logging.jsonl").is_file() and (out / "recipe" / "stage4_memory_logging.jsonl")
     grown = load_file(tmp_path / "work" / "with-memory" / "model.safetensors")
     shipped = load_file(out / "model.safetensors")

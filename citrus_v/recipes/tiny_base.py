@@ -32,7 +32,11 @@ new to it), builds the tiny preset and runs ``citrus-v sft`` stages on it, in th
    their questions about targets that are not there): stage 3 on them beside the 2-D tasks (the language
    model learns to answer about a video, SAM 2 to take a ``[SEG]`` about one on each frame, with its presence
    loss), then stage 4 on the 2-D and 3-D segmentation rows with SAM 2's memory carrying each mask through the
-   training frames, so that the memory modules (in the tiny preset since these parts) learn to propagate.
+   training frames, so that the memory modules (in the tiny preset since these parts) learn to propagate;
+5. the point head fitted on the frozen language model's ``[SEG]`` states of the 2-D and 3-D segmentation rows
+   (:func:`point_fit_part`, :mod:`citrus_v.train.point_head_fit`): stage 4's point objective run to
+   convergence, which its steps above do not reach. Where a volume's target is, is SAM 2's point; a point
+   on the wrong side of the body is a mask on the wrong organ.
 
 Each stage's ``logging.jsonl`` and loss curves stay next to the checkpoint (``recipe/``), and
 ``recipe/recipe.json`` lists the parts the base went through. ``--base_from DIR`` continues a base made before the
@@ -56,10 +60,9 @@ from ..checkpoint_layout import SHIPPED_MODELS, CheckpointError, resolve_model
 
 if TYPE_CHECKING:
     from ..data.corpus import CorpusOptions
+    from ..train.point_head_fit import PointFitResult
 
 PACKAGED_BASE = SHIPPED_MODELS["tiny-base"]
-# files of a training run's folder that are not part of the checkpoint
-RUN_RECORDS = ("training_args.bin", "logging.jsonl", "loss_curves.png", "sft_args.json", "checkpoint_manifest.json")
 
 # share of each task in the first part of stage 2 (corpus task names): the scans only
 SCAN_MIX: dict[str, float] = {
@@ -166,6 +169,10 @@ class BaseRecipe:
     volume_mix: dict[str, float] = field(default_factory=lambda: dict(VOLUME_MIX))
     memory_steps: int = 600
     presence_loss_weight: float = 1.0
+    # last: the point head fitted to convergence on the frozen language model's [SEG] states of the 2-D and 3-D
+    # segmentation rows (stage 4's point objective; the steps above leave it short of that)
+    point_fit_epochs: int = 100
+    point_fit_learning_rate: float = 1e-3
     # how the base segments a volume unless asked otherwise (config.propagation): on held-out volumes each frame
     # prompted alone scores far above the tiny memory modules' propagation (docs/experiments/)
     propagation: str = "per_frame"
@@ -288,6 +295,7 @@ def write_base(
     import torch
 
     from ..train.callbacks import plot_loss_curves
+    from ..train.point_head_fit import FIT_RECORD, RUN_RECORDS
     from .output import prepare_output_dir
 
     last = list(stages.values())[-1]
@@ -309,11 +317,14 @@ def write_base(
         for item in (earlier / "recipe").iterdir():
             if item.is_file() and item.name != "recipe.json":
                 shutil.copy2(item, notes / item.name)
-        record.update(
-            parts=[*earlier_parts, *stages],
-            continued_from={"parts": list(earlier_parts), "timings_s": before.get("timings_s", {})},
-        )
+        # the earlier base's own record of what it continued from, kept one level down
+        earlier_record = {"parts": list(earlier_parts), "timings_s": before.get("timings_s", {})}
+        if "continued_from" in before:
+            earlier_record["continued_from"] = before["continued_from"]
+        record.update(parts=[*earlier_parts, *stages], continued_from=earlier_record)
     for stage, folder in stages.items():
+        if (folder / FIT_RECORD).is_file():
+            shutil.copy2(folder / FIT_RECORD, notes / f"{stage}_fit.json")
         log = folder / "logging.jsonl"
         if log.is_file():
             shutil.copy2(log, notes / f"{stage}_logging.jsonl")
@@ -400,7 +411,7 @@ def recipe_parts(recipe: BaseRecipe, files: dict[str, Path], work: Path) -> list
             ),
         ),
     ]
-    return parts + volume_parts(recipe, files, work)
+    return parts + volume_parts(recipe, files, work) + [point_fit_part(recipe, files, work)]
 
 
 def volume_parts(recipe: BaseRecipe, files: dict[str, Path], work: Path) -> list[Part]:
@@ -428,6 +439,30 @@ def volume_parts(recipe: BaseRecipe, files: dict[str, Path], work: Path) -> list
             ),
         ),
     ]
+
+
+def point_fit_part(recipe: BaseRecipe, files: dict[str, Path], work: Path) -> Part:
+    """The last part: the point head fitted on the ``[SEG]`` states of the 2-D and 3-D segmentation rows
+    (:mod:`citrus_v.train.point_head_fit`), everything else as the part before left it."""
+    from ..train.point_head_fit import PointFitOptions, run_point_fit
+
+    rows = [str(files[task]) for task in ("segmentation", "segmentation-3d") if task in files]
+    options = PointFitOptions(
+        epochs=recipe.point_fit_epochs, learning_rate=recipe.point_fit_learning_rate, seed=recipe.seed
+    )
+    return Part(
+        "point_head", f"the point head fitted on cached [SEG] states, {recipe.point_fit_epochs} epochs",
+        lambda model: _fitted(run_point_fit(model, rows, work / "point-head", options), work / "point-head"),
+    )
+
+
+def _fitted(result: PointFitResult, out: Path) -> Path:
+    """``out``, once the fit's numbers are said."""
+    _say(
+        f"      point head: {result.states} [SEG] states of {result.rows} rows; held-out error "
+        f"{result.held_out_error_px_before} -> {result.held_out_error_px_after} px"
+    )
+    return out
 
 
 def _recipe_record(base: Path) -> Path:
