@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from citrus_v.modeling.point_head import PointHead, sample_prompt_points
-from citrus_v.objectives.point_loss import interior_points, point_loss
+from citrus_v.objectives.base import interior_points, point_distance_loss
 from citrus_v.recipes.demo import MeanSegEmbedding
 
 from .conftest import seg_sample
@@ -65,7 +65,7 @@ def test_interior_point_of_a_mask_that_fills_the_image():
 def test_point_loss_skips_masks_without_a_target():
     predicted = torch.tensor([[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]])
     target = torch.tensor([[0.5, 0.5], [0.1, 0.3], [math.nan, math.nan]])
-    assert float(point_loss(predicted, target, 2)) == pytest.approx((0 + (0.4 + 0.2) / 2) / 2)
+    assert float(point_distance_loss(predicted, target, 2)) == pytest.approx((0 + (0.4 + 0.2) / 2) / 2)
 
 
 def test_the_head_reads_standardised_states():
@@ -183,7 +183,7 @@ def test_the_point_loss_trains_the_head_to_find_the_target(tiny):
     optimizer = torch.optim.Adam(model.seg_point_head.parameters(), lr=1e-2)
     for _ in range(1000):  # a random language model's [SEG] states lie close together: many small steps
         optimizer.zero_grad()
-        loss = point_loss((model.seg_prompts(hidden)[1] + 0.5) / size, goal, masks.shape[0])
+        loss = point_distance_loss((model.seg_prompts(hidden)[1] + 0.5) / size, goal, masks.shape[0])
         loss.backward()
         optimizer.step()
     with torch.no_grad():

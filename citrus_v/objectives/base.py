@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 IGNORE_TARGET = -1  # target of image tokens (or patches) that an objective has nothing to say about
@@ -169,3 +170,40 @@ def blank_targets(layout: Layout, targets: Any) -> Any:
     if layout == "positions":
         return targets.clone().zero_()
     return targets
+
+
+# --- where a [SEG]'s target is: the point objective's targets and loss, which the point-head fit
+# (citrus_v.train.point_head_fit) shares
+def interior_points(masks: torch.Tensor) -> torch.Tensor:
+    """The innermost pixel of each binary mask ``[K, h, w]`` as ``[K, 2]`` (x, y) pixel indices; NaN for an
+    empty mask.
+
+    Innermost: the pixels left after the most 3×3 erosions, the one nearest to their centroid (a centroid
+    alone can fall outside a crescent such as a lung).
+    """
+    points = torch.full((masks.shape[0], 2), float("nan"), device=masks.device)
+    for k, mask in enumerate(masks):
+        core = (mask > 0.5).float()[None, None]
+        if not bool(core.any()):
+            continue
+        while True:
+            eroded = -F.max_pool2d(-core, 3, stride=1, padding=1)
+            # the image edge does not erode (the pooling pads with -inf): a mask filling the image would
+            # erode to itself for ever, and all its pixels are equally inner
+            if not bool(eroded.any()) or torch.equal(eroded, core):
+                break
+            core = eroded
+        ys, xs = torch.nonzero(core[0, 0], as_tuple=True)
+        centre_y, centre_x = ys.float().mean(), xs.float().mean()
+        nearest = ((ys - centre_y) ** 2 + (xs - centre_x) ** 2).argmin()
+        points[k] = torch.stack([xs[nearest], ys[nearest]]).to(points.dtype)
+    return points
+
+
+def point_distance_loss(predicted: torch.Tensor, target: torch.Tensor, count: int | torch.Tensor) -> torch.Tensor:
+    """L1 distance per point (mean over x and y, both as fractions of the image side), summed over the
+    points with a target (rows of ``target`` that are not NaN) and divided by ``count``."""
+    known = ~torch.isnan(target).any(dim=-1)
+    distance = (predicted[known].float() - target[known].float()).abs().mean(dim=-1)
+    count = torch.as_tensor(count, dtype=torch.float32, device=predicted.device).clamp(min=1)
+    return distance.sum() / count

@@ -1,14 +1,14 @@
 """Fit the ``[SEG]`` point head on cached ``[SEG]`` states: stage 4's point objective, run to convergence.
 
 In stage 4 the language model is frozen, so the hidden state it gives each ``[SEG]`` of a row is fixed; the point
-head (:mod:`citrus_v.modeling.point_head`) is a small MLP on those states, and its objective
-(:mod:`citrus_v.objectives.point_loss`) needs nothing else but each target's innermost pixel. So the states of
-the rows are computed once (teacher-forced, as training computes them) and the head is fitted on them for many
+head (:mod:`citrus_v.modeling.point_head`) is a small MLP on those states, and its objective (the point loss
+among :mod:`citrus_v.objectives`) needs nothing else but each target's innermost pixel. So the states of the
+rows are computed once (teacher-forced, as training computes them) and the head is fitted on them for many
 epochs — seconds of work, where a stage-4 step runs the language model and SAM 2 for a few masks, and the head
 sees each row a handful of times in a run. The head learns the targets of images and of volumes together.
 
 Targets are the objective's: a 2-D mask's innermost pixel at SAM 2's low resolution
-(:func:`~citrus_v.objectives.point_loss.interior_points`); for a volume or clip, the innermost pixel on the frame
+(:func:`~citrus_v.objectives.base.interior_points`); for a volume or clip, the innermost pixel on the frame
 where the target is largest, over all its frames (stage 4 sees only the few frames it trains on). The head's
 standardisation statistics stay as stage 4 left them; a share of the rows is held out to report how far the
 head's points fall from their targets, in SAM 2 input pixels, before and after.
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..data.dataset import RowDataset, SkippedRow
 from ..modeling.modeling_citrus_v import CitrusV
-from ..objectives.point_loss import interior_points, point_loss
+from ..objectives.base import interior_points, point_distance_loss
 from ..processing.images import mask_target
 from ..processing.processor import CitrusVProcessor
 from ..processing.video_masks import load_mask_stack
@@ -184,7 +184,7 @@ def fit_head(
         total = 0.0
         for start in range(0, states.shape[0], options.batch_size):
             chosen = order[start : start + options.batch_size]
-            loss = point_loss(head(states[chosen]).float().sigmoid(), targets[chosen], chosen.numel())
+            loss = point_distance_loss(head(states[chosen]).float().sigmoid(), targets[chosen], chosen.numel())
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
