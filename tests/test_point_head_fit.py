@@ -73,6 +73,8 @@ def test_run_point_fit_refuses_what_it_cannot_fit(tmp_path, tiny_dir, seg_rows):
     )
     with pytest.raises(PointFitError, match=r"no row of .*no_seg\.jsonl has a \[SEG\]"):
         run_point_fit(tiny_dir, [str(no_seg)], tmp_path / "a")
+    with pytest.raises(PointFitError, match=r"#5: the fit takes every row of a file once"):
+        run_point_fit(tiny_dir, [f"{seg_rows[0]}#5"], tmp_path / "a")
     # a row with two masks for its one [SEG] is counted, not fitted on; the others are
     from pathlib import Path
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..checkpoint_layout import resolve_model
 from ..data.dataset import RowDataset, SkippedRow
 from ..modeling.modeling_citrus_v import CitrusV
 from ..objectives.base import interior_points, point_distance_loss
@@ -208,13 +209,17 @@ def split_rows(cached: CachedStates, share: float, seed: int) -> tuple[CachedSta
 def run_point_fit(
     model_dir: str | Path, dataset: list[str], out: str | Path, options: PointFitOptions | None = None
 ) -> PointFitResult:
-    """Fit the point head of the checkpoint ``model_dir`` on the ``[SEG]`` rows of ``dataset`` (``FILE``,
-    ``FILE#N`` or a folder of shards, as ``--dataset`` takes them) and write the checkpoint, with the fitted
+    """Fit the point head of the checkpoint ``model_dir`` (a folder or a shipped model's name) on the ``[SEG]``
+    rows of ``dataset`` (files or folders of shards; every row once) and write the checkpoint, with the fitted
     head, to ``out``: its other files as they were (a training run's records left behind),
     ``logging.jsonl`` (the loss per epoch), ``point_fit.json`` (:class:`PointFitResult`) and a checksum
     manifest."""
     options = options or PointFitOptions()
     started = time.monotonic()
+    model_dir = resolve_model(model_dir)
+    counted = [entry for entry in dataset if "#" in entry]
+    if counted:
+        raise PointFitError(f"{counted[0]}: the fit takes every row of a file once; give the file without '#N'")
     model = CitrusV.from_pretrained(model_dir).eval()
     if model.seg_point_head is None:
         raise PointFitError(f"{model_dir} has no point head (config.seg_point_head is false): nothing to fit")
