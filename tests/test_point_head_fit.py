@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,8 +77,6 @@ def test_run_point_fit_refuses_what_it_cannot_fit(tmp_path, tiny_dir, seg_rows):
     with pytest.raises(PointFitError, match=r"#5: the fit takes every row of a file once"):
         run_point_fit(tiny_dir, [f"{seg_rows[0]}#5"], tmp_path / "a")
     # a row with two masks for its one [SEG] is counted, not fitted on; the others are
-    from pathlib import Path
-
     lines = Path(seg_rows[0]).read_text().splitlines()
     row = json.loads(next(line for line in lines if "[SEG]" in line))
     row["masks"] = row["masks"] * 2
@@ -86,3 +85,18 @@ def test_run_point_fit_refuses_what_it_cannot_fit(tmp_path, tiny_dir, seg_rows):
     result = run_point_fit(tiny_dir, [str(mixed)], tmp_path / "b", PointFitOptions(epochs=1, held_out=0.0))
     with_masks = sum(1 for line in lines[:3] if json.loads(line).get("masks"))
     assert result.rows == with_masks and sum(result.skipped.values()) == 1 + 3 - with_masks, result.skipped
+
+
+def test_run_point_fit_refuses_a_checkpoint_without_a_point_head(tmp_path, tiny_dir, seg_rows):
+    import shutil
+
+    from citrus_v.modeling import CitrusV
+
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_dir, plain)  # the processor's files
+    model = CitrusV.from_pretrained(tiny_dir)
+    model.config.seg_point_head, model.seg_point_head = False, None
+    model.save_pretrained(plain)
+    with pytest.raises(PointFitError, match=r"has no point head \(config.seg_point_head is false\)"):
+        run_point_fit(plain, seg_rows, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written

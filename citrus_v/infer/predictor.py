@@ -32,7 +32,7 @@ from transformers import LogitsProcessorList, StoppingCriteriaList, StopStringCr
 from ..modeling.configuration_citrus_v import MASK_POSTPROCESS
 from ..modeling.modeling_citrus_v import CitrusV
 from ..processing.images import ImageInput, load_image, mask_to_image
-from ..processing.processor import CitrusVProcessor, ProcessorError
+from ..processing.processor import CitrusVProcessor, ProcessorError, batch_to
 from ..processing.template import TemplateError
 from ..processing.videos import LoadedVideo, VideoInput
 from ..tokens import ENDOFTEXT, IM_END, SEG_TOKEN
@@ -226,7 +226,7 @@ class CitrusVPredictor:
             encoded = [self.encode(request) for request in requests]
         loaded = [item.images for item in encoded]
         batch = self.processor.collate([item.row for item in encoded], padding_side="left", return_labels=False)
-        batch = self._to_device(batch)
+        batch = batch_to(batch, self.device, self.dtype)
         prompt_length = batch["input_ids"].shape[1]
         generate_kwargs = settings.generate_kwargs()
         if settings.seed is not None and settings.temperature > 0:
@@ -292,15 +292,6 @@ class CitrusVPredictor:
             sample["system"] = request.system
         return sample
 
-    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        out = {}
-        for key, value in batch.items():
-            if torch.is_tensor(value):
-                value = value.to(self.device)
-                if value.is_floating_point() and key != "second_per_grid_ts":  # time positions stay float32
-                    value = value.to(self.dtype)
-            out[key] = value
-        return out
 
     def _strip(self, tokens: list[int]) -> list[int]:
         """Generated ids up to (not including) the first end-of-turn or padding token."""

@@ -544,6 +544,19 @@ class CitrusVProcessor:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
 
+def batch_to(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """A collated batch ready for a model on ``device`` in ``dtype``: every tensor on the device, floating ones in
+    the dtype but ``second_per_grid_ts`` (video time positions stay float32); other values as they are."""
+    out = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value):
+            value = value.to(device)
+            if value.is_floating_point() and key != "second_per_grid_ts":
+                value = value.to(dtype)
+        out[key] = value
+    return out
+
+
 def _pad_rows(rows: Sequence[Sequence[int] | None], length: int, fill: int, side: str) -> torch.Tensor:
     """A ``[len(rows), length]`` tensor of ``fill`` with each row written against ``side`` (None: all ``fill``)."""
     out = torch.full((len(rows), length), fill, dtype=torch.long)

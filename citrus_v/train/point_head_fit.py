@@ -32,7 +32,7 @@ from ..data.dataset import RowDataset, SkippedRow
 from ..modeling.modeling_citrus_v import CitrusV
 from ..objectives.base import interior_points, point_distance_loss
 from ..processing.images import mask_target
-from ..processing.processor import CitrusVProcessor
+from ..processing.processor import CitrusVProcessor, batch_to
 from ..processing.video_masks import load_mask_stack
 from .checkpoints import MANIFEST_FILE, write_manifest
 from .data import dataset_files
@@ -139,10 +139,7 @@ def _encode(
     encoded = [processor.encode_sample(sample, return_labels=False, sam_input=False) for _, sample, _ in items]
     batch = processor.collate(encoded, return_labels=False)
     parameter = next(model.parameters())
-    inputs = {key: value.to(parameter.device) for key, value in batch.items() if isinstance(value, torch.Tensor)}
-    for key in ("pixel_values", "pixel_values_videos"):
-        if key in inputs:
-            inputs[key] = inputs[key].to(parameter.dtype)
+    inputs = batch_to({k: v for k, v in batch.items() if torch.is_tensor(v)}, parameter.device, parameter.dtype)
     with torch.no_grad():
         hidden = model.mllm.model(**inputs, use_cache=False).last_hidden_state
     for (index, sample, where), seg in zip(items, model.seg_states(inputs["input_ids"], hidden), strict=True):
